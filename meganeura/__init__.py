@@ -1,0 +1,10 @@
+"""meganeura: e-graph optimized neural network training and inference on any GPU (WebGPU)."""
+
+from meganeura import functional, init, optim
+from meganeura.autodiff import grad
+from meganeura.graph import Graph, Tensor, TensorType
+from meganeura.session import Session, build
+
+__version__ = "0.1.0"
+
+__all__ = ["Graph", "Session", "Tensor", "TensorType", "build", "functional", "grad", "init", "optim"]

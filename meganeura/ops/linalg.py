@@ -1,0 +1,66 @@
+"""Matrix multiplication: batched, broadcast batch dims, operands optionally transposed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meganeura.graph import TensorType
+from meganeura.ops import OpDef, register
+from meganeura.ops.reduce import sum_to
+
+
+def matmul_dims(a: TensorType, b: TensorType, trans_a: bool, trans_b: bool):
+    """(batch shape, M, K, N) of op(a) @ op(b), or a ValueError naming the shapes."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: operands need at least 2 dims, got {a} and {b}")
+    m, ka = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
+    kb, n = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
+    if ka != kb:
+        raise ValueError(
+            f"matmul: inner dims differ: a is {list(a.shape)}{'ᵀ' if trans_a else ''}, "
+            f"b is {list(b.shape)}{'ᵀ' if trans_b else ''} ({ka} != {kb})"
+        )
+    try:
+        batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    except ValueError:
+        raise ValueError(
+            f"matmul: batch dims {list(a.shape[:-2])} and {list(b.shape[:-2])} cannot be broadcast"
+        ) from None
+    return batch, m, ka, n
+
+
+def _infer(types, attrs):
+    a, b = types
+    if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
+        raise TypeError(f"matmul: operands must both be f32 or both f16, got {a} and {b}")
+    batch, m, _, n = matmul_dims(a, b, attrs["trans_a"], attrs["trans_b"])
+    return TensorType(batch + (m, n), a.dtype)
+
+
+def _normalize(types, attrs):
+    return {"trans_a": bool(attrs.get("trans_a", False)), "trans_b": bool(attrs.get("trans_b", False))}
+
+
+def _reference(arrays, attrs):
+    a, b = arrays
+    if attrs["trans_a"]:
+        a = np.swapaxes(a, -1, -2)
+    if attrs["trans_b"]:
+        b = np.swapaxes(b, -1, -2)
+    return np.matmul(a, b, dtype=np.float32).astype(arrays[0].dtype)
+
+
+def mm(a, b, trans_a=False, trans_b=False):
+    return a.graph.apply("matmul", [a, b], trans_a=trans_a, trans_b=trans_b)
+
+
+def _vjp(g, x, out, attrs):
+    a, b = x
+    ta, tb = attrs["trans_a"], attrs["trans_b"]
+    # C = op(A) op(B): dop(A) = G op(B)^T and dop(B) = op(A)^T G, transposed back where needed.
+    da = mm(b, g, trans_a=tb, trans_b=True) if ta else mm(g, b, trans_b=not tb)
+    db = mm(g, a, trans_a=True, trans_b=ta) if tb else mm(a, g, trans_a=not ta)
+    return [sum_to(da, a.shape), sum_to(db, b.shape)]
+
+
+register(OpDef("matmul", "matmul", _infer, _reference, _vjp, normalize=_normalize))
