@@ -7,4 +7,14 @@ from meganeura.session import Session, build
 
 __version__ = "0.1.0"
 
-__all__ = ["Graph", "Session", "Tensor", "TensorType", "build", "functional", "grad", "init", "optim"]
+__all__ = [
+    "Graph",
+    "Session",
+    "Tensor",
+    "TensorType",
+    "build",
+    "functional",
+    "grad",
+    "init",
+    "optim",
+]

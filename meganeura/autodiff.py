@@ -25,7 +25,9 @@ def grad(loss: Tensor, wrt: Sequence[Tensor], seed: Tensor | None = None) -> lis
     graph = loss.graph
     if seed is None:
         if loss.shape != ():
-            raise ValueError(f"grad: loss must be a scalar, got shape {list(loss.shape)}; pass seed=")
+            raise ValueError(
+                f"grad: loss must be a scalar, got shape {list(loss.shape)}; pass seed="
+            )
         seed = graph.constant(1.0, loss.dtype)
     elif seed.shape != loss.shape:
         raise ValueError(f"grad: seed {list(seed.shape)} must match loss {list(loss.shape)}")
@@ -48,15 +50,18 @@ def grad(loss: Tensor, wrt: Sequence[Tensor], seed: Tensor | None = None) -> lis
         if not any(wanted):
             continue
         if opdef.vjp is None:
-            raise NotImplementedError(f"grad: op {node.op!r} has no VJP rule (node {node.describe()})")
+            raise NotImplementedError(
+                f"grad: op {node.op!r} has no VJP rule (node {node.describe()})"
+            )
         inputs = [Tensor(graph, i) for i in node.inputs]
         contributions = opdef.vjp(grads[nid], inputs, Tensor(graph, nid), node.attrs)
-        for i, want, contribution in zip(node.inputs, wanted, contributions):
+        for i, want, contribution in zip(node.inputs, wanted, contributions, strict=True):
             if not want or contribution is None:
                 continue
             if contribution.shape != graph.nodes[i].type.shape:
+                target = graph.nodes[i].describe()
                 raise AssertionError(
-                    f"VJP of {node.op} gave a {contribution.type} gradient for {graph.nodes[i].describe()}"
+                    f"VJP of {node.op} gave a {contribution.type} gradient for {target}"
                 )
             grads[i] = grads[i] + contribution if i in grads else contribution
     out = []
@@ -64,5 +69,9 @@ def grad(loss: Tensor, wrt: Sequence[Tensor], seed: Tensor | None = None) -> lis
         if t.id in grads:
             out.append(grads[t.id])
         else:
-            out.append(graph.constant(0.0, t.dtype).broadcast_to(t.shape) if t.shape else graph.constant(0.0, t.dtype))
+            out.append(
+                graph.constant(0.0, t.dtype).broadcast_to(t.shape)
+                if t.shape
+                else graph.constant(0.0, t.dtype)
+            )
     return out

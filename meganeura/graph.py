@@ -147,9 +147,12 @@ class Graph:
     def constant(self, value: Any, dtype: str | None = None) -> Tensor:
         array = np.asarray(value)
         dtype = dtype or dtype_of_array(array)
-        array = np.ascontiguousarray(array, dtype=numpy_dtype(dtype))
+        # A copy (the caller's array is not frozen); np.ascontiguousarray would make 0-d 1-d.
+        array = np.array(array, dtype=numpy_dtype(dtype), order="C")
         array.setflags(write=False)
-        return Tensor(self, self._append("constant", (), {"value": array}, TensorType(array.shape, dtype)).id)
+        return Tensor(
+            self, self._append("constant", (), {"value": array}, TensorType(array.shape, dtype)).id
+        )
 
     def output(self, name: str, tensor: Tensor) -> Tensor:
         """Mark `tensor` as a named output, readable from a session."""
@@ -165,7 +168,9 @@ class Graph:
         if target.node.op != "parameter":
             raise ValueError(f"assign: target must be a parameter, got {target.node.describe()}")
         if value.type != target.type:
-            raise ValueError(f"assign: {target.node.name!r} is {target.type}, value is {value.type}")
+            raise ValueError(
+                f"assign: {target.node.name!r} is {target.type}, value is {value.type}"
+            )
         self.updates[target.id] = value.id
 
     # -- building ----------------------------------------------------------------------------
@@ -292,22 +297,53 @@ class Tensor:
         a, b = (other, self) if reverse else (self, other)
         return self.graph.apply(op, [a, b])
 
-    def __add__(self, o): return self._binary("add", o)  # noqa: E704
-    def __radd__(self, o): return self._binary("add", o, True)  # noqa: E704
-    def __sub__(self, o): return self._binary("sub", o)  # noqa: E704
-    def __rsub__(self, o): return self._binary("sub", o, True)  # noqa: E704
-    def __mul__(self, o): return self._binary("mul", o)  # noqa: E704
-    def __rmul__(self, o): return self._binary("mul", o, True)  # noqa: E704
-    def __truediv__(self, o): return self._binary("div", o)  # noqa: E704
-    def __rtruediv__(self, o): return self._binary("div", o, True)  # noqa: E704
-    def __matmul__(self, o): return matmul(self, self._lift(o))  # noqa: E704
-    def __rmatmul__(self, o): return matmul(self._lift(o), self)  # noqa: E704
-    def __pow__(self, o): return self._binary("pow", o)  # noqa: E704
-    def __neg__(self): return self.graph.apply("neg", [self])  # noqa: E704
-    def __lt__(self, o): return self._binary("lt", o)  # noqa: E704
-    def __le__(self, o): return self._binary("le", o)  # noqa: E704
-    def __gt__(self, o): return self._binary("gt", o)  # noqa: E704
-    def __ge__(self, o): return self._binary("ge", o)  # noqa: E704
+    def __add__(self, o):
+        return self._binary("add", o)
+
+    def __radd__(self, o):
+        return self._binary("add", o, True)
+
+    def __sub__(self, o):
+        return self._binary("sub", o)
+
+    def __rsub__(self, o):
+        return self._binary("sub", o, True)
+
+    def __mul__(self, o):
+        return self._binary("mul", o)
+
+    def __rmul__(self, o):
+        return self._binary("mul", o, True)
+
+    def __truediv__(self, o):
+        return self._binary("div", o)
+
+    def __rtruediv__(self, o):
+        return self._binary("div", o, True)
+
+    def __matmul__(self, o):
+        return matmul(self, self._lift(o))
+
+    def __rmatmul__(self, o):
+        return matmul(self._lift(o), self)
+
+    def __pow__(self, o):
+        return self._binary("pow", o)
+
+    def __neg__(self):
+        return self.graph.apply("neg", [self])
+
+    def __lt__(self, o):
+        return self._binary("lt", o)
+
+    def __le__(self, o):
+        return self._binary("le", o)
+
+    def __gt__(self, o):
+        return self._binary("gt", o)
+
+    def __ge__(self, o):
+        return self._binary("ge", o)
 
     def eq(self, o) -> Tensor:
         return self._binary("eq", o)
@@ -318,14 +354,29 @@ class Tensor:
     __hash__ = object.__hash__  # comparisons build nodes, so identity is the hash
 
     # -- unary and shape methods -------------------------------------------------------------
-    def exp(self) -> Tensor: return self.graph.apply("exp", [self])  # noqa: E704
-    def log(self) -> Tensor: return self.graph.apply("log", [self])  # noqa: E704
-    def sqrt(self) -> Tensor: return self.graph.apply("sqrt", [self])  # noqa: E704
-    def rsqrt(self) -> Tensor: return self.graph.apply("rsqrt", [self])  # noqa: E704
-    def abs(self) -> Tensor: return self.graph.apply("abs", [self])  # noqa: E704
-    def relu(self) -> Tensor: return self.graph.apply("relu", [self])  # noqa: E704
-    def sigmoid(self) -> Tensor: return self.graph.apply("sigmoid", [self])  # noqa: E704
-    def tanh(self) -> Tensor: return self.graph.apply("tanh", [self])  # noqa: E704
+    def exp(self) -> Tensor:
+        return self.graph.apply("exp", [self])
+
+    def log(self) -> Tensor:
+        return self.graph.apply("log", [self])
+
+    def sqrt(self) -> Tensor:
+        return self.graph.apply("sqrt", [self])
+
+    def rsqrt(self) -> Tensor:
+        return self.graph.apply("rsqrt", [self])
+
+    def abs(self) -> Tensor:
+        return self.graph.apply("abs", [self])
+
+    def relu(self) -> Tensor:
+        return self.graph.apply("relu", [self])
+
+    def sigmoid(self) -> Tensor:
+        return self.graph.apply("sigmoid", [self])
+
+    def tanh(self) -> Tensor:
+        return self.graph.apply("tanh", [self])
 
     def gelu(self, approximate: str = "none") -> Tensor:
         return gelu(self, approximate)
@@ -377,7 +428,9 @@ class Tensor:
 
 def _axis(axis: int, ndim: int, op: str) -> int:
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{op}: axis {axis} is out of range for {ndim} dims (valid: {-ndim}..{ndim - 1})")
+        raise ValueError(
+            f"{op}: axis {axis} is out of range for {ndim} dims (valid: {-ndim}..{ndim - 1})"
+        )
     return axis % ndim
 
 
@@ -409,4 +462,3 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     if approximate == "tanh":
         return x.graph.apply("gelu_tanh", [x])
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-

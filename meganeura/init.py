@@ -61,7 +61,9 @@ def uniform(a: float = 0.0, b: float = 1.0) -> Initializer:
     return lambda shape, rng: rng.uniform(a, b, shape).astype(np.float32)
 
 
-def trunc_normal(mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0) -> Initializer:
+def trunc_normal(
+    mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0
+) -> Initializer:
     """Normal(mean, std) redrawn until inside [a, b] (absolute bounds, as in PyTorch)."""
 
     def init(shape, rng):
@@ -99,7 +101,9 @@ def _kaiming_std(shape, a, mode, nonlinearity):
     return calculate_gain(nonlinearity, a) / math.sqrt(fan_in if mode == "fan_in" else fan_out)
 
 
-def kaiming_uniform(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "leaky_relu") -> Initializer:
+def kaiming_uniform(
+    a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "leaky_relu"
+) -> Initializer:
     def init(shape, rng):
         bound = math.sqrt(3.0) * _kaiming_std(shape, a, mode, nonlinearity)
         return rng.uniform(-bound, bound, shape).astype(np.float32)
@@ -107,10 +111,12 @@ def kaiming_uniform(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "l
     return init
 
 
-def kaiming_normal(a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "leaky_relu") -> Initializer:
-    return lambda shape, rng: rng.normal(0.0, _kaiming_std(shape, a, mode, nonlinearity), shape).astype(
-        np.float32
-    )
+def kaiming_normal(
+    a: float = 0.0, mode: str = "fan_in", nonlinearity: str = "leaky_relu"
+) -> Initializer:
+    return lambda shape, rng: rng.normal(
+        0.0, _kaiming_std(shape, a, mode, nonlinearity), shape
+    ).astype(np.float32)
 
 
 def linear_weight() -> Initializer:
@@ -144,7 +150,9 @@ def initial_value(name: str, spec: Any, shape: tuple[int, ...], dtype: np.dtype,
     """The initial array of parameter `name` from its init spec."""
     if isinstance(spec, str):
         if spec not in NAMED:
-            raise ValueError(f"parameter {name!r}: unknown init {spec!r}; valid: {', '.join(NAMED)}")
+            raise ValueError(
+                f"parameter {name!r}: unknown init {spec!r}; valid: {', '.join(NAMED)}"
+            )
         spec = NAMED[spec]()
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         spec = constant(float(spec))
@@ -156,4 +164,4 @@ def initial_value(name: str, spec: Any, shape: tuple[int, ...], dtype: np.dtype,
         raise ValueError(
             f"parameter {name!r}: init gave shape {list(value.shape)}, expected {list(shape)}"
         )
-    return np.ascontiguousarray(value, dtype=dtype)
+    return np.asarray(value, dtype=dtype, order="C")

@@ -31,7 +31,9 @@ class Optimizer:
     def lr_at(self, step: int) -> float:
         lr = self.lr(step) if callable(self.lr) else self.lr
         if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr):
-            raise ValueError(f"learning rate schedule gave {lr!r} at step {step}; need a finite number")
+            raise ValueError(
+                f"learning rate schedule gave {lr!r} at step {step}; need a finite number"
+            )
         return float(lr)
 
     def _scalar(self, graph: Graph, name: str) -> Tensor:

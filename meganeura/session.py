@@ -65,7 +65,7 @@ def build(
         if not trainable:
             raise ValueError("build: the graph has no trainable parameters")
         grads = grad(Tensor(g, loss_id), list(trainable.values()))
-        hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads)))
+        hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads, strict=True)))
     executor = open_executor(device)
     return Session(g, executor, loss_id, optimizer, hyper, seed)
 
@@ -84,7 +84,9 @@ class Session:
         for name, nid in graph.parameters.items():
             node = graph.nodes[nid]
             spec = graph.parameter_specs[name]
-            value = initial_value(name, spec.init, node.type.shape, numpy_dtype(node.type.dtype), rng)
+            value = initial_value(
+                name, spec.init, node.type.shape, numpy_dtype(node.type.dtype), rng
+            )
             executor.set_value(nid, value)
 
     @property
@@ -108,7 +110,7 @@ class Session:
         if self.optimizer is None:
             raise RuntimeError("step: this session was built without an optimizer; use run()")
         g = self.graph
-        roots = tuple(g.outputs.values()) + (self._loss_id,) + tuple(g.updates.values())
+        roots = (*g.outputs.values(), self._loss_id, *g.updates.values())
         values = {**inputs, **self._hyper(self.step_count)}
         program = self._program(roots, train=True)
         program.run(self._feeds(values, self._needed_inputs(roots)))
@@ -146,7 +148,9 @@ class Session:
     def read(self, name: str) -> np.ndarray:
         """An output of the last step or run, by name (waits for the device)."""
         if name not in self.graph.outputs:
-            raise KeyError(f"read: no output named {name!r}; outputs are {sorted(self.graph.outputs)}")
+            raise KeyError(
+                f"read: no output named {name!r}; outputs are {sorted(self.graph.outputs)}"
+            )
         if self._last is None:
             raise RuntimeError("read: nothing has run yet; call step() or run() first")
         return self._last.read(self.graph.outputs[name])
@@ -171,14 +175,18 @@ class Session:
                     f"set_parameters: {name!r} has shape {list(node.type.shape)}, "
                     f"got {list(array.shape)}"
                 )
-            self.executor.set_value(node.id, np.ascontiguousarray(array, numpy_dtype(node.type.dtype)))
+            self.executor.set_value(
+                node.id, np.asarray(array, numpy_dtype(node.type.dtype), order="C")
+            )
 
     # -- feeding ------------------------------------------------------------------------------
     def _feeds(self, values: Mapping[str, Any], needed: set[str]) -> dict[int, np.ndarray]:
         g = self.graph
         unknown = sorted(set(values) - set(g.inputs))
         if unknown:
-            raise KeyError(f"unknown input {unknown[0]!r}; the graph's inputs are {sorted(g.inputs)}")
+            raise KeyError(
+                f"unknown input {unknown[0]!r}; the graph's inputs are {sorted(g.inputs)}"
+            )
         missing = sorted(needed - set(values))
         if missing:
             raise KeyError(f"missing input {missing[0]!r}; this computation needs {sorted(needed)}")
@@ -199,6 +207,8 @@ def check_feed(name: str, value: Any, ttype) -> np.ndarray:
     if array.dtype != want:
         same_kind = array.dtype.kind == want.kind or (want.kind == "f" and array.dtype.kind in "iu")
         if not same_kind or (want.kind in "iu" and not np.array_equal(array, array.astype(want))):
-            raise TypeError(f"input {name!r}: expected dtype {ttype.dtype} ({ttype}), got {array.dtype}")
+            raise TypeError(
+                f"input {name!r}: expected dtype {ttype.dtype} ({ttype}), got {array.dtype}"
+            )
         array = array.astype(want)
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # np.ascontiguousarray would make 0-d arrays 1-d

@@ -53,7 +53,9 @@ def get_op(name: str) -> OpDef:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown op {name!r}; registered ops: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(
+            f"unknown op {name!r}; registered ops: {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def all_ops() -> dict[str, OpDef]:

@@ -20,9 +20,32 @@ def erf(x: np.ndarray) -> np.ndarray:
     """erf in float64 (Numerical Recipes' erfc, relative error < 1.2e-7); NumPy has none."""
     z = np.abs(x.astype(np.float64))
     t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277))))))))
+    poly = (
+        -z * z
+        - 1.26551223
+        + t
+        * (
+            1.00002368
+            + t
+            * (
+                0.37409196
+                + t
+                * (
+                    0.09678418
+                    + t
+                    * (
+                        -0.18628806
+                        + t
+                        * (
+                            0.27886807
+                            + t
+                            * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))
+                        )
+                    )
+                )
+            )
+        )
+    )
     r = t * np.exp(poly)
     return np.where(x >= 0, 1.0 - r, r - 1.0)
 
@@ -34,7 +57,9 @@ def _same_dtype(op: str, types: list[TensorType]) -> str:
     dtypes = {t.dtype for t in types}
     if len(dtypes) != 1:
         listed = ", ".join(str(t) for t in types)
-        raise TypeError(f"{op}: inputs must share one dtype, got {listed}; use .astype() to convert")
+        raise TypeError(
+            f"{op}: inputs must share one dtype, got {listed}; use .astype() to convert"
+        )
     return types[0].dtype
 
 
@@ -70,11 +95,15 @@ def _f(reference):
 
 
 def _unary(name, reference, wgsl, vjp, allowed=FLOATS, doc=""):
-    register(OpDef(name, "pointwise", _arith(name, allowed), _f(reference), vjp, wgsl=wgsl, doc=doc))
+    register(
+        OpDef(name, "pointwise", _arith(name, allowed), _f(reference), vjp, wgsl=wgsl, doc=doc)
+    )
 
 
 def _binary(name, reference, wgsl, vjp, allowed=("f32", "f16", "i32", "u32"), doc=""):
-    register(OpDef(name, "pointwise", _arith(name, allowed), _f(reference), vjp, wgsl=wgsl, doc=doc))
+    register(
+        OpDef(name, "pointwise", _arith(name, allowed), _f(reference), vjp, wgsl=wgsl, doc=doc)
+    )
 
 
 def _wgsl_fn(fn: str):
@@ -100,10 +129,30 @@ def _int_div(a, b):
     return np.trunc(a / b)
 
 
-_binary("add", np.add, _wgsl_infix("+"), lambda g, x, out, at: [sum_to(g, x[0].shape), sum_to(g, x[1].shape)])
-_binary("sub", np.subtract, _wgsl_infix("-"), lambda g, x, out, at: [sum_to(g, x[0].shape), sum_to(-g, x[1].shape)])
-_binary("mul", np.multiply, _wgsl_infix("*"), lambda g, x, out, at: [sum_to(g * x[1], x[0].shape), sum_to(g * x[0], x[1].shape)])
-_binary("div", _int_div, _wgsl_infix("/"), lambda g, x, out, at: [sum_to(g / x[1], x[0].shape), sum_to(-g * out / x[1], x[1].shape)])
+_binary(
+    "add",
+    np.add,
+    _wgsl_infix("+"),
+    lambda g, x, out, at: [sum_to(g, x[0].shape), sum_to(g, x[1].shape)],
+)
+_binary(
+    "sub",
+    np.subtract,
+    _wgsl_infix("-"),
+    lambda g, x, out, at: [sum_to(g, x[0].shape), sum_to(-g, x[1].shape)],
+)
+_binary(
+    "mul",
+    np.multiply,
+    _wgsl_infix("*"),
+    lambda g, x, out, at: [sum_to(g * x[1], x[0].shape), sum_to(g * x[0], x[1].shape)],
+)
+_binary(
+    "div",
+    _int_div,
+    _wgsl_infix("/"),
+    lambda g, x, out, at: [sum_to(g / x[1], x[0].shape), sum_to(-g * out / x[1], x[1].shape)],
+)
 
 
 def _pow_vjp(g, x, out, attrs):
@@ -132,7 +181,13 @@ def _minmax_vjp(pick_first):
 _binary("maximum", np.maximum, _wgsl_fn("max"), _minmax_vjp(lambda a, b: a > b))
 _binary("minimum", np.minimum, _wgsl_fn("min"), _minmax_vjp(lambda a, b: a < b))
 
-_unary("neg", np.negative, lambda a, t, o, at: f"(-{a[0]})", lambda g, x, out, at: [-g], ("f32", "f16", "i32"))
+_unary(
+    "neg",
+    np.negative,
+    lambda a, t, o, at: f"(-{a[0]})",
+    lambda g, x, out, at: [-g],
+    ("f32", "f16", "i32"),
+)
 _unary("exp", np.exp, _wgsl_fn("exp"), lambda g, x, out, at: [g * out])
 _unary("log", np.log, _wgsl_fn("log"), lambda g, x, out, at: [g / x[0]])
 _unary("sqrt", np.sqrt, _wgsl_fn("sqrt"), lambda g, x, out, at: [g * 0.5 / out])
@@ -142,7 +197,13 @@ _unary(
     _wgsl_fn("inverseSqrt"),
     lambda g, x, out, at: [g * -0.5 * out / x[0]],
 )
-_unary("abs", np.abs, _wgsl_fn("abs"), lambda g, x, out, at: [g * x[0].graph.apply("sign", [x[0]])], ("f32", "f16", "i32"))
+_unary(
+    "abs",
+    np.abs,
+    _wgsl_fn("abs"),
+    lambda g, x, out, at: [g * x[0].graph.apply("sign", [x[0]])],
+    ("f32", "f16", "i32"),
+)
 _unary("sign", np.sign, _wgsl_fn("sign"), lambda g, x, out, at: [None], ("f32", "f16", "i32"))
 
 
@@ -206,7 +267,12 @@ def _gelu_tanh_grad_ref(a):
     return 0.5 * (1.0 + th) + 0.5 * a64 * (1.0 - th * th) * dinner
 
 
-_unary("gelu", _gelu_ref, _wgsl_fn("mn_gelu"), lambda g, x, out, at: [g * x[0].graph.apply("gelu_grad", [x[0]])])
+_unary(
+    "gelu",
+    _gelu_ref,
+    _wgsl_fn("mn_gelu"),
+    lambda g, x, out, at: [g * x[0].graph.apply("gelu_grad", [x[0]])],
+)
 _unary("gelu_grad", _gelu_grad_ref, _wgsl_fn("mn_gelu_grad"), None)
 _unary(
     "gelu_tanh",
@@ -288,7 +354,12 @@ def _cast_wgsl(args, types, out, attrs):
         zero = {"f32": "0.0", "f16": "f16(0.0)", "i32": "0i", "u32": "0u", "bool": "false"}[src]
         return f"({args[0]} != {zero})"
     if src == "bool":
-        one, zero = {"f32": ("1.0", "0.0"), "f16": ("f16(1.0)", "f16(0.0)"), "i32": ("1i", "0i"), "u32": ("1u", "0u")}[dst]
+        one, zero = {
+            "f32": ("1.0", "0.0"),
+            "f16": ("f16(1.0)", "f16(0.0)"),
+            "i32": ("1i", "0i"),
+            "u32": ("1u", "0u"),
+        }[dst]
         return f"select({zero}, {one}, {args[0]})"
     return f"{dst}({args[0]})"
 

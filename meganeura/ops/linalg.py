@@ -34,11 +34,14 @@ def _infer(types, attrs):
     if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
         raise TypeError(f"matmul: operands must both be f32 or both f16, got {a} and {b}")
     batch, m, _, n = matmul_dims(a, b, attrs["trans_a"], attrs["trans_b"])
-    return TensorType(batch + (m, n), a.dtype)
+    return TensorType((*batch, m, n), a.dtype)
 
 
 def _normalize(types, attrs):
-    return {"trans_a": bool(attrs.get("trans_a", False)), "trans_b": bool(attrs.get("trans_b", False))}
+    return {
+        "trans_a": bool(attrs.get("trans_a", False)),
+        "trans_b": bool(attrs.get("trans_b", False)),
+    }
 
 
 def _reference(arrays, attrs):

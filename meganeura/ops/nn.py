@@ -42,9 +42,25 @@ def _log_softmax_vjp(g, x, out, attrs):
     return [g - out.exp() * g.sum(attrs["axis"], keepdims=True)]
 
 
-register(OpDef("softmax", "row", _float_same("softmax"), _softmax_ref, _softmax_vjp, normalize=_axis_normalize))
 register(
-    OpDef("log_softmax", "row", _float_same("log_softmax"), _log_softmax_ref, _log_softmax_vjp, normalize=_axis_normalize)
+    OpDef(
+        "softmax",
+        "row",
+        _float_same("softmax"),
+        _softmax_ref,
+        _softmax_vjp,
+        normalize=_axis_normalize,
+    )
+)
+register(
+    OpDef(
+        "log_softmax",
+        "row",
+        _float_same("log_softmax"),
+        _log_softmax_ref,
+        _log_softmax_vjp,
+        normalize=_axis_normalize,
+    )
 )
 
 
@@ -88,7 +104,9 @@ def _ce_ref(arrays, attrs):
 
 def _ce_vjp(g, x, out, attrs):
     logits, labels = x
-    grad = logits.graph.apply("cross_entropy_grad", [logits, labels, g], ignore_index=attrs["ignore_index"])
+    grad = logits.graph.apply(
+        "cross_entropy_grad", [logits, labels, g], ignore_index=attrs["ignore_index"]
+    )
     return [grad, None]
 
 
@@ -97,8 +115,15 @@ def _ce_normalize(types, attrs):
 
 
 register(
-    OpDef("cross_entropy_rows", "row", _ce_infer, _ce_ref, _ce_vjp, normalize=_ce_normalize,
-          doc="per-row cross-entropy of logits[..., C] against integer labels")
+    OpDef(
+        "cross_entropy_rows",
+        "row",
+        _ce_infer,
+        _ce_ref,
+        _ce_vjp,
+        normalize=_ce_normalize,
+        doc="per-row cross-entropy of logits[..., C] against integer labels",
+    )
 )
 
 
@@ -114,11 +139,20 @@ def _ce_grad_ref(arrays, attrs):
     logits, labels, g = arrays
     x, lse, valid, safe, _ = _ce_parts(logits, labels, attrs["ignore_index"])
     p = np.exp(x - lse[..., None])
-    np.put_along_axis(p, safe[..., None], np.take_along_axis(p, safe[..., None], axis=-1) - 1.0, axis=-1)
+    np.put_along_axis(
+        p, safe[..., None], np.take_along_axis(p, safe[..., None], axis=-1) - 1.0, axis=-1
+    )
     return (p * np.where(valid, g, 0.0)[..., None]).astype(logits.dtype)
 
 
 register(
-    OpDef("cross_entropy_grad", "row", _ce_grad_infer, _ce_grad_ref, None, normalize=_ce_normalize,
-          doc="(softmax(logits) - onehot(labels)) * g per row, recomputed from the logits")
+    OpDef(
+        "cross_entropy_grad",
+        "row",
+        _ce_grad_infer,
+        _ce_grad_ref,
+        None,
+        normalize=_ce_normalize,
+        doc="(softmax(logits) - onehot(labels)) * g per row, recomputed from the logits",
+    )
 )

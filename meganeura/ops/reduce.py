@@ -71,11 +71,15 @@ def _reference(fn):
 
 
 def _float_mean(x, axis, keepdims):
-    return np.mean(x, axis=axis, keepdims=keepdims, dtype=np.float64 if x.dtype.kind == "f" else None)
+    return np.mean(
+        x, axis=axis, keepdims=keepdims, dtype=np.float64 if x.dtype.kind == "f" else None
+    )
 
 
 def _float_sum(x, axis, keepdims):
-    return np.sum(x, axis=axis, keepdims=keepdims, dtype=np.float64 if x.dtype.kind == "f" else None)
+    return np.sum(
+        x, axis=axis, keepdims=keepdims, dtype=np.float64 if x.dtype.kind == "f" else None
+    )
 
 
 for _name, _fn, _vjp in (
@@ -83,9 +87,7 @@ for _name, _fn, _vjp in (
     ("mean", _float_mean, _mean_vjp),
     ("max", np.max, _max_vjp),
 ):
-    register(
-        OpDef(_name, "reduce", _infer(_name), _reference(_fn), _vjp, normalize=_normalize)
-    )
+    register(OpDef(_name, "reduce", _infer(_name), _reference(_fn), _vjp, normalize=_normalize))
 
 
 def sum_to(g, shape: tuple[int, ...]):

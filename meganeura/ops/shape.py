@@ -55,8 +55,10 @@ register(
     OpDef(
         "permute",
         "view",
-        lambda types, attrs: TensorType(tuple(types[0].shape[a] for a in attrs["axes"]), types[0].dtype),
-        lambda arrays, attrs: np.ascontiguousarray(np.transpose(arrays[0], attrs["axes"])),
+        lambda types, attrs: TensorType(
+            tuple(types[0].shape[a] for a in attrs["axes"]), types[0].dtype
+        ),
+        lambda arrays, attrs: np.asarray(np.transpose(arrays[0], attrs["axes"]), order="C"),
         lambda g, x, out, attrs: [g.permute(tuple(np.argsort(attrs["axes"])))],
         normalize=_permute_normalize,
     )
@@ -78,7 +80,7 @@ register(
         "broadcast_to",
         "view",
         _broadcast_infer,
-        lambda arrays, attrs: np.ascontiguousarray(np.broadcast_to(arrays[0], attrs["shape"])),
+        lambda arrays, attrs: np.asarray(np.broadcast_to(arrays[0], attrs["shape"]), order="C"),
         lambda g, x, out, attrs: [sum_to(g, x[0].shape)],
         normalize=lambda types, attrs: {"shape": tuple(int(d) for d in attrs["shape"])},
     )

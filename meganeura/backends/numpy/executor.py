@@ -32,13 +32,17 @@ def evaluate(
             out = opdef.reference(args, node.attrs)
         out = np.asarray(out)
         if out.shape != node.type.shape or out.dtype != numpy_dtype(node.type.dtype):
-            out = np.ascontiguousarray(np.broadcast_to(out, node.type.shape), numpy_dtype(node.type.dtype))
+            out = np.asarray(
+                np.broadcast_to(out, node.type.shape), numpy_dtype(node.type.dtype), order="C"
+            )
         values[nid] = out
     return values
 
 
 class NumpyProgram:
-    def __init__(self, executor: NumpyExecutor, graph: Graph, roots: list[int], updates: dict[int, int]):
+    def __init__(
+        self, executor: NumpyExecutor, graph: Graph, roots: list[int], updates: dict[int, int]
+    ):
         self.executor = executor
         self.graph = graph
         self.roots = list(roots)

@@ -1,0 +1,43 @@
+# make setup: .venv with every dependency, plus Mesa's lavapipe (CPU Vulkan) when no
+# Vulkan driver is installed. Redone only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.setup-done
+ICD_DIR := /usr/share/vulkan/icd.d
+TMP_XDG = XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-$$(mktemp -d)}
+
+.PHONY: setup test demo lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ls $(ICD_DIR)/*.json >/dev/null 2>&1; then \
+		echo "Vulkan driver found in $(ICD_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		$(MAKE) --no-print-directory lavapipe; \
+	else \
+		echo "No Vulkan driver: GPU kernels cannot be tested on the CPU. As root, run:"; \
+		echo "  make lavapipe"; \
+	fi
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# Mesa 25's lavapipe from bookworm-backports (Dawn rejects bookworm's Mesa 22).
+.PHONY: lavapipe
+lavapipe:
+	awk 'BEGIN{RS="";ORS="\n\n"} NR==1{sub(/Suites:[^\n]*/,"Suites: bookworm-backports"); print}' \
+		/etc/apt/sources.list.d/debian.sources > /etc/apt/sources.list.d/backports.sources
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		-t bookworm-backports mesa-vulkan-drivers libvulkan1
+
+test: setup
+	$(TMP_XDG) $(VENV)/bin/pytest -q
+
+demo: setup
+	$(TMP_XDG) $(VENV)/bin/meganeura demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -1,0 +1,169 @@
+"""The WebGPU runtime: programs of generated kernels over planned buffers.
+
+Everything that can be prepared is prepared when a program is compiled: buffers, pipelines
+(cached by WGSL text), bind groups and dispatch sizes. Running a program uploads its inputs,
+records every dispatch into one compute pass, appends the update copies and submits once,
+without waiting. Reading a value waits for the device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from meganeura.backends.webgpu.device import GPUDevice
+from meganeura.backends.wgsl.kernels import generate
+from meganeura.graph import Graph, numpy_dtype
+from meganeura.lower.plan import plan as make_plan
+
+# MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
+DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
+
+
+def _storage_bytes(array: np.ndarray) -> bytes:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint32)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def _from_bytes(data, ttype) -> np.ndarray:
+    dtype = numpy_dtype(ttype.dtype)
+    storage = np.uint32 if ttype.dtype == "bool" else dtype
+    out = np.frombuffer(data, dtype=storage, count=ttype.size).reshape(ttype.shape)
+    return out.astype(dtype) if ttype.dtype == "bool" else out.copy()
+
+
+class WebGPUExecutor:
+    """Keeps persistent buffers (parameters, optimizer state) and compiles programs."""
+
+    def __init__(self, gpu: GPUDevice):
+        self.gpu = gpu
+        self.wgpu = gpu.wgpu
+        self.device = gpu.device
+        self.description = f"{gpu.info.name} ({gpu.info.backend}, {gpu.info.implementation})"
+        self.persistent: dict[int, object] = {}  # node id -> GPUBuffer
+        self.types: dict[int, object] = {}
+        self._pipelines: dict[str, object] = {}
+        usage = self.wgpu.BufferUsage
+        self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
+
+    def buffer(self, nbytes: int, label: str = ""):
+        return self.device.create_buffer(
+            size=max(16, (nbytes + 15) // 16 * 16), usage=self.usage, label=label
+        )
+
+    def set_value(self, nid: int, array: np.ndarray) -> None:
+        if nid not in self.persistent:
+            self.persistent[nid] = self.buffer(
+                array.nbytes if array.dtype != np.bool_ else array.size * 4
+            )
+        self.types[nid] = (array.shape, array.dtype)
+        self.device.queue.write_buffer(self.persistent[nid], 0, _storage_bytes(array))
+
+    def get_value(self, nid: int) -> np.ndarray:
+        shape, dtype = self.types[nid]
+        size = int(np.prod(shape)) * (4 if dtype == np.bool_ else dtype.itemsize)
+        data = self.device.queue.read_buffer(self.persistent[nid], 0, max(size, 4))
+        storage = np.uint32 if dtype == np.bool_ else dtype
+        return np.frombuffer(data, storage, count=int(np.prod(shape))).reshape(shape).astype(dtype)
+
+    def pipeline(self, wgsl: str, label: str):
+        if wgsl not in self._pipelines:
+            try:
+                module = self.device.create_shader_module(code=wgsl, label=label)
+                self._pipelines[wgsl] = self.device.create_compute_pipeline(
+                    layout="auto", compute={"module": module, "entry_point": "main"}, label=label
+                )
+            except Exception as error:
+                raise RuntimeError(f"kernel {label} failed to compile:\n{wgsl}\n{error}") from error
+        return self._pipelines[wgsl]
+
+    def compile(self, graph: Graph, roots: list[int], updates: dict[int, int]) -> WebGPUProgram:
+        return WebGPUProgram(self, graph, roots, updates)
+
+
+class WebGPUProgram:
+    def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates):
+        start = time.perf_counter()
+        self.executor = executor
+        self.graph = graph
+        limit = executor.gpu.max_storage_buffers
+        self.plan = make_plan(graph, roots, updates, max_reads=limit - 1)
+        plan = self.plan
+        buffers = {}
+        for buf in plan.buffers:
+            if buf.kind == "param":
+                (nid,) = buf.nodes[:1]
+                buffers[buf.id] = executor.persistent[nid]
+            else:
+                buffers[buf.id] = executor.buffer(buf.nbytes, f"{buf.kind}{buf.id}")
+            if buf.kind == "constant":
+                node = graph.nodes[buf.nodes[0]]
+                executor.device.queue.write_buffer(
+                    buffers[buf.id], 0, _storage_bytes(node.attrs["value"])
+                )
+        self.buffers = buffers
+        self.inputs = {
+            nid: buffers[plan.buffer_of[nid]]
+            for nid in graph.inputs.values()
+            if nid in plan.buffer_of
+        }
+        self.dispatches = []
+        device = executor.device
+        for kernel in plan.kernels:
+            source = generate(plan, kernel)
+            pipeline = executor.pipeline(source.wgsl, source.label)
+            entries = [
+                {
+                    "binding": n,
+                    "resource": {"buffer": buffers[b], "offset": 0, "size": buffers[b].size},
+                }
+                for n, b in enumerate(source.bindings)
+            ]
+            bind_group = device.create_bind_group(
+                layout=pipeline.get_bind_group_layout(0), entries=entries
+            )
+            self.dispatches.append((pipeline, bind_group, source.grid))
+            if DEBUG >= 2:
+                print(f"--- {source.label} grid={source.grid}\n{source.wgsl}", file=sys.stderr)
+        self.copies = [
+            (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
+            for v, t in plan.copies
+        ]
+        if DEBUG:
+            print(
+                f"program: {len(plan.kernels)} kernels, {len(self.copies)} copies, "
+                f"{plan.transient_bytes / 1e6:.2f} MB transient, "
+                f"built in {time.perf_counter() - start:.2f} s",
+                file=sys.stderr,
+            )
+
+    def run(self, feeds) -> None:
+        queue = self.executor.device.queue
+        for nid, array in feeds.items():
+            if nid in self.inputs:
+                queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
+        encoder = self.executor.device.create_command_encoder()
+        cpass = encoder.begin_compute_pass()
+        for pipeline, bind_group, grid in self.dispatches:
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
+            cpass.dispatch_workgroups(*grid)
+        cpass.end()
+        for src, dst, nbytes in self.copies:
+            encoder.copy_buffer_to_buffer(src, 0, dst, 0, (nbytes + 3) // 4 * 4)
+        queue.submit([encoder.finish()])
+
+    def read(self, nid: int) -> np.ndarray:
+        ttype = self.graph.nodes[nid].type
+        buf = self.buffers[self.plan.buffer_of[nid]]
+        nbytes = max(
+            4,
+            (ttype.size * (4 if ttype.dtype == "bool" else numpy_dtype(ttype.dtype).itemsize) + 3)
+            // 4
+            * 4,
+        )
+        return _from_bytes(self.executor.device.queue.read_buffer(buf, 0, nbytes), ttype)

@@ -1,0 +1,392 @@
+"""WGSL generation for each kernel archetype of a Plan.
+
+`generate(plan, kernel, binding_limit)` returns a `KernelSource`: the WGSL text, the buffers it
+binds (in binding order, the written one first) and the workgroup grid to dispatch. Shapes and
+strides are compile-time constants, so no uniforms are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meganeura.backends.wgsl.emit import (
+    STORAGE_TYPE,
+    Emitter,
+    contiguous_strides,
+    literal,
+    prelude_for,
+    store_value,
+)
+from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.ops.linalg import matmul_dims
+
+MAX_GROUPS = 65535
+
+
+@dataclass
+class KernelSource:
+    wgsl: str
+    bindings: list[int]  # buffer ids; bindings[0] is written
+    grid: tuple[int, int, int]
+    label: str
+
+
+def _grid_1d(groups: int) -> tuple[int, int, int]:
+    gx = min(groups, MAX_GROUPS)
+    return gx, math.ceil(groups / gx), 1
+
+
+class _Bindings:
+    """Buffer bindings of one kernel: one per physical buffer, the output read_write."""
+
+    def __init__(self, plan: Plan, out_node: int):
+        self.plan = plan
+        self.out_buffer = plan.buffer_of[out_node]
+        self.order = [self.out_buffer]
+        self.dtypes = {self.out_buffer: plan.graph.nodes[out_node].type.dtype}
+
+    def name_of(self, nid: int) -> str:
+        buf = self.plan.buffer_of[nid]
+        if buf not in self.order:
+            self.order.append(buf)
+            self.dtypes[buf] = self.plan.graph.nodes[nid].type.dtype
+        return f"buf{buf}"
+
+    def declarations(self) -> str:
+        lines = []
+        for n, buf in enumerate(self.order):
+            access = "read_write" if n == 0 else "read"
+            ty = STORAGE_TYPE[self.dtypes[buf]]
+            lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
+        return "\n".join(lines)
+
+
+def _assemble(bindings: _Bindings, body: str, extra_decls: str = "") -> str:
+    header = ""
+    if "f16" in body or "f16" in bindings.declarations():
+        header = "enable f16;\n"
+    return f"{header}{bindings.declarations()}\n{extra_decls}{prelude_for(body)}\n{body}"
+
+
+def generate(plan: Plan, kernel: Kernel) -> KernelSource:
+    kind = kernel.kind
+    node = plan.graph.nodes[kernel.node]
+    if kind in ("pointwise", "view", "source"):
+        return _pointwise(plan, kernel)
+    if kind == "reduce":
+        return _reduce(plan, kernel)
+    if kind == "row":
+        return _row(plan, kernel)
+    if kind == "matmul":
+        return _matmul(plan, kernel)
+    raise AssertionError(f"no WGSL archetype for {node.describe()}")
+
+
+# -- pointwise ------------------------------------------------------------------------------
+
+WG = 256
+
+
+def _pointwise(plan: Plan, kernel: Kernel) -> KernelSource:
+    graph = plan.graph
+    node = graph.nodes[kernel.node]
+    b = _Bindings(plan, kernel.node)
+    out = f"buf{b.out_buffer}"
+    em = Emitter(graph, plan.materialized - {kernel.node}, b.name_of, "  ")
+    value = em.value(kernel.node, "i")
+    n = node.type.size
+    grid = _grid_1d(math.ceil(n / WG))
+    body = (
+        f"@compute @workgroup_size({WG})\n"
+        "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+        f"  let i = (wid.y * {grid[0]}u + wid.x) * {WG}u + lid;\n"
+        f"  if (i >= {n}u) {{ return; }}\n" + "\n".join(em.lines) + "\n"
+        f"  {out}[i] = {store_value(value, node.type.dtype)};\n}}\n"
+    )
+    return KernelSource(_assemble(b, body), b.order, grid, f"{node.op}%{node.id}")
+
+
+# -- reductions ---------------------------------------------------------------------------
+
+
+def _reduce(plan: Plan, kernel: Kernel) -> KernelSource:
+    graph = plan.graph
+    node = graph.nodes[kernel.node]
+    src = graph.nodes[node.inputs[0]]
+    axes = node.attrs["axes"]
+    shape = src.type.shape
+    strides = contiguous_strides(shape)
+    kept = [d for d in range(len(shape)) if d not in axes]
+    kept_shape = [shape[d] for d in kept]
+    red_shape = [shape[d] for d in axes]
+    outputs, R = math.prod(kept_shape), math.prod(red_shape)
+    dtype = node.type.dtype
+    acc_ty = "f32" if dtype in ("f32", "f16") else STORAGE_TYPE[dtype]
+    if node.op == "max":
+        init = "mn_bits(0xff800000u)" if acc_ty == "f32" else "(-2147483647i - 1i)"
+        combine = "max({a}, {b})"
+    else:
+        init = literal(0, acc_ty)
+        combine = "({a} + {b})"
+    finish = "acc"
+    if node.op == "mean":
+        finish = f"acc * {literal(1.0 / R, 'f32')}"
+    b = _Bindings(plan, kernel.node)
+    out = f"buf{b.out_buffer}"
+
+    def offset(var: str, dims: list[int]) -> str:
+        sub = [shape[d] for d in dims]
+        if dims == list(range(len(shape) - len(dims), len(shape))):
+            return var  # trailing dims: the linear index is the offset
+        terms = []
+        for k, d in enumerate(dims):
+            c = Emitter.coord(var, sub, k)
+            terms.append(c if strides[d] == 1 else f"{c} * {strides[d]}u")
+        return " + ".join(terms) if terms else "0u"
+
+    if kept == list(range(len(kept))):
+        base = f"o * {R}u" if R > 1 else "o"
+    else:
+        base = offset("o", kept) if kept else "0u"
+    roff = offset("r", list(axes))
+    em = Emitter(graph, plan.materialized, b.name_of, "    ")
+    v = em.value(node.inputs[0], "j")
+    if src.type.dtype != acc_ty and acc_ty == "f32":
+        v = f"f32({v})"
+    loop_body = "\n".join(em.lines)
+    per_group = R >= 256 or (R >= 16 and outputs < 4096)
+    if per_group:
+        wg = 256 if R >= 256 else 64
+        grid = _grid_1d(outputs)
+        body = (
+            f"var<workgroup> red: array<{acc_ty}, {wg}>;\n"
+            f"@compute @workgroup_size({wg})\n"
+            "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+            f"  let o = wid.y * {grid[0]}u + wid.x;\n"
+            f"  if (o >= {outputs}u) {{ return; }}\n"
+            f"  let base = {base};\n"
+            f"  var acc = {init};\n"
+            f"  for (var r = lid; r < {R}u; r += {wg}u) {{\n"
+            f"    let j = base + {roff};\n{loop_body}\n"
+            f"    acc = {combine.format(a='acc', b=v)};\n  }}\n"
+            "  red[lid] = acc;\n  workgroupBarrier();\n"
+            f"  for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{\n"
+            f"    if (lid < s) {{ red[lid] = {combine.format(a='red[lid]', b='red[lid + s]')}; }}\n"
+            "    workgroupBarrier();\n  }\n"
+            f"  if (lid == 0u) {{ let acc = red[0]; {out}[o] = {_cast_out(finish, dtype)}; }}\n}}\n"
+        )
+    else:
+        grid = _grid_1d(math.ceil(outputs / WG))
+        body = (
+            f"@compute @workgroup_size({WG})\n"
+            "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+            f"  let o = (wid.y * {grid[0]}u + wid.x) * {WG}u + lid;\n"
+            f"  if (o >= {outputs}u) {{ return; }}\n"
+            f"  let base = {base};\n"
+            f"  var acc = {init};\n"
+            f"  for (var r = 0u; r < {R}u; r++) {{\n"
+            f"    let j = base + {roff};\n{loop_body}\n"
+            f"    acc = {combine.format(a='acc', b=v)};\n  }}\n"
+            f"  {out}[o] = {_cast_out(finish, dtype)};\n}}\n"
+        )
+    return KernelSource(_assemble(b, body), b.order, grid, f"{node.op}%{node.id}")
+
+
+def _cast_out(expr: str, dtype: str) -> str:
+    return f"f16({expr})" if dtype == "f16" else expr
+
+
+# -- row ops: softmax, log_softmax, cross-entropy ----------------------------------------------
+
+# The lowest finite f32: exp(x - NEG_MAX) stays 0 for x = -inf, where -inf would give NaN.
+NEG_MAX = "-3.4028234663852886e38f"
+
+
+def _row(plan: Plan, kernel: Kernel) -> KernelSource:
+    graph = plan.graph
+    node = graph.nodes[kernel.node]
+    x = graph.nodes[node.inputs[0]]
+    shape = x.type.shape
+    axis = node.attrs.get("axis", len(shape) - 1)
+    C = shape[axis]
+    rows = x.type.size // C
+    stride = math.prod(shape[axis + 1 :])
+    b = _Bindings(plan, kernel.node)
+    out = f"buf{b.out_buffer}"
+    wg = 256 if C >= 1024 else 64
+    grid = _grid_1d(rows)
+    if axis == len(shape) - 1:
+        base = f"r * {C}u"
+    else:
+        inner = stride
+        base = f"(r / {inner}u) * {C * inner}u + (r % {inner}u)"
+
+    def read_x(idx_expr: str, indent: str) -> tuple[str, str]:
+        em = Emitter(graph, plan.materialized, b.name_of, indent)
+        v = em.value(node.inputs[0], em.index(idx_expr))
+        return "\n".join(em.lines), f"f32({v})"
+
+    col = "base + c" if stride == 1 else f"base + c * {stride}u"
+    scan_lines, scan_v = read_x(col, "    ")
+    prologue = (
+        f"var<workgroup> sm_m: array<f32, {wg}>;\nvar<workgroup> sm_s: array<f32, {wg}>;\n"
+        f"@compute @workgroup_size({wg})\n"
+        "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+        f"  let r = wid.y * {grid[0]}u + wid.x;\n"
+        f"  if (r >= {rows}u) {{ return; }}\n"
+        f"  let base = {base};\n"
+        f"  var m = {NEG_MAX};\n  var s = 0.0f;\n"
+        f"  for (var c = lid; c < {C}u; c += {wg}u) {{\n{scan_lines}\n"
+        f"    let x = {scan_v};\n"
+        "    if (x > m) { s = s * exp(m - x) + 1.0; m = x; } else { s = s + exp(x - m); }\n  }\n"
+        "  sm_m[lid] = m;\n  sm_s[lid] = s;\n  workgroupBarrier();\n"
+        f"  for (var h = {wg // 2}u; h > 0u; h = h >> 1u) {{\n"
+        "    if (lid < h) {\n"
+        "      let m1 = sm_m[lid]; let m2 = sm_m[lid + h]; let mm = max(m1, m2);\n"
+        "      let s1 = sm_s[lid]; let s2 = sm_s[lid + h];\n"
+        "      sm_s[lid] = select(0.0, s1 * exp(m1 - mm), s1 > 0.0) + select(0.0, s2 * exp(m2 - mm), s2 > 0.0);\n"
+        "      sm_m[lid] = mm;\n    }\n    workgroupBarrier();\n  }\n"
+        "  let M = sm_m[0];\n  let S = sm_s[0];\n"
+    )
+    dtype = node.type.dtype
+    if node.op in ("softmax", "log_softmax"):
+        write_lines, write_v = read_x(col, "    ")
+        y = "exp(x - M) / S" if node.op == "softmax" else "x - M - log(S)"
+        tail = (
+            f"  for (var c = lid; c < {C}u; c += {wg}u) {{\n{write_lines}\n"
+            f"    let x = {write_v};\n    {out}[{col}] = {_cast_out(y, dtype)};\n  }}\n}}\n"
+        )
+    else:
+        em = Emitter(graph, plan.materialized, b.name_of, "  ")
+        label = em.value(node.inputs[1], "r")
+        ignore = node.attrs["ignore_index"]
+        label_lines = "\n".join(em.lines)
+        label_i = f"i32({label})"
+        if node.op == "cross_entropy_rows":
+            pick_lines, pick_v = read_x(f"base + u32({label_i})", "    ")
+            tail = (
+                f"{label_lines}\n"
+                f"  if (lid == 0u) {{\n    if ({label_i} == {ignore}i) {{ {out}[r] = {_cast_out('0.0', dtype)}; return; }}\n"
+                f"{pick_lines}\n"
+                f"    {out}[r] = {_cast_out(f'M + log(S) - {pick_v}', dtype)};\n  }}\n}}\n"
+            )
+        else:  # cross_entropy_grad
+            gem = Emitter(graph, plan.materialized, b.name_of, "  ")
+            gval = gem.value(node.inputs[2], "r")
+            write_lines, write_v = read_x(col, "    ")
+            tail = (
+                f"{label_lines}\n" + "\n".join(gem.lines) + "\n"
+                f"  let scale = select(f32({gval}), 0.0, {label_i} == {ignore}i);\n"
+                f"  for (var c = lid; c < {C}u; c += {wg}u) {{\n{write_lines}\n"
+                f"    let x = {write_v};\n"
+                f"    let p = exp(x - M) / S - select(0.0, 1.0, i32(c) == {label_i});\n"
+                f"    {out}[{col}] = {_cast_out('p * scale', dtype)};\n  }}\n}}\n"
+            )
+    body = prologue + tail
+    return KernelSource(_assemble(b, body), b.order, grid, f"{node.op}%{node.id}")
+
+
+# -- matmul ---------------------------------------------------------------------------------
+
+BM, BN, BK = 64, 64, 16
+
+
+def _batch_offset(var: str, batch_shape, batch_strides) -> str:
+    terms = []
+    for d, (size, st) in enumerate(zip(batch_shape, batch_strides, strict=True)):
+        if size == 1 or st == 0:
+            continue
+        inner = math.prod(batch_shape[d + 1 :])
+        c = f"({var} / {inner}u)" if inner > 1 else var
+        if d > 0:
+            c = f"({c} % {size}u)"
+        terms.append(f"{c} * {st}u")
+    return " + ".join(terms) if terms else "0u"
+
+
+def _matmul(plan: Plan, kernel: Kernel) -> KernelSource:
+    graph = plan.graph
+    node = graph.nodes[kernel.node]
+    a_node, b_node = (graph.nodes[i] for i in node.inputs)
+    ta, tb = node.attrs["trans_a"], node.attrs["trans_b"]
+    batch, M, K, N = matmul_dims(a_node.type, b_node.type, ta, tb)
+    bind = _Bindings(plan, kernel.node)
+    out = f"buf{bind.out_buffer}"
+
+    def operand(nid: int, trans: bool, rows_dim: str):
+        base, strides, _ = strided_view(graph, nid, plan.materialized)
+        shape = graph.nodes[nid].type.shape
+        s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
+        lead = len(batch) - (len(shape) - 2)
+        bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
+        return bind.name_of(base), s_row, s_col, _batch_offset("bz", batch, bstrides)
+
+    a_buf, a_sm, a_sk, a_off = operand(node.inputs[0], ta, "m")
+    b_buf, b_sk, b_sn, b_off = operand(node.inputs[1], tb, "k")
+    nbatch = math.prod(batch)
+    grid = (math.ceil(N / BN), math.ceil(M / BM), nbatch)
+    # Tile loads walk the operand's contiguous direction so neighbouring threads read
+    # neighbouring addresses.
+    a_k_fast = a_sk == 1
+    b_n_fast = b_sn == 1 or b_sk != 1
+    load_a = (
+        "      let kk = e % 16u; let mm = e / 16u;\n"
+        if a_k_fast
+        else "      let mm = e % 64u; let kk = e / 64u;\n"
+    )
+    load_b = (
+        "      let nn = e % 64u; let kk = e / 64u;\n"
+        if b_n_fast
+        else "      let kk = e % 16u; let nn = e / 16u;\n"
+    )
+    body = f"""var<workgroup> As: array<f32, {BK * BM}>;
+var<workgroup> Bs: array<f32, {BK * BN}>;
+@compute @workgroup_size(16, 16)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
+        @builtin(local_invocation_index) tid: u32) {{
+  let bz = wid.z;
+  let a0 = {a_off};
+  let b0 = {b_off};
+  let m0 = wid.y * {BM}u;
+  let n0 = wid.x * {BN}u;
+  var acc: array<f32, 16>;
+  for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
+    for (var l = 0u; l < 4u; l++) {{
+      let e = tid + l * 256u;
+{load_a}      let gm = m0 + mm; let gk = k0 + kk;
+      var v = 0.0f;
+      if (gm < {M}u && gk < {K}u) {{ v = f32({a_buf}[a0 + gm * {a_sm}u + gk * {a_sk}u]); }}
+      As[kk * {BM}u + mm] = v;
+    }}
+    for (var l = 0u; l < 4u; l++) {{
+      let e = tid + l * 256u;
+{load_b}      let gk = k0 + kk; let gn = n0 + nn;
+      var v = 0.0f;
+      if (gk < {K}u && gn < {N}u) {{ v = f32({b_buf}[b0 + gk * {b_sk}u + gn * {b_sn}u]); }}
+      Bs[kk * {BN}u + nn] = v;
+    }}
+    workgroupBarrier();
+    for (var kk = 0u; kk < {BK}u; kk++) {{
+      var ar: array<f32, 4>;
+      var br: array<f32, 4>;
+      for (var q = 0u; q < 4u; q++) {{
+        ar[q] = As[kk * {BM}u + lid3.y + 16u * q];
+        br[q] = Bs[kk * {BN}u + lid3.x + 16u * q];
+      }}
+      for (var p = 0u; p < 4u; p++) {{
+        for (var q = 0u; q < 4u; q++) {{ acc[p * 4u + q] += ar[p] * br[q]; }}
+      }}
+    }}
+    workgroupBarrier();
+  }}
+  for (var p = 0u; p < 4u; p++) {{
+    let gm = m0 + lid3.y + 16u * p;
+    for (var q = 0u; q < 4u; q++) {{
+      let gn = n0 + lid3.x + 16u * q;
+      if (gm < {M}u && gn < {N}u) {{ {out}[bz * {M * N}u + gm * {N}u + gn] = {_cast_out("acc[p * 4u + q]", node.type.dtype)}; }}
+    }}
+  }}
+}}
+"""
+    return KernelSource(_assemble(bind, body), bind.order, grid, f"matmul%{node.id}")

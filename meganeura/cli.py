@@ -1,0 +1,153 @@
+"""The ``meganeura`` command: each subcommand is a ``cmd_*`` function whose ``_add_*``
+parser builder is listed in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+from meganeura import demo
+from meganeura.backends.webgpu.device import (
+    DEVICE_NAMES,
+    ENV_VAR,
+    IMPLEMENTATIONS,
+    AdapterInfo,
+    DeviceError,
+    ImplementationError,
+    current_implementation,
+    list_adapters,
+    select_adapter,
+)
+
+KEY_FEATURES = {
+    "shader-f16": ("shader-f16",),
+    "subgroups": ("subgroups", "subgroup"),
+    "subgroup-matrix": ("chromium-experimental-subgroup-matrix",),
+    "timestamp-query": ("timestamp-query",),
+}
+KEY_LIMITS = {
+    "storage buffers/stage": "max-storage-buffers-per-shader-stage",
+    "max buffer": "max-buffer-size",
+    "workgroup storage": "max-compute-workgroup-storage-size",
+    "invocations/workgroup": "max-compute-invocations-per-workgroup",
+}
+BYTE_LIMITS = {"max-buffer-size", "max-compute-workgroup-storage-size"}
+
+
+def _format_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    return f"{value:.4g} GiB"
+
+
+def _describe_adapter(index: int, adapter: AdapterInfo) -> list[str]:
+    features = ", ".join(
+        f"{label} {'yes' if set(names) & set(adapter.features) else 'no'}"
+        for label, names in KEY_FEATURES.items()
+    )
+    limits = []
+    for label, key in KEY_LIMITS.items():
+        value = adapter.limits.get(key)
+        shown = "?" if value is None else _format_bytes(value) if key in BYTE_LIMITS else value
+        limits.append(f"{label} {shown}")
+    return [
+        f"  [{index}] {adapter.name}",
+        f"      backend {adapter.backend}, type {adapter.adapter_type}, vendor {adapter.vendor}",
+        f"      features: {features}",
+        f"      limits: {', '.join(limits)}",
+    ]
+
+
+def _report_implementation(implementation: str) -> None:
+    adapters = list_adapters(implementation)
+    print(f"WebGPU implementation: {implementation}")
+    if not adapters:
+        print("  no adapters")
+    for index, adapter in enumerate(adapters):
+        print("\n".join(_describe_adapter(index, adapter)))
+    auto = select_adapter("auto", adapters)
+    picked = "cpu (NumPy executor)" if auto is None else auto.summary()
+    print(f'  device="auto" picks: {picked}')
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print the WebGPU adapters and the device that device="auto" picks."""
+    current = current_implementation()
+    implementations = IMPLEMENTATIONS if args.all_implementations else (current,)
+    for number, implementation in enumerate(implementations):
+        if number:
+            print()
+        _report_implementation(implementation)
+    if not args.all_implementations:
+        others = ", ".join(name for name in IMPLEMENTATIONS if name != current)
+        print(f"(set {ENV_VAR}={others} or pass --all-implementations to see the others)")
+    return 0
+
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    parser.add_argument(
+        "--all-implementations",
+        action="store_true",
+        help=f"show every WebGPU implementation ({', '.join(IMPLEMENTATIONS)}), "
+        f"not only the one {ENV_VAR} selects",
+    )
+    parser.set_defaults(run=cmd_info)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train an MLP on the digits dataset and print its held-out test accuracy."""
+    demo.run_demo(device=args.device, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_NAMES,
+        help="where to run (default: auto, a hardware GPU if there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=demo.EPOCHS,
+        help=f"passes over the training set (default: {demo.EPOCHS})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and split")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=cmd_demo)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meganeura",
+        description="Train and run neural networks on any GPU through WebGPU.",
+    )
+    subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (DeviceError, ImplementationError) as error:
+        parser.exit(2, f"meganeura: error: {error}\n")

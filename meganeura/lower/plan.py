@@ -1,0 +1,281 @@
+"""Lowering: choose kernels for a graph and plan the buffers they use.
+
+Every node that must exist in device memory is *materialized*: sources (inputs, parameters,
+non-scalar constants), the outputs of non-pointwise kernels (reductions, row ops, matmuls),
+the roots, and pointwise values read by several kernels. Everything else (pointwise ops and
+views) is inlined into the kernels that read it, so each kernel computes a whole elementwise
+DAG, and reductions and row ops absorb their pointwise prologue.
+
+Parameter updates (`graph.updates`) are written straight into the parameter's buffer when the
+kernel that computes them is the last reader of the old value; otherwise they are copied at the
+end of the step. The memory plan gives transient values buffers by liveness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meganeura.graph import Graph
+from meganeura.ops import get_op
+
+
+@dataclass
+class Kernel:
+    kind: str  # pointwise | reduce | row | matmul
+    node: int  # the node whose value this kernel writes
+    reads: list[int] = field(default_factory=list)  # materialized nodes read
+
+
+@dataclass
+class Buffer:
+    """One device buffer: `kind` is input, param (persistent), constant, root or transient."""
+
+    id: int
+    kind: str
+    nbytes: int
+    nodes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    kernels: list[Kernel]
+    materialized: set[int]
+    buffer_of: dict[int, int]  # materialized node -> buffer id
+    buffers: list[Buffer]
+    copies: list[tuple[int, int]]  # (source node, target parameter) after the kernels
+    roots: list[int]
+
+    @property
+    def transient_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers if b.kind == "transient")
+
+
+def _is_scalar_constant(node) -> bool:
+    return node.op == "constant" and node.type.size == 1
+
+
+def _pointwise_path_is_identity(
+    graph: Graph, start: int, target: int, materialized: set[int]
+) -> bool:
+    """True when every read of `target` reachable from `start` through inlined nodes uses the
+    output's own linear index (same-shape pointwise ops and reshapes only)."""
+    stack = [start]
+    while stack:
+        nid = stack.pop()
+        node = graph.nodes[nid]
+        for i in node.inputs:
+            child = graph.nodes[i]
+            if i == target:
+                if child.type.size != node.type.size or get_op(node.op).kind not in (
+                    "pointwise",
+                    "view",
+                ):
+                    return False
+                if node.op not in ("reshape",) and get_op(node.op).kind == "view":
+                    return False
+                if get_op(node.op).kind == "pointwise" and child.type.shape != node.type.shape:
+                    return False
+            elif i not in materialized:
+                kind = get_op(child.op).kind
+                if kind == "view" and child.op != "reshape":
+                    return False
+                if kind == "pointwise" and child.type.shape != node.type.shape:
+                    return False
+                stack.append(i)
+    return True
+
+
+def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7):
+    """The materialized set and the kernels, in execution order."""
+    live = graph.live_nodes(list(roots) + list(updates.values()))
+    users: dict[int, list[int]] = {i: [] for i in live}
+    for nid in live:
+        for i in graph.nodes[nid].inputs:
+            users[i].append(nid)
+
+    materialized: set[int] = set()
+    for nid in live:
+        node = graph.nodes[nid]
+        kind = get_op(node.op).kind
+        if kind == "source":
+            if not _is_scalar_constant(node) or nid in roots:
+                materialized.add(nid)
+        elif kind in ("reduce", "row", "matmul") or nid in roots or nid in updates.values():
+            materialized.add(nid)
+        elif kind == "pointwise" and len(users[nid]) > 1:
+            materialized.add(nid)
+    # Matmul operands are read as strided buffers: views of a buffer pass; anything else is
+    # computed into a buffer first.
+    for nid in live:
+        node = graph.nodes[nid]
+        if get_op(node.op).kind == "matmul":
+            for i in node.inputs:
+                if strided_view(graph, i, materialized) is None:
+                    materialized.add(i)
+
+    def leaves(nid: int) -> list[int]:
+        out, stack, seen = [], list(graph.nodes[nid].inputs), set()
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if i in materialized:
+                out.append(i)
+            elif not _is_scalar_constant(graph.nodes[i]):
+                stack.extend(graph.nodes[i].inputs)
+        return sorted(out)
+
+    # Respect the binding limit: materialize the widest inlined input until the kernel fits.
+    changed = True
+    while changed:
+        changed = False
+        for nid in live:
+            if nid not in materialized or get_op(graph.nodes[nid].op).kind == "source":
+                continue
+            reads = leaves(nid)
+            if len(reads) > max_reads:
+                inlined = [
+                    i
+                    for i in graph.nodes[nid].inputs
+                    if i not in materialized and not _is_scalar_constant(graph.nodes[i])
+                ]
+                widest = max(inlined, key=lambda i: len(leaves(i)) if i not in materialized else 0)
+                materialized.add(widest)
+                changed = True
+
+    kernels = []
+    for nid in live:
+        if nid in materialized and get_op(graph.nodes[nid].op).kind != "source":
+            kernels.append(Kernel(get_op(graph.nodes[nid].op).kind, nid, leaves(nid)))
+    return materialized, kernels
+
+
+def strided_view(graph: Graph, nid: int, materialized: set[int]):
+    """(buffer node, strides, offset) if node `nid` is an affine view of a materialized node
+    (reshapes of contiguous data, permutes, broadcasts), else None."""
+    node = graph.nodes[nid]
+    if nid in materialized:
+        return nid, _contiguous_strides(node.type.shape), 0
+    kind = get_op(node.op).kind
+    if kind != "view":
+        return None
+    inner = strided_view(graph, node.inputs[0], materialized)
+    if inner is None:
+        return None
+    base, strides, offset = inner
+    src_shape = graph.nodes[node.inputs[0]].type.shape
+    if node.op == "permute":
+        return base, tuple(strides[a] for a in node.attrs["axes"]), offset
+    if node.op == "broadcast_to":
+        shape = node.type.shape
+        lead = len(shape) - len(src_shape)
+        out = [0] * lead + [
+            0 if src_shape[d] == 1 and shape[lead + d] != 1 else strides[d]
+            for d in range(len(src_shape))
+        ]
+        return base, tuple(out), offset
+    if node.op == "reshape":
+        if tuple(strides) == _contiguous_strides(src_shape):
+            return base, _contiguous_strides(node.type.shape), offset
+        return None
+    return None
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
+def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7) -> Plan:
+    materialized, kernels = select_kernels(graph, roots, updates, max_reads)
+    position = {k.node: n for n, k in enumerate(kernels)}
+    last_use: dict[int, int] = {}
+    for n, k in enumerate(kernels):
+        for i in k.reads:
+            last_use[i] = n
+
+    buffers: list[Buffer] = []
+    buffer_of: dict[int, int] = {}
+
+    def new_buffer(kind: str, nids: list[int]) -> Buffer:
+        nbytes = max(graph.nodes[i].type.nbytes for i in nids)
+        buf = Buffer(len(buffers), kind, max(16, (nbytes + 15) // 16 * 16), list(nids))
+        buffers.append(buf)
+        for i in nids:
+            buffer_of[i] = buf.id
+        return buf
+
+    # Updates written in place where the update's kernel is the last reader of the old value.
+    copies: list[tuple[int, int]] = []
+    in_place: dict[int, int] = {}
+    for target, value in updates.items():
+        node = graph.nodes[value]
+        ok = value in position and value not in in_place and value not in roots
+        if ok:
+            k = position[value]
+            readers = [n for n, kern in enumerate(kernels) if target in kern.reads]
+            ok = all(n <= k for n in readers)
+            if ok and target in kernels[k].reads:
+                ok = kernels[k].kind == "pointwise" and _pointwise_path_is_identity(
+                    graph, value, target, materialized
+                )
+            ok = ok and node.type == graph.nodes[target].type
+        if ok:
+            in_place[value] = target
+        else:
+            copies.append((value, target))
+
+    for nid in sorted(materialized):
+        node = graph.nodes[nid]
+        if node.op == "parameter":
+            new_buffer("param", [nid])
+        elif node.op == "input":
+            new_buffer("input", [nid])
+        elif node.op == "constant":
+            new_buffer("constant", [nid])
+    for value, target in in_place.items():
+        buffer_of[value] = buffer_of[target]
+        buffers[buffer_of[target]].nodes.append(value)
+    pinned = set(roots) | {v for v, _ in copies}
+    for nid in sorted(pinned):
+        if nid in materialized and nid not in buffer_of:
+            new_buffer("root", [nid])
+
+    # Transient values: best-fit reuse of buffers whose last reader has run.
+    free: list[Buffer] = []
+    release: dict[int, list[int]] = {}
+    for nid, n in last_use.items():
+        release.setdefault(n, []).append(nid)
+    for n, k in enumerate(kernels):
+        if k.node not in buffer_of:
+            need = graph.nodes[k.node].type.nbytes
+            fitting = [b for b in free if b.nbytes >= need]
+            if fitting:
+                buf = min(fitting, key=lambda b: b.nbytes)
+                free.remove(buf)
+            elif free:
+                buf = max(free, key=lambda b: b.nbytes)
+                free.remove(buf)
+                buf.nbytes = max(buf.nbytes, (need + 15) // 16 * 16)
+            else:
+                buf = new_buffer("transient", [k.node])
+            if k.node not in buf.nodes:
+                buf.nodes.append(k.node)
+            buffer_of[k.node] = buf.id
+        for nid in release.get(n, []):
+            buf = buffers[buffer_of[nid]]
+            if (
+                buf.kind == "transient"
+                and last_use.get(nid) == n
+                and all(last_use.get(o, -1) <= n for o in buf.nodes)
+            ):
+                free.append(buf)
+        # A transient written but never read is free at once.
+        if buffers[buffer_of[k.node]].kind == "transient" and k.node not in last_use:
+            free.append(buffers[buffer_of[k.node]])
+    return Plan(graph, kernels, materialized, buffer_of, buffers, copies, list(roots))

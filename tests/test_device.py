@@ -1,0 +1,173 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meganeura.backends.webgpu.device import (
+    DEVICE_NAMES,
+    AdapterInfo,
+    DeviceError,
+    GPUDevice,
+    current_implementation,
+    list_adapters,
+    resolve_device,
+    select_adapter,
+    webgpu_module,
+)
+from meganeura.cli import main
+
+
+def fake_adapter(name: str, backend: str, adapter_type: str) -> AdapterInfo:
+    return AdapterInfo(
+        name=name,
+        backend=backend,
+        adapter_type=adapter_type,
+        vendor="test",
+        description=name,
+        features=[],
+        limits={},
+        implementation="dawn",
+    )
+
+
+LLVMPIPE_GL = fake_adapter("llvmpipe", "OpenGL", "CPU")
+LAVAPIPE = fake_adapter("lavapipe", "Vulkan", "CPU")
+INTEGRATED = fake_adapter("iGPU", "Vulkan", "IntegratedGPU")
+DISCRETE = fake_adapter("dGPU", "Vulkan", "DiscreteGPU")
+DISCRETE_GL = fake_adapter("dGPU over GL", "OpenGL", "DiscreteGPU")
+
+
+def test_list_adapters_returns_adapter_infos():
+    adapters = list_adapters()
+    assert all(isinstance(a, AdapterInfo) for a in adapters)
+    for adapter in adapters:
+        assert adapter.implementation == current_implementation()
+        assert adapter.features == sorted(adapter.features)
+
+
+def test_cpu_is_the_numpy_executor():
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_unknown_device_names_valid_options():
+    with pytest.raises(DeviceError) as error:
+        resolve_device("cuda")
+    message = str(error.value)
+    assert "'cuda'" in message
+    for name in DEVICE_NAMES:
+        assert name in message
+    for adapter in list_adapters():
+        assert adapter.name in message
+
+
+def test_invalid_implementation_names_valid_ones(monkeypatch):
+    monkeypatch.setenv("MEGANEURA_WEBGPU", "vulkan")
+    with pytest.raises(ValueError, match="dawn, wgpu-native"):
+        webgpu_module()
+
+
+def test_auto_prefers_discrete_then_integrated_then_cpu():
+    assert select_adapter("auto", [LAVAPIPE, INTEGRATED, DISCRETE]) is DISCRETE
+    assert select_adapter("auto", [LLVMPIPE_GL, INTEGRATED]) is INTEGRATED
+    assert select_adapter("auto", [LLVMPIPE_GL, LAVAPIPE, DISCRETE_GL]) is None
+    assert select_adapter("auto", []) is None
+
+
+def test_gpu_without_hardware_lists_adapters():
+    with pytest.raises(DeviceError) as error:
+        select_adapter("gpu", [LLVMPIPE_GL, LAVAPIPE, DISCRETE_GL])
+    message = str(error.value)
+    assert "llvmpipe [OpenGL, CPU, dawn]" in message
+    assert "dGPU over GL [OpenGL, DiscreteGPU, dawn]" in message
+    assert "vulkan-cpu" in message
+
+
+def test_vulkan_cpu_never_takes_opengl():
+    assert select_adapter("vulkan-cpu", [LLVMPIPE_GL, LAVAPIPE]) is LAVAPIPE
+    with pytest.raises(DeviceError, match="lavapipe"):
+        select_adapter("vulkan-cpu", [LLVMPIPE_GL, DISCRETE])
+
+
+def check_vulkan_cpu_device(device: GPUDevice | str) -> None:
+    assert isinstance(device, GPUDevice)
+    assert device.info.backend == "Vulkan"
+    assert device.info.adapter_type == "CPU"
+    assert device.max_storage_buffers >= 8
+    assert device.limits["max-buffer-size"] == device.info.limits["max-buffer-size"]
+
+
+def require_vulkan_cpu(implementation: str) -> None:
+    adapters = list_adapters(implementation)
+    if not any(a.backend == "Vulkan" and a.adapter_type == "CPU" for a in adapters):
+        found = "; ".join(a.summary() for a in adapters) or "none"
+        pytest.skip(f"no CPU Vulkan adapter (lavapipe) through {implementation}; found: {found}")
+
+
+@pytest.mark.lavapipe
+def test_vulkan_cpu_through_dawn():
+    require_vulkan_cpu("dawn")
+    device = resolve_device("vulkan-cpu", "dawn")
+    check_vulkan_cpu_device(device)
+    assert device.wgpu.__name__ == "wgpudawn"
+    assert device.has_f16 and device.has_subgroups
+    assert resolve_device("vulkan-cpu", "dawn") is device
+
+
+@pytest.mark.lavapipe
+def test_vulkan_cpu_through_wgpu_native():
+    require_vulkan_cpu("wgpu-native")
+    device = resolve_device("vulkan-cpu", "wgpu-native")
+    check_vulkan_cpu_device(device)
+    assert device.wgpu.__name__ == "wgpu"
+    assert device.info.implementation == "wgpu-native"
+
+
+@pytest.mark.lavapipe
+def test_env_var_selects_wgpu_native():
+    require_vulkan_cpu("wgpu-native")
+    script = (
+        "import json\n"
+        "from meganeura.backends.webgpu.device import resolve_device\n"
+        "d = resolve_device('vulkan-cpu')\n"
+        "print(json.dumps([d.wgpu.__name__, d.info.implementation, d.info.backend]))\n"
+    )
+    env = dict(os.environ, MEGANEURA_WEBGPU="wgpu-native")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == ["wgpu", "wgpu-native", "Vulkan"]
+
+
+@pytest.mark.gpu
+def test_gpu_device_is_hardware():
+    device = resolve_device("gpu")
+    assert isinstance(device, GPUDevice)
+    assert device.info.is_hardware
+    assert resolve_device("auto") is device
+
+
+def test_info_command(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"WebGPU implementation: {current_implementation()}" in out
+    assert 'device="auto" picks:' in out
+    for adapter in list_adapters():
+        assert adapter.name in out
+
+
+def test_info_all_implementations(capsys):
+    assert main(["info", "--all-implementations"]) == 0
+    out = capsys.readouterr().out
+    assert "WebGPU implementation: dawn" in out
+    assert "WebGPU implementation: wgpu-native" in out
+
+
+def test_info_reports_bad_implementation_cleanly(monkeypatch, capsys):
+    monkeypatch.setenv("MEGANEURA_WEBGPU", "metal")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info"])
+    assert exit_info.value.code == 2
+    assert "MEGANEURA_WEBGPU='metal'" in capsys.readouterr().err
