@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meganeura.graph import Graph
-from meganeura.ops import get_op
+from meganeura.ops import INLINED_KINDS, get_op
 
 
 @dataclass
 class Kernel:
-    kind: str  # pointwise | reduce | row | matmul
+    kind: str  # the op's kind: the archetype that generates its kernel
     node: int  # the node whose value this kernel writes
     reads: list[int] = field(default_factory=list)  # materialized nodes read
 
@@ -101,15 +101,15 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
         if kind == "source":
             if not _is_scalar_constant(node) or nid in roots:
                 materialized.add(nid)
-        elif kind in ("reduce", "row", "matmul") or nid in roots or nid in updates.values():
+        elif kind not in INLINED_KINDS or nid in roots or nid in updates.values():
             materialized.add(nid)
         elif kind == "pointwise" and len(users[nid]) > 1:
             materialized.add(nid)
-    # Matmul operands are read as strided buffers: views of a buffer pass; anything else is
-    # computed into a buffer first.
+    # Some archetypes read their inputs as strided buffers: views of a buffer pass; anything
+    # else is computed into a buffer first.
     for nid in live:
         node = graph.nodes[nid]
-        if get_op(node.op).kind == "matmul":
+        if get_op(node.op).strided_inputs:
             for i in node.inputs:
                 if strided_view(graph, i, materialized) is None:
                     materialized.add(i)

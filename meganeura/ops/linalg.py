@@ -66,4 +66,6 @@ def _vjp(g, x, out, attrs):
     return [sum_to(da, a.shape), sum_to(db, b.shape)]
 
 
-register(OpDef("matmul", "matmul", _infer, _reference, _vjp, normalize=_normalize))
+register(
+    OpDef("matmul", "matmul", _infer, _reference, _vjp, normalize=_normalize, strided_inputs=True)
+)

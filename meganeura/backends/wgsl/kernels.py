@@ -8,6 +8,7 @@ strides are compile-time constants, so no uniforms are needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meganeura.backends.wgsl.emit import (
@@ -70,17 +71,11 @@ def _assemble(bindings: _Bindings, body: str, extra_decls: str = "") -> str:
 
 
 def generate(plan: Plan, kernel: Kernel) -> KernelSource:
-    kind = kernel.kind
     node = plan.graph.nodes[kernel.node]
-    if kind in ("pointwise", "view", "source"):
-        return _pointwise(plan, kernel)
-    if kind == "reduce":
-        return _reduce(plan, kernel)
-    if kind == "row":
-        return _row(plan, kernel)
-    if kind == "matmul":
-        return _matmul(plan, kernel)
-    raise AssertionError(f"no WGSL archetype for {node.describe()}")
+    archetype = ARCHETYPES.get(node.op) or ARCHETYPES.get(kernel.kind)
+    if archetype is None:
+        raise AssertionError(f"no WGSL archetype for {node.describe()} (kind {kernel.kind!r})")
+    return archetype(plan, kernel)
 
 
 # -- pointwise ------------------------------------------------------------------------------
@@ -390,3 +385,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 }}
 """
     return KernelSource(_assemble(bind, body), bind.order, grid, f"matmul%{node.id}")
+
+
+# Kernel generators by op kind (or by op name, which wins). A new archetype lives in a module
+# of its own and registers itself here.
+ARCHETYPES: dict[str, Callable[[Plan, Kernel], KernelSource]] = {
+    "pointwise": _pointwise,
+    "view": _pointwise,
+    "reduce": _reduce,
+    "row": _row,
+    "matmul": _matmul,
+}
