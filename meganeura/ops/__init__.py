@@ -60,5 +60,13 @@ def all_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
 
 
-# Importing the families registers their ops.
-from meganeura.ops import elementwise, linalg, nn, reduce, shape, source  # noqa: E402,F401
+def _register_families() -> None:
+    """Import every module of this package: each registers its family of ops."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_families()

@@ -388,7 +388,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 
 
 # Kernel generators by op kind (or by op name, which wins). A new archetype lives in a module
-# of its own and registers itself here.
+# of its own in this package and adds itself with `archetype(name)`.
 ARCHETYPES: dict[str, Callable[[Plan, Kernel], KernelSource]] = {
     "pointwise": _pointwise,
     "view": _pointwise,
@@ -396,3 +396,14 @@ ARCHETYPES: dict[str, Callable[[Plan, Kernel], KernelSource]] = {
     "row": _row,
     "matmul": _matmul,
 }
+
+
+def archetype(*names: str):
+    """Decorator: register a kernel generator for op kinds or op names."""
+
+    def register(fn):
+        for name in names:
+            ARCHETYPES[name] = fn
+        return fn
+
+    return register
