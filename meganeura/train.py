@@ -1,0 +1,192 @@
+"""Training loops over a Session: `Trainer.fit` for epochs of steps, `evaluate` for accuracy.
+
+The session's graph has a fixed batch dimension (the first dim of its inputs). Training
+skips a last batch that is smaller than that, as `drop_last` would; evaluation pads such a
+batch to the graph's batch size and keeps only the real rows of the result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from meganeura.data import DataLoader
+from meganeura.graph import Graph
+from meganeura.session import Session
+
+
+@dataclass
+class History:
+    """What `Trainer.fit` measured: the mean of the losses read in each epoch, and the
+    eval accuracy after each epoch (empty without an eval loader)."""
+
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became inf or nan; `step` is the step count when it was read."""
+
+    def __init__(self, message: str, step: int, history: History):
+        super().__init__(message)
+        self.step = step
+        self.history = history
+
+
+def graph_batch_size(graph: Graph, names: Iterable[str], what: str) -> int:
+    """The first dim that the graph inputs `names` share: the batch size the graph was built for."""
+    sizes = {}
+    for name in names:
+        shape = graph.nodes[graph.inputs[name]].type.shape
+        if not shape:
+            raise ValueError(f"{what}: input {name!r} is a scalar, so it has no batch dim")
+        sizes[name] = shape[0]
+    if not sizes:
+        raise ValueError(f"{what}: none of the batch's arrays is an input of the graph")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{what}: the graph's inputs disagree on the batch dim: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _needed_inputs(graph: Graph, output: str) -> list[str]:
+    if output not in graph.outputs:
+        raise KeyError(f"no output named {output!r}; outputs are {sorted(graph.outputs)}")
+    live = set(graph.live_nodes([graph.outputs[output]]))
+    return [name for name, nid in graph.inputs.items() if nid in live]
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    if len(array) == rows:
+        return array
+    return np.concatenate([array, np.zeros((rows - len(array), *array.shape[1:]), array.dtype)])
+
+
+def evaluate(
+    session: Session,
+    loader: Iterable[Mapping[str, np.ndarray]],
+    logits: str = "logits",
+    labels: str = "y",
+    ignore_index: int = -100,
+) -> float:
+    """Accuracy of argmax(`logits` output, last axis) against the loader's `labels` array.
+
+    Runs the forward pass only, in chunks of the graph's batch size (the last one padded);
+    labels equal to `ignore_index` are not counted.
+    """
+    graph = session.graph
+    needed = _needed_inputs(graph, logits)
+    size = graph_batch_size(graph, needed, "evaluate")
+    correct = counted = 0
+    for batch in loader:
+        if labels not in batch:
+            raise KeyError(f"evaluate: the batch has no labels {labels!r}; it has {sorted(batch)}")
+        missing = sorted(set(needed) - set(batch))
+        if missing:
+            raise KeyError(
+                f"evaluate: output {logits!r} needs input {missing[0]!r}, not in the batch"
+            )
+        truth = np.asarray(batch[labels])
+        for start in range(0, len(truth), size):
+            rows = len(truth[start : start + size])
+            feeds = {name: _pad_rows(batch[name][start : start + size], size) for name in needed}
+            predicted = session.run(feeds, outputs=[logits])[logits][:rows].argmax(axis=-1)
+            valid = truth[start : start + rows] != ignore_index
+            correct += int(((predicted == truth[start : start + rows]) & valid).sum())
+            counted += int(valid.sum())
+    if counted == 0:
+        raise ValueError("evaluate: the loader gave no labels to score")
+    return correct / counted
+
+
+class Trainer:
+    """Trains a session built with a loss and an optimizer, one `Session.step` per batch.
+
+    The loss is read (which waits for the device) only every `log_every` steps and at the
+    end of each epoch, so the steps in between are queued without synchronising.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        log_every: int = 10,
+        progress: bool = True,
+        logits: str = "logits",
+        labels: str = "y",
+    ):
+        if session.optimizer is None:
+            raise ValueError(
+                "Trainer: the session was built without an optimizer; pass one to build()"
+            )
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
+            raise ValueError(f"Trainer: log_every must be a positive int, got {log_every!r}")
+        self.session = session
+        self.log_every = log_every
+        self.progress = progress
+        self.logits, self.labels = logits, labels
+
+    def fit(
+        self, loader: DataLoader, epochs: int = 1, eval_loader: DataLoader | None = None
+    ) -> History:
+        """Train for `epochs` passes over `loader`; evaluate on `eval_loader` after each."""
+        graph = self.session.graph
+        fed = [name for name in loader.arrays if name in graph.inputs]
+        size = graph_batch_size(graph, fed, "fit")
+        if loader.batch_size != size:
+            example = graph.nodes[graph.inputs[fed[0]]]
+            raise ValueError(
+                f"fit: the loader's batch_size is {loader.batch_size} but the graph was built "
+                f"for batches of {size} (input {fed[0]!r} is {example.type}); make them equal"
+            )
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+            raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+        steps_per_epoch = loader.num_samples // size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"fit: the loader holds {loader.num_samples} samples, "
+                f"fewer than one batch of {size}"
+            )
+        history = History()
+        bar = tqdm(total=epochs * steps_per_epoch, disable=not self.progress, unit="step")
+        with bar:
+            for epoch in range(epochs):
+                bar.set_description(f"epoch {epoch + 1}/{epochs}")
+                losses = []
+                for index, batch in enumerate(loader):
+                    if len(next(iter(batch.values()))) < size:
+                        continue  # a last partial batch cannot be fed to a fixed-batch graph
+                    self.session.step(batch)
+                    history.steps += 1
+                    bar.update()
+                    if history.steps % self.log_every == 0 or index == steps_per_epoch - 1:
+                        loss = self.session.loss
+                        self._check_finite(loss, epoch, index, history)
+                        losses.append(loss)
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                history.loss.append(float(np.mean(losses)))
+                if eval_loader is not None:
+                    accuracy = evaluate(self.session, eval_loader, self.logits, self.labels)
+                    history.accuracy.append(accuracy)
+                    bar.set_postfix(loss=f"{history.loss[-1]:.4f}", accuracy=f"{accuracy:.4f}")
+        return history
+
+    def _check_finite(self, loss: float, epoch: int, index: int, history: History) -> None:
+        if math.isfinite(loss):
+            return
+        step = self.session.step_count
+        where = f"after step {step} (epoch {epoch + 1}, batch {index + 1})"
+        if self.log_every > 1:
+            where += (
+                f"; the loss is read every {self.log_every} steps, so it may have turned "
+                "non-finite a few steps earlier"
+            )
+        raise NonFiniteLoss(
+            f"training stopped: the loss is {loss} {where}. "
+            "Check the inputs for inf/nan, or lower the learning rate.",
+            step,
+            history,
+        )
