@@ -37,26 +37,45 @@ def build(
     optimizer: Any = None,
     device: str = "auto",
     seed: int = 0,
+    optimize: bool = True,
 ) -> Session:
     """Build `graph` for `device` ("auto", "gpu", "vulkan-cpu" or "cpu").
 
     With `loss` and `optimizer`, `Session.step` trains every trainable parameter.
     Parameters are initialized from their init specs with a generator seeded by `seed`.
+    With `optimize` (the default) the e-graph optimizer rewrites the forward graph before
+    autodiff and the whole training graph after it; `optimize=False` builds the graph as
+    written, for comparisons. `Session.optimize_report` says what the optimizer did.
     """
     from meganeura.backends import open_executor
 
-    g = _copy_graph(graph)
-    loss_id = None
     if loss is not None:
         if loss.graph is not graph:
             raise ValueError("build: loss belongs to another graph")
         if loss.shape != ():
             raise ValueError(f"build: loss must be a scalar, got shape {list(loss.shape)}")
-        loss_id = loss.id
+    if optimizer is not None and loss is None:
+        raise ValueError("build: an optimizer needs a loss")
+    g, loss_id, hyper, report = _step_graph(graph, loss, optimizer, optimize)
+    session = Session(g, open_executor(device), loss_id, optimizer, hyper, seed)
+    if report is not None:
+        session.optimize_report = _count(report, graph, loss, optimizer, g, loss_id)
+    return session
+
+
+def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, optimize: bool):
+    """The graph a session runs: `graph` differentiated and given its optimizer's updates,
+    optimized before and after autodiff when `optimize` is set."""
+    g = _copy_graph(graph)
+    loss_id = None if loss is None else loss.id
+    report = None
+    if optimize:
+        from meganeura.optimize import OptimizeReport
+
+        report = OptimizeReport()
+        g, loss_id = _optimized(g, loss_id, report, "forward")
     hyper = None
     if optimizer is not None:
-        if loss_id is None:
-            raise ValueError("build: an optimizer needs a loss")
         trainable = {
             name: Tensor(g, nid)
             for name, nid in g.parameters.items()
@@ -66,8 +85,32 @@ def build(
             raise ValueError("build: the graph has no trainable parameters")
         grads = grad(Tensor(g, loss_id), list(trainable.values()))
         hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads, strict=True)))
-    executor = open_executor(device)
-    return Session(g, executor, loss_id, optimizer, hyper, seed)
+        if optimize:
+            g, loss_id = _optimized(g, loss_id, report, "train")
+    return g, loss_id, hyper, report
+
+
+def _optimized(g: Graph, loss_id: int | None, report, stage: str):
+    """The graph rewritten by the e-graph optimizer and the loss's new id."""
+    from meganeura.optimize import optimize
+
+    result = optimize(g, [] if loss_id is None else [loss_id])
+    report.merge(result.report, stage)
+    return result.graph, None if loss_id is None else result.ids[loss_id]
+
+
+def _count(report, graph: Graph, loss, optimizer, g: Graph, loss_id):
+    """Nodes and kernels per step of the session's graph, and of the graph as written."""
+    from meganeura.optimize import count_kernels
+
+    baseline, base_loss, _, _ = _step_graph(graph, loss, optimizer, optimize=False)
+    report.nodes_before, report.kernels_before = count_kernels(
+        baseline, [] if base_loss is None else [base_loss]
+    )
+    report.nodes_after, report.kernels_after = count_kernels(
+        g, [] if loss_id is None else [loss_id]
+    )
+    return report
 
 
 class Session:
@@ -79,6 +122,7 @@ class Session:
         self._loss_id = loss_id
         self._hyper = hyper  # step -> {input name: value}, from the optimizer
         self._programs: dict[str, Any] = {}
+        self.optimize_report = None  # what the e-graph optimizer did (build(optimize=True))
         self._last: Any = None
         rng = np.random.default_rng(seed)
         for name, nid in graph.parameters.items():

@@ -1,0 +1,283 @@
+"""E-graph optimization: rewrite a whole graph into fewer, fused kernels, computing the same.
+
+`optimize(graph, roots)` returns a new graph with the same inputs, parameters, outputs and
+updates (by name), whose nodes are chosen by equality saturation (egglog) and a byte-traffic
+cost model. The graph is cut into regions: each repeated block (a transformer layer, its
+backward, its optimizer updates) is found by structure, optimized once and replayed for every
+copy; the rest is one more region. Nodes whose attributes cannot be encoded stay as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from meganeura.graph import Graph, Tensor
+from meganeura.optimize.blocks import Block, find_blocks
+from meganeura.optimize.encode import ConstantPool, encodable
+from meganeura.optimize.extract import CostModel
+from meganeura.optimize.region import Template, emit_node, optimize_region
+from meganeura.optimize.rules import built_ops
+
+__all__ = ["CostModel", "OptimizeReport", "Optimized", "count_kernels", "optimize"]
+
+
+@dataclass
+class OptimizeReport:
+    """What the optimizer did to one graph (or, merged, to a session's graphs)."""
+
+    enodes: int = 0
+    eclasses: int = 0
+    rules_fired: dict[str, int] = field(default_factory=dict)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    kernels_before: int = 0
+    kernels_after: int = 0
+    fusions: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+    regions: int = 0
+
+    @property
+    def optimize_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def merge(self, other: OptimizeReport, stage: str) -> None:
+        """Add another pass's report; its seconds are kept under `stage`."""
+        self.enodes += other.enodes
+        self.eclasses += other.eclasses
+        for name, count in other.rules_fired.items():
+            self.rules_fired[name] = self.rules_fired.get(name, 0) + count
+        for name, count in other.fusions.items():
+            self.fusions[name] = self.fusions.get(name, 0) + count
+        for name, secs in other.seconds.items():
+            key = f"{stage}.{name}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + secs
+        self.blocks += [{**b, "stage": stage} for b in other.blocks]
+        self.regions += other.regions
+
+    def as_dict(self) -> dict:
+        return {
+            "optimize_seconds": round(self.optimize_seconds, 4),
+            "kernels_before": self.kernels_before,
+            "kernels_after": self.kernels_after,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "enodes": self.enodes,
+            "eclasses": self.eclasses,
+            "fusions": dict(sorted(self.fusions.items())),
+            "rules_fired": dict(sorted(self.rules_fired.items())),
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "blocks": self.blocks,
+            "regions": self.regions,
+        }
+
+
+@dataclass
+class Optimized:
+    graph: Graph
+    ids: dict[int, int]  # every root (and source) of the old graph -> its node in the new one
+    report: OptimizeReport
+
+
+@dataclass
+class _Instance:
+    """A region instance: a template applied to its own boundary nodes."""
+
+    template: Template
+    boundary: list[int]  # Ext k -> old node id
+    roots: dict[int, int]  # old root node id -> template node index
+    values: dict[int, int] = field(default_factory=dict)  # template index -> new id
+
+
+def optimize(
+    graph: Graph,
+    roots: Iterable[int] = (),
+    model: CostModel | None = None,
+    blocks: bool = True,
+    count: bool = False,
+) -> Optimized:
+    """Optimize everything that `roots`, the graph's outputs and its updates need.
+
+    With `count`, the report gives nodes and kernels per run before and after.
+    """
+    model = model or CostModel()
+    report = OptimizeReport()
+    start = time.perf_counter()
+    wanted = list(dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values()]))
+    live = graph.live_nodes(wanted)
+    sources = {"input", "parameter"}
+    compute = [n for n in live if graph.nodes[n].op not in sources]
+    opaque = {n for n in compute if not encodable(graph.nodes[n])}
+
+    users: dict[int, list[int]] = {}
+    for nid in live:
+        for i in graph.nodes[nid].inputs:
+            users.setdefault(i, []).append(nid)
+    outside_roots = set(wanted)
+
+    found = find_blocks(graph, [n for n in compute if n not in opaque], users, outside_roots)
+    report.seconds["blocks"] = time.perf_counter() - start
+    in_block: set[int] = set()
+    for block in found if blocks else []:
+        for chunk in block.chunks:
+            in_block.update(chunk)
+    rest = [n for n in compute if n not in opaque and n not in in_block]
+
+    pool = ConstantPool()
+    owner: dict[int, tuple[_Instance, int]] = {}
+    for block in found if blocks else []:
+        _optimize_block(graph, block, users, outside_roots, pool, model, report, owner)
+    if rest:
+        rest_set = set(rest)
+        rest_roots = [
+            n
+            for n in rest
+            if n in outside_roots or any(u not in rest_set for u in users.get(n, ()))
+        ]
+        template, boundary, stats = optimize_region(graph, rest, rest_roots, pool, model)
+        _account(report, stats, template, graph, rest, 1)
+        instance = _Instance(template, boundary, template.roots)
+        for r, t in template.roots.items():
+            owner[r] = (instance, t)
+
+    new, ids = _emit(graph, wanted, owner, opaque, pool)
+    report.seconds["emit"] = time.perf_counter() - start - sum(report.seconds.values())
+    if count:
+        report.nodes_before, report.kernels_before = count_kernels(graph, wanted)
+        report.nodes_after, report.kernels_after = count_kernels(new, [ids[r] for r in wanted])
+    return Optimized(new, ids, report)
+
+
+def _optimize_block(graph, block: Block, users, outside_roots, pool, model, report, owner):
+    """Optimize the block's first chunk; every chunk becomes an instance of its template."""
+    rep = block.chunks[0]
+    roots = [rep[o] for o in block.outputs]
+    index = {nid: k for k, nid in enumerate(block.boundary[0])}
+    template, _, stats = optimize_region(
+        graph, rep, roots, pool, model, boundary_of=index.__getitem__
+    )
+    _account(report, stats, template, graph, rep, len(block.chunks))
+    report.blocks.append(
+        {"nodes": len(rep), "copies": len(block.chunks), "boundary": len(block.boundary[0])}
+    )
+    root_template = {o: template.roots[rep[o]] for o in block.outputs}
+    for chunk, chunk_boundary in zip(block.chunks, block.boundary, strict=True):
+        instance = _Instance(
+            template, chunk_boundary, {chunk[o]: t for o, t in root_template.items()}
+        )
+        for r, t in instance.roots.items():
+            owner[r] = (instance, t)
+
+
+def _account(report, stats, template: Template, graph: Graph, region, copies: int) -> None:
+    report.regions += 1
+    report.enodes += stats.enodes
+    report.eclasses += stats.eclasses
+    for name, count in stats.rules_fired.items():
+        report.rules_fired[name] = report.rules_fired.get(name, 0) + count
+    for name, secs in stats.seconds.items():
+        report.seconds[name] = report.seconds.get(name, 0.0) + secs
+    before = Counter(graph.nodes[n].op for n in region)
+    after = Counter(tn.op for tn in template.nodes)
+    for op in built_ops():
+        gained = after.get(op, 0) - before.get(op, 0)
+        if gained > 0:
+            report.fusions[op] = report.fusions.get(op, 0) + gained * copies
+
+
+def _emit(graph: Graph, wanted, owner, opaque: set[int], pool: ConstantPool):
+    """The new graph: sources first (same names, same order), then every root on demand."""
+    new = Graph(parameter_specs=dict(graph.parameter_specs))
+    ids: dict[int, int] = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            ids[node.id] = new.input(node.name, node.type.shape, node.type.dtype).id
+        elif node.op == "parameter":
+            nid = len(new.nodes)
+            new._append("parameter", (), {"name": node.name}, node.type, node.name)
+            new.parameters[node.name] = nid
+            ids[node.id] = nid
+    constants: dict = {}
+
+    def ready(old: int) -> int | None:
+        return ids.get(old)
+
+    # Iterative demand-driven emission: a stack of old node ids (or instance/template pairs).
+    for root in wanted:
+        stack: list = [("node", root)]
+        while stack:
+            item = stack[-1]
+            if item[0] == "node":
+                old = item[1]
+                if old in ids:
+                    stack.pop()
+                    continue
+                if old in owner:
+                    instance, t = owner[old]
+                    if t in instance.values:
+                        ids[old] = instance.values[t]
+                        stack.pop()
+                    else:
+                        stack.append(("tmpl", instance, t))
+                    continue
+                node = graph.nodes[old]
+                if node.op == "constant":
+                    ids[old] = new.constant(node.attrs["value"], node.type.dtype).id
+                    stack.pop()
+                    continue
+                if old not in opaque:
+                    raise AssertionError(f"optimize: no region computes {node.describe()}")
+                missing = [i for i in node.inputs if ready(i) is None]
+                if missing:
+                    stack.extend(("node", i) for i in missing)
+                    continue
+                ids[old] = new.apply(
+                    node.op, [Tensor(new, ids[i]) for i in node.inputs], **node.attrs
+                ).id
+                stack.pop()
+            else:
+                _, instance, t = item
+                if t in instance.values:
+                    stack.pop()
+                    continue
+                tn = instance.template.nodes[t]
+                if tn.op == "Ext":
+                    old = instance.boundary[tn.attrs]
+                    if old not in ids:
+                        stack.append(("node", old))
+                        continue
+                    instance.values[t] = ids[old]
+                    stack.pop()
+                    continue
+                missing = [i for i in tn.inputs if i not in instance.values]
+                if missing:
+                    stack.extend(("tmpl", instance, i) for i in missing)
+                    continue
+                instance.values[t] = _emit_one(new, tn, instance.values, pool, constants)
+                stack.pop()
+    for name, old in graph.outputs.items():
+        new.outputs[name] = ids[old]
+    for target, value in graph.updates.items():
+        new.updates[ids[target]] = ids[value]
+    return new, ids
+
+
+def _emit_one(new: Graph, tn, values: dict[int, int], pool: ConstantPool, constants) -> int:
+    if tn.op in ("Scalar", "Const"):
+        key = (tn.op, tn.attrs, tn.type)
+        if key not in constants:
+            constants[key] = emit_node(new, tn, [], pool)
+        return constants[key]
+    return emit_node(new, tn, [values[i] for i in tn.inputs], pool)
+
+
+def count_kernels(graph: Graph, roots: Iterable[int]) -> tuple[int, int]:
+    """(nodes, kernels) of one run of `roots`, the outputs and the updates of `graph`."""
+    from meganeura.lower.plan import select_kernels
+
+    wanted = list(dict.fromkeys([*roots, *graph.outputs.values()]))
+    _, kernels = select_kernels(graph, wanted, graph.updates)
+    return len(graph.live_nodes([*wanted, *graph.updates.values()])), len(kernels)

@@ -1,0 +1,261 @@
+"""Choosing one e-node per e-class: a DAG-aware, shape-aware cost over the frozen e-graph.
+
+The cost of a choice is what the lowering would spend on it (lower/plan.py's rules): every
+kernel pays a launch plus the bytes it writes and the bytes of the buffers it reads; pointwise
+ops and views are inlined into the kernels that read them and cost nothing of their own,
+unless several readers or a matmul-like consumer force them into a buffer. A shared
+subexpression is paid for once.
+
+Extraction runs in two passes. A bottom-up pass picks, per e-class, the e-node of least
+estimated cost (its own cost plus its inputs'), estimating which values end up in buffers from
+the original graph. Then moves that lower the exact DAG cost are applied: switching one
+e-class to another e-node, and adopting a shared kernel (switching every e-class that can read
+one not-yet-chosen e-class, such as one matmul over concatenated weights whose slices serve
+three projections).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meganeura.ops import INLINED_KINDS, all_ops
+from meganeura.optimize.egraph import ENode, Frozen
+from meganeura.optimize.encode import nbytes
+
+LEAVES = ("Ext", "Scalar", "Const")
+COST_CAP = 1e300
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Bytes moved through device memory, plus `launch_bytes` for each kernel launched (a
+    dispatch costs about as much as moving this many bytes)."""
+
+    launch_bytes: float = 1 << 20
+
+
+class Extraction:
+    def __init__(
+        self,
+        frozen: Frozen,
+        roots: list[int],
+        buffered: set[int],
+        model: CostModel,
+        refine_limit: int = 4000,
+    ):
+        self.frozen = frozen
+        self.roots = list(dict.fromkeys(roots))
+        self.buffered = buffered  # classes the original graph keeps in buffers
+        self.model = model
+        self.refine_limit = refine_limit
+        ops = all_ops()
+        self.kind = {name: op.kind for name, op in ops.items()}
+        self.strided = {name for name, op in ops.items() if op.strided_inputs}
+        self.size = [nbytes(t) if t else 0 for t in frozen.type_of]
+        self.candidates = [
+            [n for n in members if n.op in LEAVES or n.op in self.kind]
+            for members in frozen.classes
+        ]
+        self.choice: list[ENode | None] = [None] * len(frozen.classes)
+
+    # -- kinds -------------------------------------------------------------------------------
+    def is_kernel(self, node: ENode) -> bool:
+        return node.op not in LEAVES and self.kind[node.op] not in INLINED_KINDS
+
+    def is_buffer_leaf(self, node: ENode) -> bool:
+        return node.op in ("Ext", "Const")
+
+    # -- pass 1: bottom-up estimate ------------------------------------------------------------
+    def local(self, c: int, node: ENode) -> float:
+        if node.op in LEAVES:
+            return 0.0
+        kind = self.kind[node.op]
+        if kind in INLINED_KINDS and c not in self.buffered:
+            return 1.0  # free when inlined; the byte breaks ties toward fewer ops
+        reads = sum(self.size[k] for k in set(node.children))
+        return self.model.launch_bytes + self.size[c] + reads
+
+    def initial(self) -> None:
+        n = len(self.frozen.classes)
+        best = [math.inf] * n
+        parents: list[list[tuple[int, ENode]]] = [[] for _ in range(n)]
+        for c, members in enumerate(self.candidates):
+            for node in members:
+                for k in set(node.children):
+                    parents[k].append((c, node))
+        work = []
+        for c, members in enumerate(self.candidates):
+            for node in members:
+                if not node.children:
+                    cost = self.local(c, node)
+                    if cost < best[c]:
+                        best[c] = cost
+                        self.choice[c] = node
+                        work.append(c)
+        # Label-correcting relaxation: a class improves, its parents are re-examined.
+        while work:
+            k = work.pop()
+            for c, node in parents[k]:
+                cost = self.local(c, node) + sum(best[child] for child in node.children)
+                # Tree costs double-count shared inputs and grow with depth; capping keeps
+                # them finite (the exact DAG cost decides in the second pass).
+                cost = min(cost, COST_CAP)
+                if cost < best[c]:
+                    best[c] = cost
+                    self.choice[c] = node
+                    work.append(c)
+        for r in self.roots:
+            if self.choice[r] is None:
+                raise AssertionError(f"optimize: e-class {r} has no finite extraction")
+
+    # -- exact DAG cost ------------------------------------------------------------------------
+    def reachable(self, choice) -> list[int] | None:
+        """Classes reachable from the roots in topological order (inputs first), or None if
+        the choice has a cycle."""
+        state: dict[int, int] = {}
+        order: list[int] = []
+        for r in self.roots:
+            if r in state:
+                continue
+            stack = [(r, 0)]
+            state[r] = 1
+            while stack:
+                c, i = stack[-1]
+                kids = choice[c].children
+                if i < len(kids):
+                    stack[-1] = (c, i + 1)
+                    k = kids[i]
+                    s = state.get(k)
+                    if s is None:
+                        state[k] = 1
+                        stack.append((k, 0))
+                    elif s == 1:
+                        return None
+                else:
+                    state[c] = 2
+                    order.append(c)
+                    stack.pop()
+        return order
+
+    def buffers(self, choice, order: list[int]) -> set[int]:
+        """The classes lower/plan.py would keep in buffers under this choice."""
+        uses: dict[int, int] = {}
+        for c in order:
+            for k in choice[c].children:
+                uses[k] = uses.get(k, 0) + 1
+        out = set(self.roots)
+        for c in order:
+            node = choice[c]
+            if node.op in ("Ext", "Const"):
+                out.add(c)
+            elif node.op != "Scalar":
+                kind = self.kind[node.op]
+                if kind not in INLINED_KINDS or (kind == "pointwise" and uses.get(c, 0) > 1):
+                    out.add(c)
+        for c in order:
+            node = choice[c]
+            if node.op in self.strided:
+                for k in node.children:
+                    if not self._affine(choice, k, out):
+                        out.add(k)
+        return out
+
+    def _affine(self, choice, c: int, buffered: set[int]) -> bool:
+        while c not in buffered:
+            node = choice[c]
+            if node.op in LEAVES or self.kind[node.op] != "view":
+                return False
+            c = node.children[0]
+        return True
+
+    def cost(self, choice) -> float:
+        order = self.reachable(choice)
+        if order is None:
+            return math.inf
+        buffered = self.buffers(choice, order)
+        total = 0.0
+        for c in order:
+            node = choice[c]
+            if c not in buffered or node.op in LEAVES:
+                continue
+            total += self.model.launch_bytes + self.size[c] + self._reads(choice, c, buffered)
+        return total
+
+    def _reads(self, choice, c: int, buffered: set[int]) -> int:
+        seen, stack, total = set(), list(choice[c].children), 0
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            if k in buffered:
+                total += self.size[k]
+            elif choice[k].op != "Scalar":
+                stack.extend(choice[k].children)
+        return total
+
+    # -- pass 2: moves on the exact cost -------------------------------------------------------
+    def refine(self) -> None:
+        order = self.reachable(self.choice)
+        if order is None:
+            raise AssertionError("optimize: the bottom-up extraction has a cycle")
+        if len(order) > self.refine_limit:
+            return
+        best = self.cost(self.choice)
+        choice = list(self.choice)
+        for _ in range(3):
+            improved = False
+            for c in list(self.reachable(choice) or ()):
+                for node in self.candidates[c]:
+                    if node is choice[c]:
+                        continue
+                    old = choice[c]
+                    choice[c] = node
+                    cost = self.cost(choice)
+                    if cost < best - 0.5:
+                        best, improved = cost, True
+                    else:
+                        choice[c] = old
+            best, adopted = self._adopt_shared(choice, best)
+            if not (improved or adopted):
+                break
+        self.choice = choice
+
+    def _adopt_shared(self, choice, best: float) -> tuple[float, bool]:
+        """Try choosing, in every class that can, the e-node that reads one shared kernel
+        class that nothing reads yet."""
+        order = self.reachable(choice) or []
+        live = set(order)
+        readers: dict[int, list[tuple[int, ENode]]] = {}
+        for c in order:
+            for node in self.candidates[c]:
+                if node is choice[c]:
+                    continue
+                for k in set(node.children):
+                    if k not in live:
+                        readers.setdefault(k, []).append((c, node))
+        changed = False
+        for k, options in readers.items():
+            classes = {c for c, _ in options}
+            if len(classes) < 2 or choice[k] is None or not self.is_kernel(choice[k]):
+                continue
+            trial = list(choice)
+            for c, node in options:
+                trial[c] = node
+            cost = self.cost(trial)
+            if cost < best - 0.5:
+                best, changed = cost, True
+                choice[:] = trial
+        return best, changed
+
+    def run(self) -> list[ENode | None]:
+        self.initial()
+        self.refine()
+        return self.choice
+
+    def kernels(self, choice=None) -> int:
+        choice = choice or self.choice
+        order = self.reachable(choice) or []
+        buffered = self.buffers(choice, order)
+        return sum(1 for c in order if c in buffered and choice[c].op not in LEAVES)

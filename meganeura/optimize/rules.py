@@ -1,0 +1,442 @@
+"""Rewrite rules, as data: each is an egglog rule with a name, a stage and the ops it needs.
+
+Stages run in order, each to saturation together with the stages before it:
+- `canon`: canonicalization and algebra (double negation, inverse permutations, reshape and
+  broadcast chains, identities with 0 and 1, scalar folding, scalars moved to the right and
+  out of products, powers and square roots in one spelling, transposes read by matmul);
+- `recognize`: decomposed patterns become the op that computes them in one kernel (silu,
+  gelu in erf and tanh forms, softmax, log_softmax, rms_norm, layer_norm, attention, ...);
+- `fuse`: fusions across ops (swiglu, matmul epilogues).
+
+A rule is only loaded when every op it builds is registered, so rules for fused ops switch on
+as those ops land. Rules that need facts egglog cannot compute (the inverse of a permutation,
+whether a constant is a causal mask) read them from small tables that `tables` computes in
+Python from the types and attributes present in the region.
+
+Soundness: each node carries its type, so a pattern that names a type variable twice matches
+only equal types; rules whose rewrite would change broadcasting check `type-of` explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import product
+
+from meganeura.ops import all_ops
+from meganeura.optimize.egraph import quote
+from meganeura.optimize.encode import (
+    ConstantPool,
+    Encoding,
+    is_causal_mask,
+    parse_ints,
+    parse_type,
+    perm_inverse,
+    swaps_last_two,
+)
+
+STAGES = ("canon", "recognize", "fuse")
+NONE = "(ANone)"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    stage: str
+    query: tuple[str, ...]
+    actions: tuple[str, ...]
+    builds: tuple[str, ...] = ()  # ops the rule creates: it is loaded only if all exist
+
+    def text(self) -> str:
+        return (
+            f"(rule ({' '.join(self.query)}) ({' '.join(self.actions)}) "
+            f":ruleset {self.stage} :name {quote(self.name)})"
+        )
+
+
+def P(op: str, t: str, *kids: str, a: str = NONE) -> str:
+    """A pattern (or action term) for an op node with type variable (or expression) `t`."""
+    if len(kids) > 4:
+        raise ValueError(f"rule patterns take at most 4 inputs, {op} has {len(kids)}")
+    return f"(E{len(kids)} {quote(op)} {a} {t}{' ' if kids else ''}{' '.join(kids)})"
+
+
+def S(value: str, t: str) -> str:
+    return f"(Scalar {value} {t})"
+
+
+def near(var: str, value: float, tol: float = 1e-6) -> str:
+    return f"(< (abs (- {var} {value!r})) {tol!r})"
+
+
+RULES: list[Rule] = []
+
+
+_OP_NAME = re.compile(r'\(E[0-4V] "([^"]+)"')
+
+
+def rule(name: str, stage: str, query, actions) -> None:
+    """A rule; the ops its actions name but its query does not are the ops it builds."""
+    q = (query,) if isinstance(query, str) else tuple(query)
+    a = (actions,) if isinstance(actions, str) else tuple(actions)
+    builds = set(_OP_NAME.findall(" ".join(a))) - set(_OP_NAME.findall(" ".join(q)))
+    RULES.append(Rule(name, stage, q, a, tuple(sorted(builds))))
+
+
+def rewrite(name: str, stage: str, lhs: str, rhs: str, when=()) -> None:
+    """lhs -> rhs: union the matched root with the new term."""
+    rule(name, stage, [f"(= ?root {lhs})", *when], [f"(union ?root {rhs})"])
+
+
+# -- canonicalization and algebra -----------------------------------------------------------
+
+rewrite("double-negation", "canon", P("neg", "?t", P("neg", "?t", "?x")), "?x")
+rewrite(
+    "permute-inverse",
+    "canon",
+    P("permute", "?t", P("permute", "?t2", "?x", a="(AStr ?p)"), a="(AStr ?q)"),
+    "?x",
+    ["(= ?q (perm-inverse ?p))"],
+)
+rewrite(
+    "permute-identity",
+    "canon",
+    P("permute", "?t", "?x", a="(AStr ?p)"),
+    "?x",
+    ["(identity-perm ?p)"],
+)
+for _view in ("reshape", "broadcast_to"):
+    rewrite(
+        f"{_view}-chain",
+        "canon",
+        P(_view, "?t", P(_view, "?t2", "?x", a="?b"), a="?a"),
+        P(_view, "?t", "?x", a="?a"),
+    )
+for _view in ("reshape", "broadcast_to", "cast"):
+    rewrite(
+        f"{_view}-identity", "canon", P(_view, "?t", "?x", a="?a"), "?x", ["(= ?t (type-of ?x))"]
+    )
+rewrite(
+    "reshape-of-broadcast-scalar",
+    "canon",
+    P("reshape", "?t", P("broadcast_to", "?t2", S("?c", "?ts"), a="?b"), a="?a"),
+    P("broadcast_to", "?t", S("?c", "?ts"), a="?a"),
+)
+
+# Scalars go right in commutative ops, so later patterns need one spelling.
+for _op in ("add", "mul", "maximum", "minimum"):
+    rewrite(
+        f"{_op}-scalar-right",
+        "canon",
+        P(_op, "?t", S("?c", "?ts"), "?x"),
+        P(_op, "?t", "?x", S("?c", "?ts")),
+    )
+# A broadcast scalar operand is a scalar operand: the op broadcasts it anyway.
+for _op, _side in product(("add", "sub", "mul", "div", "pow", "maximum", "minimum"), (0, 1)):
+    _b = P("broadcast_to", "?tb", S("?c", "?ts"), a="?a")
+    _kids = ("?x", _b) if _side else (_b, "?x")
+    _new = ("?x", S("?c", "?ts")) if _side else (S("?c", "?ts"), "?x")
+    rewrite(
+        f"{_op}-broadcast-scalar-{'right' if _side else 'left'}",
+        "canon",
+        P(_op, "?t", *_kids),
+        P(_op, "?t", *_new),
+        ["(= ?t (type-of ?x))"],
+    )
+# Identities: the result must keep x's type (a scalar may not broadcast x up).
+for _op, _value in (("add", "0.0"), ("sub", "0.0"), ("mul", "1.0"), ("div", "1.0"), ("pow", "1.0")):
+    rewrite(
+        f"{_op}-identity",
+        "canon",
+        P(_op, "?t", "?x", S(_value, "?ts")),
+        "?x",
+        ["(= ?t (type-of ?x))"],
+    )
+rewrite(
+    "zero-minus",
+    "canon",
+    P("sub", "?t", S("0.0", "?ts"), "?x"),
+    P("neg", "?t", "?x"),
+    ["(= ?t (type-of ?x))"],
+)
+rewrite(
+    "times-minus-one",
+    "canon",
+    P("mul", "?t", "?x", S("-1.0", "?ts")),
+    P("neg", "?t", "?x"),
+    ["(= ?t (type-of ?x))"],
+)
+rewrite(
+    "add-negation", "canon", P("add", "?t", "?x", P("neg", "?t2", "?y")), P("sub", "?t", "?x", "?y")
+)
+rewrite(
+    "sub-negation", "canon", P("sub", "?t", "?x", P("neg", "?t2", "?y")), P("add", "?t", "?x", "?y")
+)
+rewrite("negate-scalar", "canon", P("neg", "?t", S("?c", "?ts")), S("(* -1.0 ?c)", "?t"))
+for _op, _fn in (("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/")):
+    rewrite(
+        f"fold-{_op}",
+        "canon",
+        P(_op, "?t", S("?a", "?ta"), S("?b", "?tb")),
+        S(f"({_fn} ?a ?b)", "?t"),
+    )
+rewrite(
+    "divide-by-scalar",
+    "canon",
+    P("div", "?t", "?x", S("?c", "?ts")),
+    P("mul", "?t", "?x", S("(/ 1.0 ?c)", "?ts")),
+)
+rewrite(
+    "scalar-product",
+    "canon",
+    P("mul", "?t", P("mul", "?t", "?x", S("?a", "?ta")), S("?b", "?tb")),
+    P("mul", "?t", "?x", S("(* ?a ?b)", "?tb")),
+    ["(= ?t (type-of ?x))"],
+)
+# A scalar factor moves out of a product: 0.5 * x * y and x * (y * 0.5) both become
+# (x * y) * 0.5.
+rewrite(
+    "scalar-out-left",
+    "canon",
+    P("mul", "?t", P("mul", "?t1", "?x", S("?a", "?ta")), "?y"),
+    P("mul", "?t", P("mul", "?t", "?x", "?y"), S("?a", "?ta")),
+    ["(= ?t1 (type-of ?x))"],
+)
+rewrite(
+    "scalar-out-right",
+    "canon",
+    P("mul", "?t", "?y", P("mul", "?t1", "?x", S("?a", "?ta"))),
+    P("mul", "?t", P("mul", "?t", "?y", "?x"), S("?a", "?ta")),
+    ["(= ?t1 (type-of ?x))"],
+)
+for _power, _rhs in (
+    ("2.0", P("mul", "?t", "?x", "?x")),
+    ("3.0", P("mul", "?t", P("mul", "?t", "?x", "?x"), "?x")),
+    ("0.5", P("sqrt", "?t", "?x")),
+    ("-0.5", P("rsqrt", "?t", "?x")),
+):
+    rewrite(
+        f"power-{_power}",
+        "canon",
+        P("pow", "?t", "?x", S(_power, "?ts")),
+        _rhs,
+        ["(= ?t (type-of ?x))"],
+    )
+rewrite(
+    "cube-order",
+    "canon",
+    P("mul", "?t", "?x", P("mul", "?t", "?x", "?x")),
+    P("mul", "?t", P("mul", "?t", "?x", "?x"), "?x"),
+)
+rewrite(
+    "reciprocal-sqrt",
+    "canon",
+    P("div", "?t", S("1.0", "?ts"), P("sqrt", "?t", "?y")),
+    P("rsqrt", "?t", "?y"),
+)
+rewrite(
+    "divide-by-sqrt",
+    "canon",
+    P("div", "?t", "?x", P("sqrt", "?t", "?y")),
+    P("mul", "?t", "?x", P("rsqrt", "?t", "?y")),
+)
+# matmul reads transposed operands in place, and scalar factors move out of it.
+for _side, (_flag_in, _flag_out) in product((0, 1), ((0, 1), (1, 0))):
+    _flags = ["?fa", "?fb"]
+    _flags[_side] = f"(AInt {_flag_in})"
+    _in = f"(ATup {_flags[0]} {_flags[1]})"
+    _flags[_side] = f"(AInt {_flag_out})"
+    _out = f"(ATup {_flags[0]} {_flags[1]})"
+    _perm = P("permute", "?tp", "?m", a="(AStr ?p)")
+    _kids = ("?o", _perm) if _side else (_perm, "?o")
+    _new = ("?o", "?m") if _side else ("?m", "?o")
+    rewrite(
+        f"matmul-transposed-{'b' if _side else 'a'}{_flag_in}",
+        "canon",
+        P("matmul", "?t", *_kids, a=_in),
+        P("matmul", "?t", *_new, a=_out),
+        ["(swap-last2 ?p)"],
+    )
+for _side in (0, 1):
+    _scaled = P("mul", "?ts", "?m", S("?c", "?tc"))
+    _kids = ("?o", _scaled) if _side else (_scaled, "?o")
+    _new = ("?o", "?m") if _side else ("?m", "?o")
+    rewrite(
+        f"matmul-scalar-{'b' if _side else 'a'}",
+        "canon",
+        P("matmul", "?t", *_kids, a="?f"),
+        P("mul", "?t", P("matmul", "?t", *_new, a="?f"), S("?c", "?st")),
+        ["(= ?ts (type-of ?m))", "(= ?st (scalar-type ?t))"],
+    )
+
+
+# -- recognition of decomposed patterns -----------------------------------------------------
+
+rewrite(
+    "sigmoid",
+    "recognize",
+    P(
+        "div",
+        "?t",
+        S("1.0", "?ts"),
+        P("add", "?t", P("exp", "?t", P("neg", "?t", "?x")), S("1.0", "?t1")),
+    ),
+    P("sigmoid", "?t", "?x"),
+    ["(= ?t (type-of ?x))"],
+)
+for _kids in (("?x", P("sigmoid", "?t", "?x")), (P("sigmoid", "?t", "?x"), "?x")):
+    rewrite("silu", "recognize", P("mul", "?t", *_kids), P("silu", "?t", "?x"))
+rewrite(
+    "silu-quotient",
+    "recognize",
+    P("div", "?t", "?x", P("add", "?t", P("exp", "?t", P("neg", "?t", "?x")), S("1.0", "?t1"))),
+    P("silu", "?t", "?x"),
+)
+
+
+def _half_x_times(inner: str) -> list[str]:
+    """(x * inner) * 0.5 and (inner * x) * 0.5: every spelling of 0.5·x·inner after canon."""
+    return [
+        P("mul", "?t", P("mul", "?t", "?x", inner), S("?h", "?th")),
+        P("mul", "?t", P("mul", "?t", inner, "?x"), S("?h", "?th")),
+    ]
+
+
+_erf_inner = P("add", "?t", P("erf", "?t", P("mul", "?t", "?x", S("?r", "?tr"))), S("1.0", "?t1"))
+for _n, _lhs in enumerate(_half_x_times(_erf_inner)):
+    rewrite(
+        f"gelu-erf-{_n}",
+        "recognize",
+        _lhs,
+        P("gelu", "?t", "?x"),
+        ["(= ?t (type-of ?x))", near("?h", 0.5), near("?r", 0.7071067811865476)],
+    )
+_cube = P("mul", "?t", P("mul", "?t", "?x", "?x"), "?x")
+_tanh_arg = P(
+    "mul", "?t", P("add", "?t", "?x", P("mul", "?t", _cube, S("?k", "?tk"))), S("?c", "?tc")
+)
+_tanh_inner = P("add", "?t", P("tanh", "?t", _tanh_arg), S("1.0", "?t1"))
+for _n, _lhs in enumerate(_half_x_times(_tanh_inner)):
+    rewrite(
+        f"gelu-tanh-{_n}",
+        "recognize",
+        _lhs,
+        P("gelu_tanh", "?t", "?x"),
+        [
+            "(= ?t (type-of ?x))",
+            near("?h", 0.5),
+            near("?k", 0.044715),
+            near("?c", 0.7978845608028654),
+        ],
+    )
+
+_red = "(ATup (AInt ?ax) (AInt 1))"
+_max = P("max", "?tm", "?x", a=_red)
+for _name, _exp in (
+    ("softmax", P("exp", "?t", P("sub", "?t", "?x", _max))),
+    ("softmax-unshifted", P("exp", "?t", "?x")),
+):
+    rewrite(
+        _name,
+        "recognize",
+        P("div", "?t", "?e", P("sum", "?ts", "?e", a=_red)),
+        P("softmax", "?t", "?x", a="(AInt ?ax)"),
+        [f"(= ?e {_exp})", "(= ?t (type-of ?x))"],
+    )
+_shifted = P("sub", "?t", "?x", _max)
+_lse = P("log", "?ts", P("sum", "?ts", P("exp", "?t", _shifted), a=_red))
+rewrite(
+    "log-softmax",
+    "recognize",
+    P("sub", "?t", _shifted, _lse),
+    P("log_softmax", "?t", "?x", a="(AInt ?ax)"),
+)
+rewrite(
+    "log-softmax-logsumexp",
+    "recognize",
+    P("sub", "?t", "?x", P("add", "?ts", _max, _lse)),
+    P("log_softmax", "?t", "?x", a="(AInt ?ax)"),
+)
+rewrite(
+    "log-of-softmax",
+    "recognize",
+    P("log", "?t", P("softmax", "?t", "?x", a="?a")),
+    P("log_softmax", "?t", "?x", a="?a"),
+)
+
+
+def available_rules(ops: set[str] | None = None) -> list[Rule]:
+    """The rules whose target ops are registered."""
+    ops = set(all_ops()) if ops is None else ops
+    return [r for r in RULES if all(op in ops for op in r.builds)]
+
+
+def built_ops() -> set[str]:
+    """Ops that recognition and fusion rules build: the fusions a report counts."""
+    return {op for r in available_rules() if r.stage != "canon" for op in r.builds}
+
+
+# -- tables of facts computed in Python -----------------------------------------------------
+
+DECLARATIONS = """
+(function perm-inverse (String) String :merge old)
+(relation identity-perm (String))
+(relation swap-last2 (String))
+(function scalar-type (String) String :merge old)
+(function last-vec (String) String :merge old)
+(function last-axis (String) i64 :merge old)
+(function rank (String) i64 :merge old)
+(function shape-of (String) String :merge old)
+(relation causal-mask (i64))
+"""
+
+
+def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
+    """Facts about the types, permutations and constants present in a region."""
+    lines = []
+    for text in sorted(enc.types):
+        t = parse_type(text)
+        q = quote(text)
+        lines.append(f"(set (scalar-type {q}) {quote(t.dtype + '[]')})")
+        lines.append(f"(set (rank {q}) {len(t.shape)})")
+        lines.append(f"(set (shape-of {q}) {quote(','.join(map(str, t.shape)))})")
+        if t.shape:
+            lines.append(f"(set (last-vec {q}) {quote(f'{t.dtype}[{t.shape[-1]}]')})")
+            lines.append(f"(set (last-axis {q}) {len(t.shape) - 1})")
+    for text in sorted(enc.strings.get("permute", ())):
+        axes = parse_ints(text)
+        q = quote(text)
+        lines.append(f"(set (perm-inverse {q}) {quote(','.join(map(str, perm_inverse(axes))))})")
+        if axes == tuple(range(len(axes))):
+            lines.append(f"(identity-perm {q})")
+        if swaps_last_two(axes):
+            lines.append(f"(swap-last2 {q})")
+    for cid, array in pool.arrays.items():
+        if is_causal_mask(array):
+            lines.append(f"(causal-mask {cid})")
+    return lines
+
+
+def types_rules() -> str:
+    """Every node's type is its e-class's `type-of`."""
+    lines = ["(ruleset types)"]
+    for leaf in ("Ext", "Scalar", "Const"):
+        lines.append(f"(rule ((= ?e ({leaf} ?k ?t))) ((set (type-of ?e) ?t)) :ruleset types)")
+    for n in range(5):
+        kids = " ".join(f"?c{i}" for i in range(n))
+        lines.append(
+            f"(rule ((= ?e (E{n} ?o ?a ?t{' ' if kids else ''}{kids}))) ((set (type-of ?e) ?t)) "
+            ":ruleset types)"
+        )
+    lines.append("(rule ((= ?e (EV ?o ?a ?t ?l))) ((set (type-of ?e) ?t)) :ruleset types)")
+    return "\n".join(lines)
+
+
+def schedule(stages=STAGES, rounds: int = 4) -> str:
+    """Each stage saturates together with the ones before it (types kept up to date)."""
+    parts = []
+    for n in range(len(stages)):
+        runs = " ".join(f"(run {s})" for s in stages[: n + 1])
+        parts.append(f"(repeat {rounds} (seq (saturate (run types)) {runs}))")
+    parts.append("(saturate (run types))")
+    return f"(seq {' '.join(parts)})"
