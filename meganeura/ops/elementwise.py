@@ -162,7 +162,15 @@ def _pow_vjp(g, x, out, attrs):
     return [da, db]
 
 
-_binary("pow", np.power, _wgsl_fn("pow"), _pow_vjp, allowed=FLOATS)
+def _pow_wgsl(args, types, out, attrs):
+    # WGSL's pow is undefined for negative bases; NumPy and torch define integral exponents.
+    a, b = args
+    magnitude = f"pow(abs({a}), {b})"
+    signed = f"select({magnitude}, -{magnitude}, fract({b} * 0.5) != 0.0)"
+    return f"select(pow({a}, {b}), {signed}, {a} < 0.0 && {b} == round({b}))"
+
+
+_binary("pow", np.power, _pow_wgsl, _pow_vjp, allowed=FLOATS)
 
 
 def _minmax_vjp(pick_first):
