@@ -25,7 +25,13 @@ import meganeura as mn
 from meganeura.graph import Graph, Tensor, dtype_of_array, numpy_dtype
 from meganeura.ops import get_op
 
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
+# The generated kernels run on lavapipe in CI, and on a hardware GPU where there is one
+# (`pytest -m gpu` on a GPU machine).
+DEVICES = [
+    "cpu",
+    pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe),
+    pytest.param("gpu", marks=pytest.mark.gpu),
+]
 
 # f32 results against a float64 truth; GPU kernels may reassociate sums.
 RTOL = 1e-4
