@@ -223,7 +223,9 @@ _unary(
     "relu",
     _relu_ref,
     lambda a, t, o, at: f"max({a[0]}, {_literal(0.0, o.dtype)})",
-    lambda g, x, out, at: [where(x[0] > 0.0, g, 0.0)],
+    # The mask reads the output, not the input: relu(x) > 0 exactly when x > 0, and then the
+    # input is needed by relu alone and fuses into it instead of being stored.
+    lambda g, x, out, at: [where(out > 0.0, g, 0.0)],
 )
 
 
