@@ -53,9 +53,11 @@ class Extraction:
         self.kind = {name: op.kind for name, op in ops.items()}
         self.strided = {name for name, op in ops.items() if op.strided_inputs}
         self.size = [nbytes(t) if t else 0 for t in frozen.type_of]
+        # An e-node that reads its own class (x = reshape(x) after x was found equal to its
+        # reshape) can never be chosen.
         self.candidates = [
-            [n for n in members if n.op in LEAVES or n.op in self.kind]
-            for members in frozen.classes
+            [n for n in members if (n.op in LEAVES or n.op in self.kind) and c not in n.children]
+            for c, members in enumerate(frozen.classes)
         ]
         self.choice: list[ENode | None] = [None] * len(frozen.classes)
 
@@ -207,6 +209,8 @@ class Extraction:
         for _ in range(3):
             improved = False
             for c in list(self.reachable(choice) or ()):
+                if not self._decides_kernels(c):
+                    continue
                 for node in self.candidates[c]:
                     if node is choice[c]:
                         continue
@@ -221,6 +225,13 @@ class Extraction:
             if not (improved or adopted):
                 break
         self.choice = choice
+
+    def _decides_kernels(self, c: int) -> bool:
+        """Whether the choice in class c can change which kernels run: among its e-nodes is a
+        kernel. Choices among pointwise ops and views only move a few bytes; the bottom-up
+        estimate settles those."""
+        members = self.candidates[c]
+        return len(members) > 1 and any(self.is_kernel(n) for n in members)
 
     def _adopt_shared(self, choice, best: float) -> tuple[float, bool]:
         """Try choosing, in every class that can, the e-node that reads one shared kernel

@@ -193,22 +193,6 @@ rewrite(
     P("mul", "?t", "?x", S("(* ?a ?b)", "?tb")),
     ["(= ?t (type-of ?x))"],
 )
-# A scalar factor moves out of a product: 0.5 * x * y and x * (y * 0.5) both become
-# (x * y) * 0.5.
-rewrite(
-    "scalar-out-left",
-    "canon",
-    P("mul", "?t", P("mul", "?t1", "?x", S("?a", "?ta")), "?y"),
-    P("mul", "?t", P("mul", "?t", "?x", "?y"), S("?a", "?ta")),
-    ["(= ?t1 (type-of ?x))"],
-)
-rewrite(
-    "scalar-out-right",
-    "canon",
-    P("mul", "?t", "?y", P("mul", "?t1", "?x", S("?a", "?ta"))),
-    P("mul", "?t", P("mul", "?t", "?y", "?x"), S("?a", "?ta")),
-    ["(= ?t1 (type-of ?x))"],
-)
 for _power, _rhs in (
     ("2.0", P("mul", "?t", "?x", "?x")),
     ("3.0", P("mul", "?t", P("mul", "?t", "?x", "?x"), "?x")),
@@ -295,10 +279,15 @@ rewrite(
 
 
 def _half_x_times(inner: str) -> list[str]:
-    """(x * inner) * 0.5 and (inner * x) * 0.5: every spelling of 0.5·x·inner after canon."""
+    """Every product of x, inner and 0.5 (scalars are on the right after canon)."""
+    x, h = "?x", S("?h", "?th")
     return [
-        P("mul", "?t", P("mul", "?t", "?x", inner), S("?h", "?th")),
-        P("mul", "?t", P("mul", "?t", inner, "?x"), S("?h", "?th")),
+        P("mul", "?t", P("mul", "?t", x, inner), h),
+        P("mul", "?t", P("mul", "?t", inner, x), h),
+        P("mul", "?t", P("mul", "?t", x, h), inner),
+        P("mul", "?t", inner, P("mul", "?t", x, h)),
+        P("mul", "?t", x, P("mul", "?t", inner, h)),
+        P("mul", "?t", P("mul", "?t", inner, h), x),
     ]
 
 

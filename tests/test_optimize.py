@@ -1,0 +1,386 @@
+"""The e-graph optimizer: each rewrite on its own, random graphs, training, repeated blocks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meganeura import Graph, build, grad, optim
+from meganeura import functional as F
+from meganeura.nn import MLP
+from meganeura.optimize import optimize
+from tests.optimize_check import assert_same_values, check_optimized, op_counts
+
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+# -- decomposed patterns ---------------------------------------------------------------------
+
+
+def negate(x):
+    return -x
+
+
+def softmax_decomposed(x, axis=-1):
+    e = (x - x.max(axis, keepdims=True)).exp()
+    return e / e.sum(axis, keepdims=True)
+
+
+def softmax_unshifted(x, axis=-1):
+    e = x.exp()
+    return e / e.sum(axis, keepdims=True)
+
+
+def log_softmax_decomposed(x, axis=-1):
+    shifted = x - x.max(axis, keepdims=True)
+    return shifted - shifted.exp().sum(axis, keepdims=True).log()
+
+
+def log_softmax_logsumexp(x, axis=-1):
+    m = x.max(axis, keepdims=True)
+    return x - (m + (x - m).exp().sum(axis, keepdims=True).log())
+
+
+def gelu_tanh_hf(x):
+    return 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x**3.0)).tanh())
+
+
+def gelu_tanh_onnx(x):
+    inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI
+    return x * 0.5 * (inner.tanh() + 1.0)
+
+
+def gelu_tanh_halved(x):
+    return (x * (1.0 + ((x + 0.044715 * (x * (x * x))) * SQRT_2_OVER_PI).tanh())) / 2.0
+
+
+def sigmoid_decomposed(x):
+    return 1.0 / (1.0 + (-x).exp())
+
+
+PATTERNS = [
+    ("softmax", softmax_decomposed, "softmax"),
+    ("softmax-unshifted", softmax_unshifted, "softmax"),
+    ("softmax-axis0", lambda x: softmax_decomposed(x, 0), "softmax"),
+    ("log-softmax", log_softmax_decomposed, "log_softmax"),
+    ("log-softmax-logsumexp", log_softmax_logsumexp, "log_softmax"),
+    ("log-of-softmax", lambda x: x.softmax(-1).log(), "log_softmax"),
+    ("gelu-tanh-hf", gelu_tanh_hf, "gelu_tanh"),
+    ("gelu-tanh-onnx", gelu_tanh_onnx, "gelu_tanh"),
+    ("gelu-tanh-halved", gelu_tanh_halved, "gelu_tanh"),
+    ("sigmoid", sigmoid_decomposed, "sigmoid"),
+]
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 1, 7), (1,)])
+@pytest.mark.parametrize(("name", "build_fn", "op"), PATTERNS, ids=[p[0] for p in PATTERNS])
+def test_decomposed_pattern_becomes_one_op(name, build_fn, op, shape):
+    g = Graph()
+    x = g.input("x", shape)
+    g.output("y", build_fn(x * 1.5))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts[op] == 1, (name, counts)
+    assert result.report.kernels_after <= result.report.kernels_before
+    # Only the recognized op and the scaling remain.
+    assert sum(counts.values()) - counts["input"] - counts["constant"] <= 2, counts
+
+
+def test_pattern_with_an_extra_reader_of_an_inner_value_stays_correct():
+    g = Graph()
+    x = g.input("x", (4, 6))
+    e = (x - x.max(-1, keepdims=True)).exp()
+    g.output("p", e / e.sum(-1, keepdims=True))
+    g.output("e", e * 2.0)
+    check_optimized(g)
+
+
+def test_softmax_shifted_by_another_axis_max_keeps_the_shift():
+    """exp(x - max over axis 0) normalized over axis 1 is softmax(x - m), not softmax(x)."""
+    g = Graph()
+    x = g.input("x", (4, 6))
+    e = (x - x.max(0, keepdims=True)).exp()
+    g.output("y", e / e.sum(-1, keepdims=True))
+    result = check_optimized(g)
+    new = result.graph
+    softmax = next(n for n in new.nodes if n.op == "softmax")
+    assert new.nodes[softmax.inputs[0]].op == "sub"
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "gone"),
+    [
+        ("double-negation", lambda x: negate(negate(x)), "neg"),
+        ("times-one", lambda x: (x * 1.0) / 1.0 + 0.0 - 0.0, "mul"),
+        ("permute-inverse", lambda x: x.permute(2, 0, 1).permute(1, 2, 0), "permute"),
+        ("reshape-chain", lambda x: x.reshape(6, 4).reshape(2, 12).reshape(2, 3, 4), "reshape"),
+        ("broadcast-identity", lambda x: x.broadcast_to((2, 3, 4)), "broadcast_to"),
+        ("cast-identity", lambda x: x.astype("f32"), "cast"),
+        ("power-one", lambda x: x**1.0, "pow"),
+    ],
+)
+def test_algebra_removes_the_op(name, fn, gone):
+    g = Graph()
+    x = g.input("x", (2, 3, 4))
+    g.output("y", fn(x).exp())
+    result = check_optimized(g)
+    assert op_counts(result.graph)[gone] == 0, (name, op_counts(result.graph))
+
+
+def test_scalar_factors_fold_into_one():
+    g = Graph()
+    x = g.input("x", (3, 4))
+    g.output("y", negate(negate(((2.0 * x) * 3.0) / 4.0 * 0.5)))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["mul"] == 1 and counts["div"] == 0 and counts["neg"] == 0, counts
+
+
+def test_identity_that_would_change_the_shape_is_not_applied():
+    g = Graph()
+    x = g.input("x", (3,))
+    one = g.constant(np.ones((2, 1), np.float32))
+    g.output("y", x * one)
+    result = check_optimized(g)
+    assert result.graph.nodes[result.graph.outputs["y"]].type.shape == (2, 3)
+
+
+@pytest.mark.parametrize(("ta", "tb"), [(False, True), (True, False), (True, True)])
+def test_matmul_reads_a_permuted_operand_transposed(ta, tb):
+    g = Graph()
+    a = g.input("a", (2, 4, 3))
+    b = g.input("b", (2, 3, 5))
+    ap = a.transpose(-1, -2) if ta else a.transpose(-1, -2).transpose(-1, -2)
+    bp = b.transpose(-1, -2) if tb else b
+    lhs = ap.transpose(-1, -2) if ta else ap
+    rhs = bp.transpose(-1, -2) if tb else bp
+    g.output("y", lhs @ rhs)
+    result = check_optimized(g)
+    assert op_counts(result.graph)["permute"] == 0
+
+
+def test_scaled_matmul_moves_the_scalar_out():
+    g = Graph()
+    q = g.input("q", (2, 3, 4))
+    k = g.input("k", (2, 5, 4))
+    g.output("s", ((q * 0.5) @ k.transpose(-1, -2)).exp())
+    result = check_optimized(g)
+    assert result.report.kernels_after == 2
+    matmul = next(n for n in result.graph.nodes if n.op == "matmul")
+    assert result.graph.nodes[matmul.inputs[0]].op == "input"
+
+
+def test_constant_subgraphs_are_folded():
+    g = Graph()
+    x = g.input("x", (3, 3))
+    table = g.constant(np.arange(9, dtype=np.float32).reshape(3, 3))
+    g.output("y", x + (table.exp() * 2.0 - 1.0))
+    result = check_optimized(g)
+    assert op_counts(result.graph)["exp"] == 0
+    assert result.report.kernels_after == 1
+
+
+def test_equal_subexpressions_are_computed_once():
+    g = Graph()
+    x = g.input("x", (4, 5))
+    a = x.softmax(-1) @ x.transpose(-1, -2)
+    b = x.softmax(-1) @ x.transpose(-1, -2)
+    g.output("y", a + b)
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["softmax"] == 1 and counts["matmul"] == 1
+
+
+def test_outputs_inputs_and_parameters_keep_their_names():
+    g = Graph()
+    x = g.input("x", (2, 3))
+    unused = g.input("unused", (7,))
+    w = g.parameter("w", (3, 3), init="normal")
+    g.parameter("spare", (2,))
+    g.output("y", x @ w)
+    g.output("x_again", x)
+    result = check_optimized(g)
+    new = result.graph
+    assert list(new.inputs) == ["x", "unused"] and list(new.parameters) == ["w", "spare"]
+    assert new.nodes[new.inputs["unused"]].type == unused.type
+    assert new.outputs["x_again"] == new.inputs["x"]
+
+
+# -- random graphs -----------------------------------------------------------------------------
+
+UNARY = {
+    "neg": lambda x: -x,
+    "tanh": lambda x: x.tanh(),
+    "sigmoid": lambda x: x.sigmoid(),
+    "relu": lambda x: x.relu(),
+    "exp-tanh": lambda x: x.tanh().exp(),
+    "log1p-abs": lambda x: (x.abs() + 1.0).log(),
+    "rsqrt": lambda x: (x * x + 1.0).rsqrt(),
+    "square": lambda x: x**2.0,
+    "cube": lambda x: x**3.0 * 0.1,
+    "double-neg": lambda x: negate(negate(x)),
+    "softmax": lambda x: softmax_decomposed(x),
+    "log-softmax": lambda x: log_softmax_decomposed(x),
+    "gelu-tanh": gelu_tanh_hf,
+    "gelu-tanh-onnx": gelu_tanh_onnx,
+    "sigmoid-decomposed": sigmoid_decomposed,
+    "silu-decomposed": lambda x: x * x.sigmoid(),
+    "mean-center": lambda x: x - x.mean(-1, keepdims=True),
+    "max-axis0": lambda x: x - x.max(0, keepdims=True),
+    "sum-scale": lambda x: x * x.sum(-1, keepdims=True).tanh(),
+    "permute-back": lambda x: x.transpose(0, -1).exp().transpose(0, -1) if x.ndim > 1 else x,
+    "reshape-flat": lambda x: (x.reshape(-1) * 0.5).reshape(x.shape),
+    "times-one-plus-zero": lambda x: x * 1.0 + 0.0,
+    "scalar-chain": lambda x: (x * 2.0) * 0.25 / 0.5,
+    "broadcast-scalar": lambda x: x * x.graph.constant(np.float32(3.0)).broadcast_to(x.shape),
+}
+BINARY = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / (b.abs() + 1.0),
+    "maximum": lambda a, b: F.maximum(a, b),
+    "matmul-t": lambda a, b: (a @ b.transpose(-1, -2)) @ b * 0.1 if a.ndim >= 2 else a * b,
+}
+
+
+@st.composite
+def random_graphs(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    g = Graph()
+    values = [g.input("x", shape), g.parameter("w", shape, init="normal")]
+    for _ in range(draw(st.integers(2, 10))):
+        if draw(st.booleans()):
+            fn = UNARY[draw(st.sampled_from(sorted(UNARY)))]
+            values.append(fn(values[draw(st.integers(0, len(values) - 1))]))
+        else:
+            fn = BINARY[draw(st.sampled_from(sorted(BINARY)))]
+            a = values[draw(st.integers(0, len(values) - 1))]
+            b = values[draw(st.integers(0, len(values) - 1))]
+            values.append(fn(a, b))
+    out = values[-1]
+    g.output("out", out)
+    g.output("other", values[draw(st.integers(0, len(values) - 1))])
+    upstream = g.input("upstream", out.shape)
+    loss = (out * upstream).sum()
+    gw, gx = grad(loss, [values[1], values[0]])
+    g.output("grad_w", gw)
+    g.output("grad_x", gx)
+    return g
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_graphs(), st.integers(0, 2**32 - 1))
+def test_random_graphs_keep_outputs_and_gradients(graph, seed):
+    check_optimized(graph, seed=seed)
+
+
+# -- sessions: training with and without the optimizer -----------------------------------------
+
+
+def decomposed_block(g: Graph, x, name: str, dim: int, hidden: int):
+    """A pre-norm residual block written with primitives only."""
+    w1 = g.parameter(f"{name}.w1", (hidden, dim), init="normal")
+    w2 = g.parameter(f"{name}.w2", (dim, hidden), init="normal")
+    scale = g.parameter(f"{name}.scale", (dim,), init="ones")
+    h = x - x.mean(-1, keepdims=True)
+    h = h * (h * h).mean(-1, keepdims=True).__add__(1e-5).rsqrt() * scale
+    u = g.apply("matmul", [h, w1], trans_b=True) * 0.2
+    u = gelu_tanh_hf(u)
+    scores = softmax_decomposed(u @ u.transpose(-1, -2) * (1.0 / math.sqrt(hidden)))
+    u = scores @ u
+    return x + g.apply("matmul", [u, w2], trans_b=True) * 0.2
+
+
+def block_model(layers: int, batch: int = 2, tokens: int = 5, dim: int = 8, hidden: int = 12):
+    g = Graph()
+    x = g.input("x", (batch, tokens, dim))
+    labels = g.input("labels", (batch, tokens), "i32")
+    h = x
+    for i in range(layers):
+        h = decomposed_block(g, h, f"layers.{i}", dim, hidden)
+    head = g.parameter("head", (7, dim), init="normal")
+    logits = g.output("logits", g.apply("matmul", [h, head], trans_b=True))
+    return g, F.cross_entropy(logits, labels)
+
+
+def steps(session, feeds, n=3):
+    losses = []
+    for _ in range(n):
+        session.step(feeds)
+        losses.append(session.loss)
+    return losses
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [optim.SGD(lr=0.1), optim.SGD(lr=0.05, momentum=0.9), optim.AdamW(lr=1e-2)],
+    ids=["sgd", "momentum", "adamw"],
+)
+def test_training_with_the_optimizer_matches_training_without(optimizer):
+    g, loss = block_model(layers=3)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((2, 5, 8)).astype(np.float32),
+        "labels": rng.integers(0, 7, (2, 5)).astype(np.int32),
+    }
+    plain = build(g, loss, optimizer, device="cpu", seed=3, optimize=False)
+    fused = build(g, loss, optimizer, device="cpu", seed=3)
+    np.testing.assert_allclose(steps(fused, feeds), steps(plain, feeds), rtol=1e-4)
+    assert_same_values(plain.parameters(), fused.parameters(), rtol=1e-4, atol=1e-5)
+    assert_same_values(plain.run(feeds), fused.run(feeds), rtol=1e-4, atol=1e-5)
+    report = fused.optimize_report
+    assert report.kernels_after < report.kernels_before
+    assert report.fusions.get("softmax", 0) >= 3 and report.fusions.get("gelu_tanh", 0) >= 3
+
+
+def test_mlp_session_report():
+    g = Graph()
+    x = g.input("x", (4, 6))
+    y = g.input("y", (4,), "i32")
+    logits = g.output("logits", MLP(g, "mlp", [6, 5, 3])(x))
+    session = build(g, F.cross_entropy(logits, y), optim.Adam(lr=1e-3), device="cpu")
+    report = session.optimize_report.as_dict()
+    for key in ("optimize_seconds", "kernels_before", "kernels_after", "fusions", "enodes"):
+        assert key in report
+    assert report["kernels_after"] <= report["kernels_before"]
+    assert set(report["seconds"]) >= {"forward.saturate", "train.saturate", "train.extract"}
+
+
+def test_optimize_false_leaves_the_graph_alone():
+    g = Graph()
+    x = g.input("x", (3, 4))
+    g.output("y", softmax_decomposed(x))
+    session = build(g, device="cpu", optimize=False)
+    assert session.optimize_report is None
+    assert op_counts(session.graph)["softmax"] == 0
+
+
+# -- repeated blocks -----------------------------------------------------------------------------
+
+
+def test_repeated_blocks_are_optimized_once_and_replayed():
+    g, loss = block_model(layers=6)
+    result = check_optimized(g, [loss.id])
+    report = result.report
+    assert report.blocks and max(b["copies"] for b in report.blocks) >= 5
+    assert op_counts(result.graph, [result.ids[loss.id]])["softmax"] == 6
+    assert report.fusions["softmax"] == 6 and report.fusions["gelu_tanh"] == 6
+    flat = optimize(g, [loss.id], blocks=False, count=True).report
+    assert flat.kernels_after == report.kernels_after
+    assert flat.eclasses > report.eclasses
+
+
+def test_repeated_blocks_of_a_training_graph():
+    g, loss = block_model(layers=5)
+    params = [g.tensor(n) for n in g.parameters]
+    grads = grad(loss, params)
+    for name, gr in zip(g.parameters, grads, strict=True):
+        g.output(f"grad:{name}", gr)
+    result = check_optimized(g, [loss.id], ints={"labels": 7})
+    flat = optimize(g, [loss.id], blocks=False, count=True)
+    assert len(result.report.blocks) >= 2
+    assert result.report.kernels_after == flat.report.kernels_after
