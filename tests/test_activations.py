@@ -70,9 +70,7 @@ def test_swiglu_matches_torch(gate_shape, up_shape, device):
 def test_clamp_matches_torch(low, high, device):
     # Quarter steps put values exactly on the bounds, where the gradient still passes.
     x = np.random.default_rng(3).integers(-8, 9, (5, 6)).astype(np.float32) / 4
-    check(
-        lambda x: F.clamp(x, low, high), lambda x: torch.clamp(x, low, high), {"x": x}, device
-    )
+    check(lambda x: F.clamp(x, low, high), lambda x: torch.clamp(x, low, high), {"x": x}, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
