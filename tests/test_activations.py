@@ -109,3 +109,44 @@ def test_pointwise_chain_is_one_kernel():
     y = graph.output("y", F.swiglu(x.sin(), x.erf().softplus()).clamp(-1, 1).silu())
     kernels = plan(graph, [y.id], {}).kernels
     assert [k.kind for k in kernels] == ["pointwise"]
+
+
+@pytest.mark.lavapipe
+def test_half_precision_kernels_match_the_reference():
+    # f16 tensors compute in f32 inside the kernels; the NumPy references compute in float64.
+    graph = mn.Graph()
+    x = graph.input("x", (2, 2, 3, 8), "f16")
+    positions = graph.input("p", (3,), "i32")
+    w = graph.input("w", (8,), "f16")
+    outputs = {
+        "silu": F.silu(x),
+        "sin": F.sin(x),
+        "erf": F.erf(x),
+        "softplus": F.softplus(x),
+        "swiglu": F.swiglu(x, x),
+        "clamp": x.clamp(-0.5, 0.5),
+        "rms_norm": F.rms_norm(x, w),
+        "layer_norm": F.layer_norm(x, w, w),
+        "rope": F.rope(x, positions),
+        "pad": F.pad(x, (1, 1)),
+        "concat": F.cat([x, -x], 3),
+    }
+    for name, value in outputs.items():
+        graph.output(name, value)
+    rng = np.random.default_rng(4)
+    feeds = {
+        "x": rng.standard_normal((2, 2, 3, 8)).astype(np.float16),
+        "p": np.array([0, 5, 9], np.int32),
+        "w": rng.standard_normal(8).astype(np.float16),
+    }
+    expected = mn.build(graph, device="cpu").run(feeds)
+    got = mn.build(graph, device="vulkan-cpu").run(feeds)
+    for name in outputs:
+        assert got[name].dtype == np.float16
+        np.testing.assert_allclose(
+            got[name].astype(np.float32),
+            expected[name].astype(np.float32),
+            rtol=2e-3,
+            atol=2e-3,
+            err_msg=name,
+        )

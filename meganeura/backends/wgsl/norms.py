@@ -38,24 +38,29 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
     b = _Bindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
 
-    def row_loop(statements) -> str:
-        """A loop over the row; `statements(values)` gets the f32 values of x, weight
-        (w), bias (b) and upstream gradient (g) at the column, and returns WGSL lines."""
+    def row_loop(statements, reads: str = "x") -> str:
+        """A loop over the row; `statements(values)` gets the f32 values at the column of
+        `reads`: x, weight (w), bias (b), upstream gradient (g); it returns WGSL lines."""
         em = Emitter(graph, plan.materialized, b.name_of, "    ")
-        values = {"x": f"f32({em.value(x_id, 'j')})"}
+        sources = {"x": (x_id, "j")}
         if params:
-            values["w"] = f"f32({em.value(params[0], 'c')})"
+            sources["w"] = (params[0], "c")
         if len(params) == 2:
-            values["b"] = f"f32({em.value(params[1], 'c')})"
+            sources["b"] = (params[1], "c")
         if grad:
-            values["g"] = f"f32({em.value(node.inputs[-1], 'j')})"
+            sources["g"] = (node.inputs[-1], "j")
+        values = {
+            name: f"f32({em.value(nid, idx)})"
+            for name, (nid, idx) in sources.items()
+            if name in reads
+        }
         body = "\n".join(em.lines)
         return (
             f"  for (var c = lid; c < {D}u; c += {wg}u) {{\n    let j = base + c;\n{body}\n"
             f"{statements(values)}\n  }}\n"
         )
 
-    def row_sums(names: list[str], statements) -> str:
+    def row_sums(names: list[str], statements, reads: str = "x") -> str:
         """Row totals `names` of the per-column terms that `statements` adds to them."""
         decl = "".join(f"  var {n} = 0.0f;\n" for n in names)
         store = "".join(f"  red{k}[lid] = {n};\n" for k, n in enumerate(names))
@@ -63,7 +68,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
         load = "".join(f"  let {n}_total = red{k}[0];\n" for k, n in enumerate(names))
         return (
             decl
-            + row_loop(statements)
+            + row_loop(statements, reads)
             + store
             + "  workgroupBarrier();\n"
             + f"  for (var h = {wg // 2}u; h > 0u; h = h >> 1u) {{\n"
@@ -108,7 +113,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
                 text += "\n    q += xc * xc;"
             return text
 
-        lines.append(row_sums(["dot", "sg" if centered else "q"], sums))
+        lines.append(row_sums(["dot", "sg" if centered else "q"], sums, "xwg"))
         if not centered:
             lines.append(f"  let rstd = inverseSqrt(q_total / {float(D)!r} + {eps!r});\n")
         mean_gw = f" - sg_total / {float(D)!r}" if centered else ""
@@ -118,7 +123,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
             dx = f"rstd * ({weighted(v)}{mean_gw} - ({v['x']}{center}) * c_dot)"
             return f"    {out}[j] = {_cast_out(dx, node.type.dtype)};"
 
-    lines.append(row_loop(write))
+    lines.append(row_loop(write, "xwbg"))
     shared = "".join(f"var<workgroup> red{k}: array<f32, {wg}>;\n" for k in range(ACCUMULATORS))
     body = (
         f"{shared}@compute @workgroup_size({wg})\n"

@@ -90,7 +90,7 @@ def _index_add(plan: Plan, kernel: Kernel) -> KernelSource:
     out = f"buf{b.out_buffer}"
     index_lines, index_v = _read(plan, b, index_id, "t", "    ")
     src_index = f"(m / {post}u) * {K * post}u + (t0 + kk) * {post}u + m % {post}u"
-    src_lines, src_v = _read(plan, b, src_id, src_index, "          ")
+    src_lines, src_v = _read(plan, b, src_id, src_index, "            ")
     body = f"""var<workgroup> hits: array<u32, {wg}>;
 @compute @workgroup_size({wg})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
