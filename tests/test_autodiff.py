@@ -128,7 +128,15 @@ def test_finite_difference_cases_cover_every_vjp():
     for name, (fn, _, _) in FD_CASES.items():
         opg = op_graph(fn, case_arrays(name))
         covered |= {node.op for node in opg.graph.nodes[: opg.out.id + 1]}
-    with_vjp = {name for name, op in all_ops().items() if op.vjp is not None}
+    # The core families; each other family's test module checks its own coverage.
+    modules = tuple(
+        f"meganeura.ops.{m}" for m in ("elementwise", "linalg", "nn", "reduce", "shape")
+    )
+    with_vjp = {
+        name
+        for name, op in all_ops().items()
+        if op.vjp is not None and op.vjp.__module__ in modules
+    }
     assert with_vjp - ZERO_GRADIENT_OPS - covered == set()
 
 
