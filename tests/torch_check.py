@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import numpy as np
-import pytest
 import torch
 
 import meganeura as mn
 from meganeura.graph import dtype_of_array
-
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
+from tests.harness import DEVICES as DEVICES  # cpu, lavapipe and (marked) hardware GPU
 
 
 def normal(rng: np.random.Generator, *shape, scale: float = 1.0) -> np.ndarray:
