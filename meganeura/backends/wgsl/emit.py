@@ -247,6 +247,9 @@ class Emitter:
             terms.append(c if strides[d] == 1 else f"{c} * {strides[d]}u")
         return self.index(" + ".join(terms))
 
+    # The view ops view_index maps; `meganeura ops` and the tests read this.
+    VIEW_OPS = frozenset({"reshape", "broadcast_to", "permute", "slice", "flip", "tile"})
+
     def view_index(self, node, src_shape, idx: str) -> str:
         if node.op == "reshape":
             return idx
