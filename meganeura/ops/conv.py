@@ -81,25 +81,30 @@ def end_pad(in_size: int, out_size: int, kernel: int, stride: int, begin: int, d
     return (out_size - 1) * stride + dilation * (kernel - 1) + 1 - begin - in_size
 
 
+def conv_attrs(op: str, kernel: Sequence[int], attrs: dict) -> dict:
+    """stride, padding (pairs), dilation and groups checked and normalized for len(kernel)
+    spatial dims."""
+    nd = len(kernel)
+    stride = spatial_tuple(op, "stride", attrs.get("stride", 1), nd, 1)
+    dilation = spatial_tuple(op, "dilation", attrs.get("dilation", 1), nd, 1)
+    groups = attrs.get("groups", 1)
+    if not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    return {
+        "stride": stride,
+        "padding": padding_pairs(op, attrs.get("padding", 0), kernel, stride, dilation),
+        "dilation": dilation,
+        "groups": int(groups),
+    }
+
+
 def _normalize_conv(op: str):
     def normalize(types, attrs):
-        kernel = types[1].shape[2:] if types[1].ndim == 4 else (1, 1)
         if op == "conv2d_weight_grad":
             kernel = spatial_tuple(op, "kernel_size", attrs["kernel_size"], 2, 1)
-        stride = spatial_tuple(op, "stride", attrs.get("stride", 1), 2, 1)
-        dilation = spatial_tuple(op, "dilation", attrs.get("dilation", 1), 2, 1)
-        groups = attrs.get("groups", 1)
-        if not isinstance(groups, (int, np.integer)) or groups < 1:
-            raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-        out = {
-            "stride": stride,
-            "padding": padding_pairs(op, attrs.get("padding", 0), kernel, stride, dilation),
-            "dilation": dilation,
-            "groups": int(groups),
-        }
-        if op == "conv2d_weight_grad":
-            out["kernel_size"] = kernel
-        return out
+            return {**conv_attrs(op, kernel, attrs), "kernel_size": kernel}
+        weight = types[1]
+        return conv_attrs(op, weight.shape[2:] if weight.ndim == 4 else (1, 1), attrs)
 
     return normalize
 
@@ -120,8 +125,8 @@ def _divides(op: str, what: str, count: int, groups: int) -> int:
     return count // groups
 
 
-def conv_output_shape(op: str, in_hw, kernel, attrs) -> tuple[int, int]:
-    """Output height and width, or a ValueError when the kernel overhangs the padded input."""
+def conv_output_shape(op: str, in_hw, kernel, attrs) -> tuple[int, ...]:
+    """Output spatial size, or a ValueError when the kernel overhangs the padded input."""
     out = tuple(
         conv_out_size(n, k, s, p, d)
         for n, k, s, p, d in zip(
@@ -139,19 +144,24 @@ def conv_output_shape(op: str, in_hw, kernel, attrs) -> tuple[int, int]:
     return out
 
 
-def _conv2d_infer(types, attrs):
-    x, w = types
-    _check_operands("conv2d", types)
+def conv_shape(op: str, x: Sequence[int], w: Sequence[int], attrs) -> tuple[int, ...]:
+    """The output shape of a conv of input shape x [N, C, *spatial] with weight shape w, or a
+    ValueError naming `op` and what would be valid."""
     groups = attrs["groups"]
-    cg = _divides("conv2d", "input channels", x.shape[1], groups)
-    _divides("conv2d", "output channels (weight.shape[0])", w.shape[0], groups)
-    if w.shape[1] != cg:
+    cg = _divides(op, "input channels", x[1], groups)
+    _divides(op, "output channels (weight.shape[0])", w[0], groups)
+    if w[1] != cg:
+        spatial = ", ".join(f"k{i}" for i in range(len(w) - 2))
         raise ValueError(
-            f"conv2d: weight {list(w.shape)} must have shape [out_channels, in_channels / groups"
-            f" = {cg}, kh, kw] for input {list(x.shape)} with groups={groups}"
+            f"{op}: weight {list(w)} must have shape [out_channels, in_channels / groups = "
+            f"{cg}, {spatial}] for input {list(x)} with groups={groups}"
         )
-    ho, wo = conv_output_shape("conv2d", x.shape[2:], w.shape[2:], attrs)
-    return TensorType((x.shape[0], w.shape[0], ho, wo), x.dtype)
+    return (x[0], w[0], *conv_output_shape(op, x[2:], w[2:], attrs))
+
+
+def _conv2d_infer(types, attrs):
+    _check_operands("conv2d", types)
+    return TensorType(conv_shape("conv2d", types[0].shape, types[1].shape, attrs), types[0].dtype)
 
 
 def _conv_transpose2d_infer(types, attrs):
@@ -296,10 +306,9 @@ def _pads_for(in_hw, out_hw, kernel, attrs):
     return tuple(
         (p[0], end_pad(n, o, k, s, p[0], d))
         for n, o, k, s, p, d in zip(
-            in_hw, out_hw, kernel, attrs["stride"], attrs["padding"], attrs["dilation"],
-            strict=True,
+            in_hw, out_hw, kernel, attrs["stride"], attrs["padding"], attrs["dilation"], strict=True
         )
-    )  # fmt: skip
+    )
 
 
 def _conv2d_vjp(g, inputs, out, attrs):
@@ -309,9 +318,12 @@ def _conv2d_vjp(g, inputs, out, attrs):
     pads = _pads_for(x.shape[2:], g.shape[2:], kernel, attrs)
     dx = graph.apply("conv_transpose2d", [g, w], padding=pads, **_geometry(attrs))
     dw = graph.apply(
-        "conv2d_weight_grad", [x, g], padding=attrs["padding"], kernel_size=kernel,
+        "conv2d_weight_grad",
+        [x, g],
+        padding=attrs["padding"],
+        kernel_size=kernel,
         **_geometry(attrs),
-    )  # fmt: skip
+    )
     return [dx, dw]
 
 
@@ -320,9 +332,12 @@ def _conv_transpose2d_vjp(g, inputs, out, attrs):
     graph = x.graph
     dx = graph.apply("conv2d", [g, w], padding=attrs["padding"], **_geometry(attrs))
     dw = graph.apply(
-        "conv2d_weight_grad", [g, x], padding=attrs["padding"], kernel_size=w.shape[2:],
+        "conv2d_weight_grad",
+        [g, x],
+        padding=attrs["padding"],
+        kernel_size=w.shape[2:],
         **_geometry(attrs),
-    )  # fmt: skip
+    )
     return [dx, dw]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,6 +57,22 @@ fn mn_gelu_tanh_grad(x: f32) -> f32 {
 }""",
 }
 PRELUDE_DEPS = {"mn_gelu": ["mn_erf"], "mn_gelu_grad": ["mn_erf"]}
+
+
+# Index maps of view ops registered by other modules of this package:
+# op name -> fn(emitter, node, src_shape, idx) -> the source's linear index expression.
+VIEW_INDEX_MAPS: dict[str, Callable] = {}
+
+
+def view_index_map(*names: str):
+    """Decorator: register the index map of view ops, so a new view op edits no shared code."""
+
+    def register(fn):
+        for name in names:
+            VIEW_INDEX_MAPS[name] = fn
+        return fn
+
+    return register
 
 
 def prelude_for(body: str) -> str:
@@ -202,4 +219,6 @@ class Emitter:
                 c = self.coord(idx, out_shape, d)
                 terms.append(c if src_strides[axis] == 1 else f"{c} * {src_strides[axis]}u")
             return self.index(" + ".join(terms) if terms else "0u")
+        if node.op in VIEW_INDEX_MAPS:
+            return VIEW_INDEX_MAPS[node.op](self, node, src_shape, idx)
         raise AssertionError(f"no index map for view op {node.op!r}")
