@@ -10,11 +10,13 @@ read it, so no kernel needs atomics. They lower to the "window" archetype
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from meganeura.graph import TensorType
 from meganeura.ops import OpDef, register
-from meganeura.ops.conv import FLOATS, scatter_windows, spatial_tuple, windows
+from meganeura.ops.conv import FLOATS, scatter_windows, spatial_tuple, window_source
 
 # -- arguments --------------------------------------------------------------------------------
 
@@ -123,22 +125,43 @@ def _pads(attrs):
 # -- max pooling ------------------------------------------------------------------------------
 
 
-def _max_parts(x: np.ndarray, attrs):
-    """(max, flat index into the H*W plane of its first occurrence) of every window."""
-    h, w = x.shape[2:]
-    out_hw = pool_output_shape("max_pool2d", (h, w), attrs)
-    geometry = (attrs["kernel_size"], attrs["stride"], _pads(attrs), attrs["dilation"], out_hw)
-    values = windows(x, *geometry, fill=-np.inf)
-    values = values.reshape(*values.shape[:4], -1)
-    where = windows(np.arange(h * w).reshape(h, w), *geometry, fill=-1)
-    where = where.reshape(*out_hw, -1)
-    valid = where >= 0
-    best = np.where(valid, values, -np.inf).max(-1)
-    hit = ((values == best[..., None]) | (np.isnan(values) & np.isnan(best)[..., None])) & valid
-    first = np.take_along_axis(np.broadcast_to(where, values.shape), hit.argmax(-1)[..., None], -1)[
-        ..., 0
+def window_taps(x: np.ndarray, attrs, fill):
+    """For each tap (ky, kx) of the pooling window, the [..., Ho, Wo] array of the values that
+    tap reads (`fill` outside the input): a window reduction is then a reduction over a few
+    whole arrays."""
+    in_hw = x.shape[-2:]
+    out_hw = pool_output_shape("pool", in_hw, attrs)
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    dh, dw = attrs.get("dilation", (1, 1))
+    extents = [
+        (o - 1) * s + d * (k - 1) + 1
+        for o, s, d, k in zip(out_hw, (sh, sw), (dh, dw), (kh, kw), strict=True)
     ]
-    return best, first
+    source = window_source(x, attrs["padding"], extents, fill)
+    for ky in range(kh):
+        for kx in range(kw):
+            rows = slice(ky * dh, ky * dh + (out_hw[0] - 1) * sh + 1, sh)
+            yield source[..., rows, kx * dw : kx * dw + (out_hw[1] - 1) * sw + 1 : sw]
+
+
+def _max_ref(arrays, attrs):
+    return functools.reduce(np.maximum, window_taps(arrays[0], attrs, -np.inf))
+
+
+def _max_indices_ref(arrays, attrs):
+    """The flat H*W index of each window's first maximum; a window whose in-bounds values are
+    all -inf gives its first in-bounds tap, as in PyTorch."""
+    x = arrays[0]
+    h, w = x.shape[2:]
+    positions = window_taps(np.arange(h * w).reshape(h, w), attrs, -1)
+    best, index = None, None
+    for values, where in zip(window_taps(x, attrs, -np.inf), positions, strict=True):
+        if best is None:
+            best, index = values, np.broadcast_to(where, values.shape)
+            continue
+        take = (where >= 0) & ((values > best) | (index < 0))
+        best, index = np.where(take, values, best), np.where(take, where, index)
+    return index.astype(np.int32)
 
 
 def _max_vjp(g, inputs, out, attrs):
@@ -168,7 +191,7 @@ register(
         "max_pool2d",
         "window",
         _pool_infer("max_pool2d"),
-        lambda arrays, attrs: _max_parts(arrays[0], attrs)[0].astype(arrays[0].dtype),
+        _max_ref,
         _max_vjp,
         normalize=_normalize_pool("max_pool2d", True),
         doc="the maximum of each window; -inf padding",
@@ -179,7 +202,7 @@ register(
         "max_pool2d_indices",
         "window",
         _pool_infer("max_pool2d_indices", "i32"),
-        lambda arrays, attrs: _max_parts(arrays[0], attrs)[1].astype(np.int32),
+        _max_indices_ref,
         lambda g, inputs, out, attrs: [None],
         normalize=_normalize_pool("max_pool2d_indices", True),
         doc="the flat H*W index of each window's first maximum (torch's return_indices)",
@@ -224,16 +247,8 @@ def _divisor(attrs, in_hw, out_hw) -> np.ndarray:
 
 def _avg_ref(arrays, attrs):
     x = arrays[0]
-    out_hw = pool_output_shape("avg_pool2d", x.shape[2:], attrs)
-    win = windows(
-        x.astype(np.float64),
-        attrs["kernel_size"],
-        attrs["stride"],
-        _pads(attrs),
-        (1, 1),
-        out_hw,
-    )
-    return (win.sum((-2, -1)) / _divisor(attrs, x.shape[2:], out_hw)).astype(x.dtype)
+    total = sum(window_taps(x.astype(np.float64), attrs, 0.0))
+    return (total / _divisor(attrs, x.shape[2:], total.shape[2:])).astype(x.dtype)
 
 
 def _avg_grad_ref(arrays, attrs):
