@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from meganeura.graph import TensorType
+from meganeura.graph import Tensor, TensorType
 from meganeura.ops import OpDef, register
 
 FLOATS = ("f32", "f16")
@@ -102,7 +102,10 @@ def _normalize_conv(op: str):
     def normalize(types, attrs):
         if op == "conv2d_weight_grad":
             kernel = spatial_tuple(op, "kernel_size", attrs["kernel_size"], 2, 1)
-            return {**conv_attrs(op, kernel, attrs), "kernel_size": kernel}
+            splits = attrs.get("splits", 1)
+            if not isinstance(splits, (int, np.integer)) or splits < 1:
+                raise ValueError(f"{op}: splits must be a positive int, got {splits!r}")
+            return {**conv_attrs(op, kernel, attrs), "kernel_size": kernel, "splits": int(splits)}
         weight = types[1]
         return conv_attrs(op, weight.shape[2:] if weight.ndim == 4 else (1, 1), attrs)
 
@@ -201,7 +204,11 @@ def _weight_grad_infer(types, attrs):
             f"{op}: output gradient {list(g.shape)} must be [{x.shape[0]}, out_channels, "
             f"{out_hw[0]}, {out_hw[1]}] for input {list(x.shape)}"
         )
-    return TensorType((g.shape[1], cg, *attrs["kernel_size"]), x.dtype)
+    splits = attrs["splits"]
+    if x.shape[0] % splits:
+        raise ValueError(f"{op}: the batch ({x.shape[0]}) must be divisible by splits ({splits})")
+    shape = (g.shape[1], cg, *attrs["kernel_size"])
+    return TensorType(shape if splits == 1 else (splits, *shape), x.dtype)
 
 
 # -- NumPy references -------------------------------------------------------------------------
@@ -288,10 +295,23 @@ def _conv_transpose2d_ref(arrays, attrs):
 
 def _weight_grad_ref(arrays, attrs):
     x, gy = arrays
-    g, kernel = attrs["groups"], attrs["kernel_size"]
-    cols = _patches(x.astype(np.float32), kernel, attrs, gy.shape[2:])
+    splits, kernel = attrs["splits"], attrs["kernel_size"]
+    if splits > 1:  # each batch chunk is a group of its own (see split_batch)
+        x, gy = (_split_batch_array(a, splits) for a in (x, gy))
+    g = attrs["groups"] * splits
+    cols = _patches(x.astype(np.float32), kernel, {**attrs, "groups": g}, gy.shape[2:])
     dw = _group_rows(gy.astype(np.float32), g).transpose(0, 2, 1) @ cols
-    return dw.reshape(gy.shape[1], x.shape[1] // g, *kernel).astype(x.dtype)
+    shape = (gy.shape[1] // splits, x.shape[1] // g, *kernel)
+    return dw.reshape((splits, *shape) if splits > 1 else shape).astype(x.dtype)
+
+
+def _split_batch_array(a: np.ndarray, splits: int) -> np.ndarray:
+    n, c, h, w = a.shape
+    return (
+        a.reshape(splits, n // splits, c, h, w)
+        .transpose(1, 0, 2, 3, 4)
+        .reshape(-1, splits * c, h, w)
+    )
 
 
 # -- VJPs -------------------------------------------------------------------------------------
@@ -311,42 +331,75 @@ def _pads_for(in_hw, out_hw, kernel, attrs):
     )
 
 
-def _conv2d_vjp(g, inputs, out, attrs):
-    x, w = inputs
-    graph, kernel = x.graph, w.shape[2:]
-    # dx: the transposed conv of g, padded so that it yields exactly x's height and width.
-    pads = _pads_for(x.shape[2:], g.shape[2:], kernel, attrs)
-    dx = graph.apply("conv_transpose2d", [g, w], padding=pads, **_geometry(attrs))
-    dw = graph.apply(
+def weight_grad_splits(batch: int, out_pixels: int) -> int:
+    """How many batch chunks a weight gradient sums separately: enough that each reduces over
+    about 1024 output pixels or more (a GEMM whose K dim is the whole batch's pixels would
+    otherwise run on a handful of workgroups), at most 64, and a divisor of the batch."""
+    want = min(64, batch * out_pixels // 1024)
+    return max((d for d in range(1, batch + 1) if batch % d == 0 and d <= want), default=1)
+
+
+def weight_grad(x: Tensor, g: Tensor, attrs: dict, kernel) -> Tensor:
+    """dL/dw of a conv with input x and output gradient g, the chunks summed."""
+    splits = weight_grad_splits(x.shape[0], g.shape[2] * g.shape[3])
+    dw = x.graph.apply(
         "conv2d_weight_grad",
         [x, g],
         padding=attrs["padding"],
         kernel_size=kernel,
+        splits=splits,
         **_geometry(attrs),
     )
-    return [dx, dw]
+    return dw.sum(0) if splits > 1 else dw
+
+
+def _conv2d_vjp(g, inputs, out, attrs):
+    x, w = inputs
+    # dx: the transposed conv of g, padded so that it yields exactly x's height and width.
+    pads = _pads_for(x.shape[2:], g.shape[2:], w.shape[2:], attrs)
+    dx = x.graph.apply("conv_transpose2d", [g, w], padding=pads, **_geometry(attrs))
+    return [dx, weight_grad(x, g, attrs, w.shape[2:])]
 
 
 def _conv_transpose2d_vjp(g, inputs, out, attrs):
     x, w = inputs
-    graph = x.graph
-    dx = graph.apply("conv2d", [g, w], padding=attrs["padding"], **_geometry(attrs))
-    dw = graph.apply(
-        "conv2d_weight_grad",
-        [g, x],
-        padding=attrs["padding"],
-        kernel_size=w.shape[2:],
-        **_geometry(attrs),
+    dx = x.graph.apply("conv2d", [g, w], padding=attrs["padding"], **_geometry(attrs))
+    return [dx, weight_grad(g, x, attrs, w.shape[2:])]
+
+
+def split_batch(t, splits: int):
+    """[N, C, H, W] -> [N / splits, splits * C, H, W]: batch chunk s becomes channel block s,
+    so a conv with `splits` times the groups treats every chunk separately."""
+    n, c, h, w = t.shape
+    return (
+        t.reshape(splits, n // splits, c, h, w)
+        .permute(1, 0, 2, 3, 4)
+        .reshape(n // splits, splits * c, h, w)
     )
-    return [dx, dw]
+
+
+def merge_batch(t, splits: int):
+    """The inverse of split_batch."""
+    n, c, h, w = t.shape
+    return (
+        t.reshape(n, splits, c // splits, h, w)
+        .permute(1, 0, 2, 3, 4)
+        .reshape(n * splits, c // splits, h, w)
+    )
 
 
 def _weight_grad_vjp(gw, inputs, out, attrs):
     x, gy = inputs
-    graph = x.graph
+    graph, splits = x.graph, attrs["splits"]
+    geometry = {**_geometry(attrs), "groups": attrs["groups"] * splits}
+    if splits > 1:
+        x, gy = split_batch(x, splits), split_batch(gy, splits)
+        gw = gw.reshape(splits * gw.shape[1], *gw.shape[2:])
     pads = _pads_for(x.shape[2:], gy.shape[2:], attrs["kernel_size"], attrs)
-    dx = graph.apply("conv_transpose2d", [gy, gw], padding=pads, **_geometry(attrs))
-    dgy = graph.apply("conv2d", [x, gw], padding=attrs["padding"], **_geometry(attrs))
+    dx = graph.apply("conv_transpose2d", [gy, gw], padding=pads, **geometry)
+    dgy = graph.apply("conv2d", [x, gw], padding=attrs["padding"], **geometry)
+    if splits > 1:
+        dx, dgy = merge_batch(dx, splits), merge_batch(dgy, splits)
     return [dx, dgy]
 
 

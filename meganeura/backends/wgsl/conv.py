@@ -1,10 +1,11 @@
 """Convolution as implicit GEMM: conv2d, conv_transpose2d and conv2d_weight_grad.
 
-Each op is, per group, a matrix product C[M, N] = A[M, K] B[K, N] whose operands are never
-stored: the tile loader computes, for every (row, column) of a tile, which element of the
-input or weight it is (or that it is a zero of the padding) and reads it straight from the
-input's buffer. The tiling is the matmul archetype's (16x16 threads, a TM x TN block of
-outputs each, K in steps of BK through workgroup memory); only the addressing differs.
+Each op is a set of matrix products C[M, N] = A[M, K] B[K, N] (one per group, weight-gradient
+batch chunk or transposed-conv phase) whose operands are never stored: the tile loader
+computes, for every (row, column) of a tile, which element of the input or weight it is (or
+that it is a zero of the padding) and reads it straight from the input's buffer. The tiling is
+the matmul archetype's (16x16 threads, a TM x TN block of outputs each, K in steps of BK
+through workgroup memory); only the addressing differs.
 
 Orientation keeps NCHW outputs coalesced: rows are channels, columns are output pixels
 (conv2d, conv_transpose2d) or weight taps (conv2d_weight_grad), so neighbouring threads write
@@ -27,16 +28,43 @@ from meganeura.backends.wgsl.kernels import (
 )
 from meganeura.lower.plan import Kernel, Plan, strided_view
 
+BK = 16
+# (TM, TN): 16 x 16 threads each compute TM x TN outputs, so a tile is 16*TM x 16*TN.
+TILES = ((4, 4), (2, 8), (8, 2))
+
 
 @dataclass
 class Operand:
-    """How a tile loader reads one GEMM operand: `setup` statements (using the row and
-    column index variables), a validity condition (None: always valid) and the address."""
+    """How a tile loader reads one GEMM operand. Statements come in three kinds, so that each
+    is computed as rarely as possible: `row` uses only the row index (gm for A, gn for B),
+    `k` only gk, `taps` both. Then a validity condition (None: always valid) and the
+    address. Neighbouring threads load neighbouring k when `k_fastest`, else neighbouring
+    rows, whichever is contiguous in memory."""
 
-    setup: list[str]
+    row: list[str]
+    k: list[str]
+    taps: list[str]
     valid: str | None
     address: str
-    k_fastest: bool  # consecutive k are adjacent in memory (else consecutive m or n are)
+    k_fastest: bool
+
+
+@dataclass
+class Gemm:
+    """One implicit GEMM launch: `batch` names the uniform indices the grid's z dim spans
+    (groups, phases, batch chunks), each (name, size); `prologue` derives more uniforms from
+    them. The k loop covers [k_begin, k_begin + K). `store` is the setup lines, an optional
+    extra condition and the output address of C[gm, gn]."""
+
+    batch: list[tuple[str, int]]
+    M: int
+    N: int
+    K: int
+    a: Operand
+    b: Operand
+    store: tuple[list[str], str | None, str]
+    prologue: tuple[str, ...] = ()
+    k_begin: str = "0u"
 
 
 def split(var: str, dims, prefix: str) -> tuple[list[str], list[str]]:
@@ -62,75 +90,102 @@ def in_range(i: str, n: int) -> str:
     return f"u32({i}) < {n}u"  # an i32 below zero wraps above any size
 
 
-def _tiles(m: int) -> tuple[int, int, int]:
-    """(TM, TN, BK): each of 16 x 16 threads computes TM x TN outputs; small M gets wide N."""
-    return (2, 8, 16) if m <= 32 else (4, 4, 16)
+def choose_tiles(m: int, n: int) -> tuple[int, int]:
+    """The (TM, TN) whose tiles pad M x N the least (a channel count of 16 would waste most
+    of a 64-row tile)."""
+
+    def padded(tile):
+        bm, bn = 16 * tile[0], 16 * tile[1]
+        return math.ceil(m / bm) * bm * math.ceil(n / bn) * bn
+
+    return min(TILES, key=padded)
 
 
-def implicit_gemm(
-    plan: Plan,
-    kernel: Kernel,
-    bind: _Bindings,
-    dims: tuple[int, int, int, int],
-    a: Operand,
-    b: Operand,
-    store: tuple[list[str], str],
-) -> KernelSource:
-    """The tiled GEMM over `dims` = (groups, M, N, K); `a` reads A[gm, gk] and `b` B[gk, gn]
-    (index variables gm, gn, gk, group variable grp); `store` holds the setup lines and the
-    address of C[gm, gn] in the output."""
-    graph = plan.graph
-    node = graph.nodes[kernel.node]
-    groups, M, N, K = dims
-    tm, tn, bk = _tiles(M)
+def implicit_gemm(plan: Plan, kernel: Kernel, bind: _Bindings, gemm: Gemm) -> KernelSource:
+    node = plan.graph.nodes[kernel.node]
+    M, N, K = gemm.M, gemm.N, gemm.K
+    tm, tn = choose_tiles(M, N)
     bm, bn = 16 * tm, 16 * tn
     out = f"buf{bind.out_buffer}"
     n_tiles, m_tiles = math.ceil(N / bn), math.ceil(M / bm)
+    z = math.prod(size for _, size in gemm.batch) * m_tiles
     gx = min(n_tiles, MAX_GROUPS)
-    grid = (gx, math.ceil(n_tiles / gx), groups * m_tiles)
-    if grid[2] > MAX_GROUPS:
+    grid = (gx, math.ceil(n_tiles / gx), z)
+    if z > MAX_GROUPS:
         raise ValueError(
-            f"{node.op}: {groups} groups x {m_tiles} row tiles exceed {MAX_GROUPS} workgroups"
+            f"{node.op}: {gemm.batch} x {m_tiles} row tiles exceed {MAX_GROUPS} workgroups"
         )
+    uniforms, inner = [], m_tiles
+    for name, size in reversed(gemm.batch):
+        uniforms.append(f"  let {name} = (wid.z / {inner}u) % {size}u;")
+        inner *= size
+    uniforms += [f"  {line}" for line in gemm.prologue]
+
+    def indent(lines, depth: int) -> str:
+        return "".join(f"{' ' * depth}{line}\n" for line in lines)
+
+    hoisted = []
 
     def loader(operand: Operand, tile: str, rows: int, row_var: str, rows_total: int) -> str:
-        # Walk the operand's contiguous direction with neighbouring threads.
-        if operand.k_fastest:
-            pick = f"let kk = e % {bk}u; let {row_var[1:]} = e / {bk}u;"
-        else:
-            pick = f"let {row_var[1:]} = e % {rows}u; let kk = e / {rows}u;"
-        base = "m0" if row_var == "gm" else "n0"
-        loads = bk * rows // 256
-        setup = "\n".join(f"        {line}" for line in operand.setup)
+        """The loads of one operand's tile for the k0 step. The statements that stay fixed
+        along a thread's loads are computed once: with k fastest, kk is the same for all of
+        a thread's loads; with rows fastest, the row is, for the whole k loop."""
+        local, base, count = row_var[1:], "m0" if row_var == "gm" else "n0", BK * rows // 256
         load = f"v = f32({operand.address});"
         if operand.valid:
             load = f"if ({operand.valid}) {{ {load} }}"
+        guard = f"{row_var} < {rows_total}u && k0 + kk < {K}u"
+        if operand.k_fastest:
+            head = indent(
+                [f"let kk = tid % {BK}u;", f"let gk = {gemm.k_begin} + k0 + kk;", *operand.k], 6
+            )
+            pick = [
+                f"let {local} = tid / {BK}u + l * {256 // BK}u;",
+                f"let {row_var} = {base} + {local};",
+            ]
+            inner = [*operand.row, *operand.taps]
+        else:
+            hoisted.extend(
+                [
+                    f"let {local} = tid % {rows}u;",
+                    f"let {row_var} = {base} + {local};",
+                    *operand.row,
+                ]
+            )
+            head = ""
+            pick = [
+                f"let kk = tid / {rows}u + l * {256 // rows}u;",
+                f"let gk = {gemm.k_begin} + k0 + kk;",
+            ]
+            inner = [*operand.k, *operand.taps]
         return (
-            f"    for (var l = 0u; l < {loads}u; l++) {{\n"
-            "      let e = tid + l * 256u;\n"
-            f"      {pick}\n"
-            f"      let {row_var} = {base} + {row_var[1:]}; let gk = k0 + kk;\n"
-            "      var v = 0.0f;\n"
-            f"      if ({row_var} < {rows_total}u && gk < {K}u) {{\n{setup}\n        {load}\n      }}\n"
-            f"      {tile}[kk * {rows}u + {row_var[1:]}] = v;\n"
-            "    }\n"
+            f"    {{\n{head}"
+            f"      for (var l = 0u; l < {count}u; l++) {{\n{indent(pick, 8)}"
+            "        var v = 0.0f;\n"
+            f"        if ({guard}) {{\n{indent(inner, 10)}          {load}\n        }}\n"
+            f"        {tile}[kk * {rows}u + {local}] = v;\n"
+            "      }\n    }\n"
         )
 
-    store_setup, address = store
+    loads = loader(gemm.a, "As", bm, "gm", M) + loader(gemm.b, "Bs", bn, "gn", N)
+    store_setup, store_valid, address = gemm.store
     store_lines = "\n".join(f"        {line}" for line in store_setup)
-    body = f"""var<workgroup> As: array<f32, {bk * bm}>;
-var<workgroup> Bs: array<f32, {bk * bn}>;
+    write = f"{out}[{address}] = {_cast_out(f'acc[p * {tn}u + q]', node.type.dtype)};"
+    if store_valid:
+        write = f"if ({store_valid}) {{ {write} }}"
+    body = f"""var<workgroup> As: array<f32, {BK * bm}>;
+var<workgroup> Bs: array<f32, {BK * bn}>;
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
         @builtin(local_invocation_index) tid: u32) {{
-  let grp = wid.z / {m_tiles}u;
+{chr(10).join(uniforms)}
   let m0 = (wid.z % {m_tiles}u) * {bm}u;
   let n0 = (wid.y * {gx}u + wid.x) * {bn}u;
   if (n0 >= {N}u) {{ return; }}
-  var acc: array<f32, {tm * tn}>;
-  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
-{loader(a, "As", bm, "gm", M)}{loader(b, "Bs", bn, "gn", N)}    workgroupBarrier();
-    for (var kk = 0u; kk < {bk}u; kk++) {{
+{indent(hoisted, 2)}  var acc: array<f32, {tm * tn}>;
+  for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
+{loads}    workgroupBarrier();
+    for (var kk = 0u; kk < {BK}u; kk++) {{
       var ar: array<f32, {tm}>;
       var br: array<f32, {tn}>;
       for (var p = 0u; p < {tm}u; p++) {{ ar[p] = As[kk * {bm}u + lid3.y + 16u * p]; }}
@@ -147,7 +202,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
       let gn = n0 + lid3.x + 16u * q;
       if (gm < {M}u && gn < {N}u) {{
 {store_lines}
-        {out}[{address}] = {_cast_out(f"acc[p * {tn}u + q]", node.type.dtype)};
+        {write}
       }}
     }}
   }}
@@ -189,14 +244,18 @@ def conv2d(plan: Plan, kernel: Kernel) -> KernelSource:
     wb, ws, w0 = _view(plan, bind, node.inputs[1])
     k_lines, (kc, ky, kx) = split("gk", (cg, kh, kw), "ck")
     a = Operand(
+        [],
         k_lines,
+        [],
         None,
         _read(wb, w0, [(f"(grp * {og}u + gm)", ws[0]), (kc, ws[1]), (ky, ws[2]), (kx, ws[3])]),
         k_fastest=True,
     )
     n_lines, (pn, py, px) = split("gn", (nb, ho, wo), "cn")
     b = Operand(
-        k_lines + n_lines + [_tap("iy", py, ky, attrs, 0), _tap("ix", px, kx, attrs, 1)],
+        n_lines,
+        k_lines,
+        [_tap("iy", py, ky, attrs, 0), _tap("ix", px, kx, attrs, 1)],
         f"{in_range('iy', h)} && {in_range('ix', wd)}",
         _read(
             xb,
@@ -205,17 +264,37 @@ def conv2d(plan: Plan, kernel: Kernel) -> KernelSource:
         ),
         k_fastest=False,
     )
-
     store = (
         [f"let sn = gn / {ho * wo}u;", f"let sp = gn % {ho * wo}u;"],
+        None,
         f"sn * {o * ho * wo}u + (grp * {og}u + gm) * {ho * wo}u + sp",
     )
+    gemm = Gemm([("grp", groups)], og, nb * ho * wo, cg * kh * kw, a, b, store)
+    return implicit_gemm(plan, kernel, bind, gemm)
 
-    return implicit_gemm(plan, kernel, bind, (groups, og, nb * ho * wo, cg * kh * kw), a, b, store)
+
+def _phase_taps(name: str, stride: int, dilation: int, pad: int, k: int):
+    """Taps of one spatial dim of a transposed conv, split by output phase (row mod stride).
+
+    Output row y gets input row (y + pad - ky * dilation) / stride from tap ky only when that
+    division is exact, so the rows of one phase share their taps: ky = first + j * step for
+    j < count. Returns the WGSL lets (of the uniform `phase_{name}`) defining
+    `first_{name}` and `ok_{name}` (whether the phase has any tap), and (step, count)."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    # The taps solve ky * dilation = phase + pad (mod stride).
+    inverse = pow(dilation // g, -1, step) if step > 1 else 0
+    residue = f"(phase_{name} + {pad}u)"
+    first = f"(({residue} / {g}u) * {inverse}u) % {step}u" if step > 1 else "0u"
+    ok = f"{residue} % {g}u == 0u" if g > 1 else "true"
+    lets = (f"let first_{name} = {first};", f"let ok_{name} = {ok};")
+    return lets, step, math.ceil(k / step)
 
 
 @archetype("conv_transpose2d")
 def conv_transpose2d(plan: Plan, kernel: Kernel) -> KernelSource:
+    """One GEMM per output phase (y mod stride_h, x mod stride_w): within a phase every output
+    pixel reads the same taps, so K holds only the taps that contribute, not all kh * kw."""
     graph = plan.graph
     node = graph.nodes[kernel.node]
     x, w = (graph.nodes[i].type.shape for i in node.inputs)
@@ -225,34 +304,45 @@ def conv_transpose2d(plan: Plan, kernel: Kernel) -> KernelSource:
     _, cg, kh, kw = w
     og = ci // groups
     co, ho, wo = node.type.shape[1:]
+    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
+    pt, pl = attrs["padding"][0][0], attrs["padding"][1][0]
+    lets_y, step_y, count_y = _phase_taps("y", sh, dh, pt, kh)
+    lets_x, step_x, count_x = _phase_taps("x", sw, dw, pl, kw)
+    prologue = (
+        f"let phase_y = phase / {sw}u;",
+        f"let phase_x = phase % {sw}u;",
+        *lets_y,
+        *lets_x,
+    )
+    qh, qw = math.ceil(ho / sh), math.ceil(wo / sw)  # output rows and columns per phase
     bind = _Bindings(plan, kernel.node)
     xb, xs, x0 = _view(plan, bind, node.inputs[0])
     wb, ws, w0 = _view(plan, bind, node.inputs[1])
-    k_lines, (ko, ky, kx) = split("gk", (og, kh, kw), "ck")
+    k_lines, (ko, jy, jx) = split("gk", (og, count_y, count_x), "ck")
+    k_lines += [f"let ky = first_y + {jy} * {step_y}u;", f"let kx = first_x + {jx} * {step_x}u;"]
+    tap_ok = f"ok_y && ok_x && ky < {kh}u && kx < {kw}u"
     a = Operand(
+        [],
         k_lines,
-        None,
-        _read(wb, w0, [(f"(grp * {og}u + {ko})", ws[0]), ("gm", ws[1]), (ky, ws[2]), (kx, ws[3])]),
+        [],
+        tap_ok,
+        _read(
+            wb, w0, [(f"(grp * {og}u + {ko})", ws[0]), ("gm", ws[1]), ("ky", ws[2]), ("kx", ws[3])]
+        ),
         k_fastest=True,
     )
-    n_lines, (pn, py, px) = split("gn", (nb, ho, wo), "cn")
-    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
-    pt, pl = attrs["padding"][0][0], attrs["padding"][1][0]
-    # Output row y gets input row iy through tap ky when y = iy * s + ky * d - p.
+    n_lines, (pn, qy, qx) = split("gn", (nb, qh, qw), "cn")
+    n_lines += [f"let oy = phase_y + {qy} * {sh}u;", f"let ox = phase_x + {qx} * {sw}u;"]
+    # Exact divisions: the phase was chosen so that the numerators are multiples of the stride.
     taps = [
-        f"let ty = i32({py} + {pt}u) - i32({ky} * {dh}u);",
-        f"let tx = i32({px} + {pl}u) - i32({kx} * {dw}u);",
-        f"let iy = ty / {sh}i;",
-        f"let ix = tx / {sw}i;",
+        f"let iy = i32({qy}) + (i32(phase_y + {pt}u) - i32(ky * {dh}u)) / {sh}i;",
+        f"let ix = i32({qx}) + (i32(phase_x + {pl}u) - i32(kx * {dw}u)) / {sw}i;",
     ]
-    valid = ["ty >= 0", "tx >= 0", f"iy < {h}i", f"ix < {wd}i"]
-    if sh > 1:
-        valid.append(f"ty % {sh}i == 0")
-    if sw > 1:
-        valid.append(f"tx % {sw}i == 0")
     b = Operand(
-        k_lines + n_lines + taps,
-        " && ".join(valid),
+        n_lines,
+        k_lines,
+        taps,
+        f"{tap_ok} && oy < {ho}u && ox < {wo}u && {in_range('iy', h)} && {in_range('ix', wd)}",
         _read(
             xb,
             x0,
@@ -260,39 +350,57 @@ def conv_transpose2d(plan: Plan, kernel: Kernel) -> KernelSource:
         ),
         k_fastest=False,
     )
-
+    store_lines, (sn, sy, sx) = split("gn", (nb, qh, qw), "sn")
+    store_lines += [f"let oy = phase_y + {sy} * {sh}u;", f"let ox = phase_x + {sx} * {sw}u;"]
     store = (
-        [f"let sn = gn / {ho * wo}u;", f"let sp = gn % {ho * wo}u;"],
-        f"sn * {co * ho * wo}u + (grp * {cg}u + gm) * {ho * wo}u + sp",
+        store_lines,
+        f"oy < {ho}u && ox < {wo}u",
+        f"{sn} * {co * ho * wo}u + (grp * {cg}u + gm) * {ho * wo}u + oy * {wo}u + ox",
     )
-
-    return implicit_gemm(plan, kernel, bind, (groups, cg, nb * ho * wo, og * kh * kw), a, b, store)
+    gemm = Gemm(
+        [("grp", groups), ("phase", sh * sw)],
+        cg,
+        nb * qh * qw,
+        og * count_y * count_x,
+        a,
+        b,
+        store,
+        prologue,
+    )
+    return implicit_gemm(plan, kernel, bind, gemm)
 
 
 @archetype("conv2d_weight_grad")
 def conv2d_weight_grad(plan: Plan, kernel: Kernel) -> KernelSource:
+    """K runs over the output pixels of one batch chunk (attribute `splits`); each chunk's
+    partial sum is written to its own slice of the output."""
     graph = plan.graph
     node = graph.nodes[kernel.node]
     x, g = (graph.nodes[i].type.shape for i in node.inputs)
     attrs = node.attrs
-    groups = attrs["groups"]
+    groups, splits = attrs["groups"], attrs["splits"]
     nb, c, h, wd = x
     o, ho, wo = g[1:]
     og, cg = o // groups, c // groups
     kh, kw = attrs["kernel_size"]
+    chunk = nb // splits * ho * wo
     bind = _Bindings(plan, kernel.node)
     xb, xs, x0 = _view(plan, bind, node.inputs[0])
     gb, gs, g0 = _view(plan, bind, node.inputs[1])
     k_lines, (pn, py, px) = split("gk", (nb, ho, wo), "ck")
     a = Operand(
+        [],
         k_lines,
+        [],
         None,
         _read(gb, g0, [(pn, gs[0]), (f"(grp * {og}u + gm)", gs[1]), (py, gs[2]), (px, gs[3])]),
         k_fastest=True,
     )
     n_lines, (nc, ky, kx) = split("gn", (cg, kh, kw), "cn")
     b = Operand(
-        k_lines + n_lines + [_tap("iy", py, ky, attrs, 0), _tap("ix", px, kx, attrs, 1)],
+        n_lines,
+        k_lines,
+        [_tap("iy", py, ky, attrs, 0), _tap("ix", px, kx, attrs, 1)],
         f"{in_range('iy', h)} && {in_range('ix', wd)}",
         _read(
             xb,
@@ -301,7 +409,16 @@ def conv2d_weight_grad(plan: Plan, kernel: Kernel) -> KernelSource:
         ),
         k_fastest=True,
     )
-
-    store = [], f"(grp * {og}u + gm) * {cg * kh * kw}u + gn"
-
-    return implicit_gemm(plan, kernel, bind, (groups, og, cg * kh * kw, nb * ho * wo), a, b, store)
+    taps = cg * kh * kw
+    store = ([], None, f"chunk * {o * taps}u + (grp * {og}u + gm) * {taps}u + gn")
+    gemm = Gemm(
+        [("grp", groups), ("chunk", splits)],
+        og,
+        taps,
+        chunk,
+        a,
+        b,
+        store,
+        k_begin=f"chunk * {chunk}u",
+    )
+    return implicit_gemm(plan, kernel, bind, gemm)
