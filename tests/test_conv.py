@@ -167,6 +167,31 @@ def test_conv_transpose2d_cpu(case):
     conv_transpose2d_case(case, "cpu")
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    groups=st.integers(1, 2),
+    cg=st.integers(1, 3),
+    og=st.integers(1, 3),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    output_padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    bias=st.booleans(),
+)
+def test_conv_transpose2d_hypothesis(
+    n, groups, cg, og, h, w, kernel, stride, padding, output_padding, dilation, bias
+):
+    dims = zip((h, w), kernel, stride, padding, output_padding, dilation, strict=True)
+    for size, k, s, p, e, d in dims:
+        assume(e < max(s, d) and (size - 1) * s + d * (k - 1) + 1 + e - 2 * p >= 1)
+    case = (n, groups * cg, h, w, groups * og, kernel, stride, padding, output_padding, dilation)
+    conv_transpose2d_case((*case, groups, bias), "cpu")
+
+
 @pytest.mark.lavapipe
 @pytest.mark.parametrize("case", [CONV_TRANSPOSE2D[2]])
 def test_conv_transpose2d_lavapipe(case):
