@@ -9,7 +9,9 @@ weight [O, C/groups, kh, kw] and y its output,
 with zeros read outside x. conv2d computes y from (x, w); conv_transpose2d computes x from
 (y, w), the adjoint; conv2d_weight_grad computes w from (x, y). Each VJP is another of the
 three, so the backward pass never builds an im2col matrix, and each lowers to the implicit
-GEMM archetype (meganeura/backends/wgsl/conv.py).
+GEMM archetype (meganeura/backends/wgsl/conv.py). The weight gradient reduces over every
+output pixel of the batch; with `splits` it returns one partial sum per batch chunk, which
+gives a GPU enough workgroups (the VJP sums them).
 
 Padding is held as (begin, end) pairs per spatial dim. An end may be negative: the input's
 last rows are then never read, which is how a gradient whose input size leaves a remainder

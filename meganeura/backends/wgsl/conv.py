@@ -117,7 +117,8 @@ def implicit_gemm(plan: Plan, kernel: Kernel, bind: _Bindings, gemm: Gemm) -> Ke
         )
     uniforms, inner = [], m_tiles
     for name, size in reversed(gemm.batch):
-        uniforms.append(f"  let {name} = (wid.z / {inner}u) % {size}u;")
+        index = f"(wid.z / {inner}u) % {size}u" if size > 1 else "0u"
+        uniforms.append(f"  let {name} = {index};")
         inner *= size
     uniforms += [f"  {line}" for line in gemm.prologue]
 
@@ -169,7 +170,7 @@ def implicit_gemm(plan: Plan, kernel: Kernel, bind: _Bindings, gemm: Gemm) -> Ke
 
     loads = loader(gemm.a, "As", bm, "gm", M) + loader(gemm.b, "Bs", bn, "gn", N)
     store_setup, store_valid, address = gemm.store
-    store_lines = "\n".join(f"        {line}" for line in store_setup)
+    store_lines = indent(store_setup, 8)
     write = f"{out}[{address}] = {_cast_out(f'acc[p * {tn}u + q]', node.type.dtype)};"
     if store_valid:
         write = f"if ({store_valid}) {{ {write} }}"
@@ -179,7 +180,7 @@ var<workgroup> Bs: array<f32, {BK * bn}>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
         @builtin(local_invocation_index) tid: u32) {{
 {chr(10).join(uniforms)}
-  let m0 = (wid.z % {m_tiles}u) * {bm}u;
+  let m0 = {f"(wid.z % {m_tiles}u) * {bm}u" if m_tiles > 1 else "0u"};
   let n0 = (wid.y * {gx}u + wid.x) * {bn}u;
   if (n0 >= {N}u) {{ return; }}
 {indent(hoisted, 2)}  var acc: array<f32, {tm * tn}>;
@@ -201,8 +202,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     for (var q = 0u; q < {tn}u; q++) {{
       let gn = n0 + lid3.x + 16u * q;
       if (gm < {M}u && gn < {N}u) {{
-{store_lines}
-        {write}
+{store_lines}        {write}
       }}
     }}
   }}
