@@ -40,13 +40,13 @@ class _Reads:
 
 
 def _window_kernel(plan: Plan, kernel: Kernel, build) -> KernelSource:
-    """The one-invocation-per-output skeleton; `build(node, reads, bind)` gives the module-scope
+    """The one-invocation-per-output skeleton; `build(node, reads)` gives the module-scope
     declarations, the body (which sees plane, py, px: the output element's N*C plane, row
     and column) and the result expression."""
     graph = plan.graph
     node = graph.nodes[kernel.node]
     bind = _Bindings(plan, kernel.node)
-    decls, body, result = build(node, _Reads(plan, bind), bind)
+    decls, body, result = build(node, _Reads(plan, bind))
     ho, wo = node.type.shape[2:]
     total = node.type.size
     grid = _grid_1d(math.ceil(total / WG))
@@ -114,7 +114,7 @@ def _loop_readers(attrs, out_hw, inner: str) -> str:
 
 @archetype("max_pool2d", "max_pool2d_indices")
 def max_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         in_hw = plan.graph.nodes[node.inputs[0]].type.shape[2:]
         lines, v = reads(node.inputs[0], "j", "      ")
         # The first maximum in window order wins, as in PyTorch; the first in-bounds tap is
@@ -133,7 +133,7 @@ def max_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
 
 @archetype("max_pool2d_grad")
 def max_pool2d_grad(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         g_id, idx_id = node.inputs
         out_hw = plan.graph.nodes[g_id].type.shape[2:]
         w = node.type.shape[3]
@@ -172,7 +172,7 @@ def _divisor_fn(attrs, in_hw) -> str:
 
 @archetype("avg_pool2d")
 def avg_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         in_hw = plan.graph.nodes[node.inputs[0]].type.shape[2:]
         lines, v = reads(node.inputs[0], "j", "      ")
         body = "  var acc = 0.0f;\n" + _loop_window(
@@ -185,7 +185,7 @@ def avg_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
 
 @archetype("avg_pool2d_grad")
 def avg_pool2d_grad(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         out_hw = plan.graph.nodes[node.inputs[0]].type.shape[2:]
         lines, g = reads(node.inputs[0], "o", "      ")
         inner = f"{lines}\n      acc += {g} / divisor(oy, ox);"
@@ -209,7 +209,7 @@ def _adaptive_bounds(o: str, n_in: int, n_out: int, prefix: str, indent: str) ->
 
 @archetype("adaptive_avg_pool2d")
 def adaptive_avg_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         h, w = plan.graph.nodes[node.inputs[0]].type.shape[2:]
         ho, wo = node.attrs["output_size"]
         lines, v = reads(node.inputs[0], "j", "      ")
@@ -229,7 +229,7 @@ def adaptive_avg_pool2d(plan: Plan, kernel: Kernel) -> KernelSource:
 
 @archetype("adaptive_avg_pool2d_grad")
 def adaptive_avg_pool2d_grad(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         h, w = node.type.shape[2:]
         ho, wo = node.attrs["output_size"]
         lines, g = reads(node.inputs[0], "o", "      ")
@@ -281,7 +281,7 @@ TAPS_STRUCT = "struct Taps { i0: u32, i1: u32, l0: f32, l1: f32 }\n"
 
 @archetype("upsample_bilinear2d")
 def upsample_bilinear2d(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         h, w = plan.graph.nodes[node.inputs[0]].type.shape[2:]
         ho, wo = node.attrs["size"]
         (sy, sx), align = node.attrs["scale"], node.attrs["align_corners"]
@@ -317,7 +317,7 @@ def _reader_range(i: str, n_in: int, n_out: int, scale: float, reach: int, off: 
 
 @archetype("upsample_nearest2d_grad", "upsample_bilinear2d_grad")
 def upsample_grad(plan: Plan, kernel: Kernel) -> KernelSource:
-    def build(node, reads, bind):
+    def build(node, reads):
         h, w = node.type.shape[2:]
         ho, wo = node.attrs["size"]
         scale = node.attrs["scale"]
