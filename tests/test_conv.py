@@ -467,3 +467,20 @@ def test_cnn_sgd_matches_torch(device):
         np.testing.assert_allclose(
             ours, value.numpy(), rtol=1e-4, atol=1e-4 * np.abs(value.numpy()).max()
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_f16_storage_accumulates_in_f32(device):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 7, 6)).astype(np.float16)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float16)
+    graph = Graph()
+    y = F.conv2d(graph.input("x", x.shape, "f16"), graph.input("w", w.shape, "f16"), stride=2)
+    graph.output("y", y)
+    graph.output("pooled", F.max_pool2d(y, 2, ceil_mode=True))
+    got = build(graph, device=device).run({"x": x, "w": w})
+    want = TF.conv2d(torch.from_numpy(x).float(), torch.from_numpy(w).float(), stride=2)
+    assert got["y"].dtype == np.float16
+    np.testing.assert_allclose(got["y"], want.half().numpy(), rtol=1e-3, atol=1e-3)
+    pooled = TF.max_pool2d(want.half().float(), 2, ceil_mode=True).half().numpy()
+    np.testing.assert_array_equal(got["pooled"], pooled)
