@@ -414,7 +414,7 @@ def archetype(*names: str):
 
 def lowering_of(opdef) -> str | None:
     """How an op reaches WGSL, in words, or None when it has no lowering."""
-    from meganeura.backends.wgsl.emit import INLINE_VALUES
+    from meganeura.backends.wgsl.emit import INLINE_VALUES, VIEW_INDEX_MAPS
 
     if opdef.kind == "source":
         return "buffer"
@@ -423,7 +423,8 @@ def lowering_of(opdef) -> str | None:
     if opdef.kind == "pointwise":
         return "inlined expression" if opdef.wgsl else None
     if opdef.kind == "view":
-        return "index map" if opdef.name in Emitter.VIEW_OPS else None
+        known = opdef.name in Emitter.VIEW_OPS or opdef.name in VIEW_INDEX_MAPS
+        return "index map" if known else None
     if opdef.name in ARCHETYPES:
         return f"kernel ({opdef.name})"
     if opdef.kind in ARCHETYPES:
