@@ -9,14 +9,16 @@ copy; the rest is one more region. Nodes whose attributes cannot be encoded stay
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meganeura.graph import Graph, Tensor
+from meganeura.ops import get_op
 from meganeura.optimize.blocks import Block, find_blocks
-from meganeura.optimize.encode import ConstantPool, encodable
+from meganeura.optimize.encode import ConstantPool, codec, constant_key, encodable
 from meganeura.optimize.extract import CostModel
 from meganeura.optimize.region import Template, emit_node, optimize_region
 from meganeura.optimize.rules import built_ops
@@ -106,7 +108,11 @@ def optimize(
     model = model or CostModel()
     report = OptimizeReport()
     start = time.perf_counter()
-    wanted = list(dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values()]))
+    original = graph
+    roots = list(roots)
+    all_roots = list(dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values()]))
+    graph, canon = deduplicated(graph, graph.live_nodes(all_roots))
+    wanted = list(dict.fromkeys(canon[r] for r in all_roots))
     live = graph.live_nodes(wanted)
     sources = {"input", "parameter"}
     compute = [n for n in live if graph.nodes[n].op not in sources]
@@ -137,18 +143,52 @@ def optimize(
             for n in rest
             if n in outside_roots or any(u not in rest_set for u in users.get(n, ()))
         ]
-        template, boundary, stats = optimize_region(graph, rest, rest_roots, pool, model)
+        free = _free_roots(graph, rest_roots, users, outside_roots, rest_set)
+        template, boundary, stats = optimize_region(
+            graph, rest, rest_roots, pool, model, free_roots=free
+        )
         _account(report, stats, template, graph, rest, 1)
         instance = _Instance(template, boundary, template.roots)
         for r, t in template.roots.items():
             owner[r] = (instance, t)
 
-    new, ids = _emit(graph, wanted, owner, opaque, pool)
+    new, emitted = _emit(graph, wanted, owner, opaque, pool)
+    ids = {old: emitted[c] for old, c in canon.items() if c in emitted}
+    for name, old in original.outputs.items():
+        new.outputs[name] = ids[old]
+    for target, value in original.updates.items():
+        new.updates[ids[target]] = ids[value]
     report.seconds["emit"] = time.perf_counter() - start - sum(report.seconds.values())
     if count:
-        report.nodes_before, report.kernels_before = count_kernels(graph, wanted)
-        report.nodes_after, report.kernels_after = count_kernels(new, [ids[r] for r in wanted])
+        report.nodes_before, report.kernels_before = count_kernels(original, all_roots)
+        after = [ids[r] for r in all_roots]
+        report.nodes_after, report.kernels_after = count_kernels(new, after)
     return Optimized(new, ids, report)
+
+
+def deduplicated(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int]]:
+    """`graph` with equal nodes (same op, attributes and inputs; constants by value) merged,
+    and each live node's representative. Autodiff and hand-written models repeat small
+    computations (row statistics, transposes); merged, they are seen by every reader."""
+    canon: dict[int, int] = {}
+    seen: dict[tuple, int] = {}
+    nodes = list(graph.nodes)
+    for nid in live:
+        node = graph.nodes[nid]
+        inputs = tuple(canon[i] for i in node.inputs)
+        if node.op in ("input", "parameter"):
+            canon[nid] = nid
+            continue
+        if node.op == "constant":
+            key = ("constant", node.type, constant_key(node.attrs["value"]))
+        elif encodable(node):
+            key = (node.op, codec(node.op).encode(node.attrs), inputs)
+        else:
+            key = ("opaque", nid)
+        canon[nid] = seen.setdefault(key, nid)
+        if inputs != node.inputs:
+            nodes[nid] = dataclasses.replace(node, inputs=inputs)
+    return dataclasses.replace(graph, nodes=nodes), canon
 
 
 def _optimize_block(graph, block: Block, users, outside_roots, pool, model, report, owner):
@@ -156,8 +196,25 @@ def _optimize_block(graph, block: Block, users, outside_roots, pool, model, repo
     rep = block.chunks[0]
     roots = [rep[o] for o in block.outputs]
     index = {nid: k for k, nid in enumerate(block.boundary[0])}
+    free_in_all = set.intersection(
+        *(
+            {
+                chunk.index(r)
+                for r in _free_roots(
+                    graph, [chunk[o] for o in block.outputs], users, outside_roots, set(chunk)
+                )
+            }
+            for chunk in block.chunks
+        )
+    )
     template, _, stats = optimize_region(
-        graph, rep, roots, pool, model, boundary_of=index.__getitem__
+        graph,
+        rep,
+        roots,
+        pool,
+        model,
+        boundary_of=index.__getitem__,
+        free_roots={rep[t] for t in free_in_all},
     )
     _account(report, stats, template, graph, rep, len(block.chunks))
     report.blocks.append(
@@ -170,6 +227,27 @@ def _optimize_block(graph, block: Block, users, outside_roots, pool, model, repo
         )
         for r, t in instance.roots.items():
             owner[r] = (instance, t)
+
+
+def _free_roots(graph: Graph, roots, users, outside_roots, region: set[int]) -> set[int]:
+    """Region roots that their one reader outside the region inlines: views, and pointwise
+    values read once outside (by an op that does not need a buffer). The extraction charges
+    them a buffer only if it also reads them inside."""
+    out = set()
+    for r in roots:
+        if r in outside_roots:
+            continue
+        kind = get_op(graph.nodes[r].op).kind
+        outside = [u for u in users.get(r, ()) if u not in region]
+        if kind == "view":
+            out.add(r)
+        elif (
+            kind in ("pointwise", "inline")
+            and len(outside) == 1
+            and not get_op(graph.nodes[outside[0]].op).strided_inputs
+        ):
+            out.add(r)
+    return out
 
 
 def _account(report, stats, template: Template, graph: Graph, region, copies: int) -> None:
@@ -258,10 +336,6 @@ def _emit(graph: Graph, wanted, owner, opaque: set[int], pool: ConstantPool):
                     continue
                 instance.values[t] = _emit_one(new, tn, instance.values, pool, constants)
                 stack.pop()
-    for name, old in graph.outputs.items():
-        new.outputs[name] = ids[old]
-    for target, value in graph.updates.items():
-        new.updates[ids[target]] = ids[value]
     return new, ids
 
 

@@ -125,18 +125,21 @@ def _cut(graph, seq, position, start, period, copies, users, roots) -> Block | N
 
 
 def _crossings(graph, seq, position, lo: int, hi: int, users) -> int:
-    """Compute-node edges into and out of seq[lo:hi]."""
-    count = 0
+    """Values that cross the borders of seq[lo:hi]: computed outside and read inside, or
+    computed inside and read outside. Counting values, not edges, favours cuts through a
+    residual stream (one value, read by several ops) over cuts through a pattern."""
+    crossing = set()
     for nid in seq[lo:hi]:
         for i in graph.nodes[nid].inputs:
             p = position.get(i)
             if p is not None and not lo <= p < hi and graph.nodes[i].op != "constant":
-                count += 1
+                crossing.add(i)
         for u in users.get(nid, ()):
             p = position.get(u)
             if p is not None and not lo <= p < hi:
-                count += 1
-    return count
+                crossing.add(nid)
+                break
+    return len(crossing)
 
 
 def _verify(graph: Graph, chunks: list[list[int]], users, roots) -> Block | None:

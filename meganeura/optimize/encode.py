@@ -105,6 +105,22 @@ CODECS: dict[str, Codec] = {
     "cast": Codec(lambda a: f"(AStr {quote(a['dtype'])})", lambda v: {"dtype": v}),
     "cross_entropy_rows": _int_codec("ignore_index"),
     "cross_entropy_grad": _int_codec("ignore_index"),
+    "gather": _int_codec("axis"),
+    "index_select": _int_codec("axis"),
+    "concat": _int_codec("axis"),
+    "rms_norm": _float_codec("eps"),
+    "layer_norm": _float_codec("eps"),
+    "attention": Codec(
+        lambda a: (
+            f"(ATup4 (AFloat {num(a['scale'])}) (AInt {int(a['causal'])}) "
+            f"(AInt {int(a['window'])}) (AFloat {num(a['softcap'])}))"
+        ),
+        lambda v: {"scale": v[0], "causal": bool(v[1]), "window": v[2], "softcap": v[3]},
+    ),
+    "segment": Codec(
+        lambda a: f"(ATup (AInt {int(a['start'])}) (AStr {quote(ints(a['shape']))}))",
+        lambda v: {"start": v[0], "shape": parse_ints(v[1])},
+    ),
 }
 
 
@@ -145,6 +161,11 @@ class Encoding:
     folded: int = 0
 
 
+def constant_key(array: np.ndarray) -> str:
+    """A key equal for equal constants (dtype, shape and contents)."""
+    return _digest(array)
+
+
 def _digest(array: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=12)
     h.update(str(array.dtype).encode())
@@ -159,6 +180,14 @@ class ConstantPool:
     def __init__(self):
         self.ids: dict[str, int] = {}
         self.arrays: dict[int, np.ndarray] = {}
+        self.facts: dict[tuple[int, str], object] = {}
+
+    def fact(self, cid: int, name: str, compute):
+        """A fact about constant `cid`, computed once."""
+        key = (cid, name)
+        if key not in self.facts:
+            self.facts[key] = compute(self.arrays[cid])
+        return self.facts[key]
 
     def intern(self, array: np.ndarray) -> int:
         key = _digest(array)

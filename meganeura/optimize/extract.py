@@ -42,10 +42,14 @@ class Extraction:
         roots: list[int],
         buffered: set[int],
         model: CostModel,
+        free: set[int] = frozenset(),
         refine_limit: int = 4000,
     ):
         self.frozen = frozen
         self.roots = list(dict.fromkeys(roots))
+        # Roots read by one pointwise op or as views outside the region: the reader inlines
+        # them, so they need no buffer of their own.
+        self.free = set(free)
         self.buffered = buffered  # classes the original graph keeps in buffers
         self.model = model
         self.refine_limit = refine_limit
@@ -142,11 +146,11 @@ class Extraction:
 
     def buffers(self, choice, order: list[int]) -> set[int]:
         """The classes lower/plan.py would keep in buffers under this choice."""
-        uses: dict[int, int] = {}
+        uses: dict[int, int] = dict.fromkeys(self.free, 1)
         for c in order:
             for k in choice[c].children:
                 uses[k] = uses.get(k, 0) + 1
-        out = set(self.roots)
+        out = {r for r in self.roots if r not in self.free}
         for c in order:
             node = choice[c]
             if node.op in ("Ext", "Const"):

@@ -90,8 +90,11 @@ def optimize_region(
     pool: ConstantPool,
     model: CostModel,
     boundary_of=None,
+    free_roots: set[int] = frozenset(),
 ) -> tuple[Template, list[int], RegionStats]:
     """Optimize `region` (topologically ordered ids) so that `roots` keep their values.
+
+    `free_roots` are roots that their one outside reader inlines (they need no buffer).
 
     Returns the template, the boundary (Ext k -> graph node id) and statistics.
     """
@@ -107,8 +110,10 @@ def optimize_region(
         frozen = run.freeze()
     start = time.perf_counter()
     root_classes = [frozen.class_of_node[r] for r in roots]
-    buffered = {frozen.class_of_node[n] for n in buffered_nodes(graph, region, set(roots))}
-    extraction = Extraction(frozen, root_classes, buffered, model)
+    kept = set(roots) - set(free_roots)
+    buffered = {frozen.class_of_node[n] for n in buffered_nodes(graph, region, kept)}
+    free = {frozen.class_of_node[r] for r in free_roots} - {frozen.class_of_node[r] for r in kept}
+    extraction = Extraction(frozen, root_classes, buffered, model, free)
     choice = extraction.run()
     template = _template(frozen, choice, roots, root_classes)
     run.seconds["extract"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ only equal types; rules whose rewrite would change broadcasting check `type-of` 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from itertools import product
@@ -80,6 +81,8 @@ def rule(name: str, stage: str, query, actions) -> None:
     q = (query,) if isinstance(query, str) else tuple(query)
     a = (actions,) if isinstance(actions, str) else tuple(actions)
     builds = set(_OP_NAME.findall(" ".join(a))) - set(_OP_NAME.findall(" ".join(q)))
+    if any(r.name == name for r in RULES):
+        raise ValueError(f"rule {name!r} is defined twice")
     RULES.append(Rule(name, stage, q, a, tuple(sorted(builds))))
 
 
@@ -268,8 +271,8 @@ rewrite(
     P("sigmoid", "?t", "?x"),
     ["(= ?t (type-of ?x))"],
 )
-for _kids in (("?x", P("sigmoid", "?t", "?x")), (P("sigmoid", "?t", "?x"), "?x")):
-    rewrite("silu", "recognize", P("mul", "?t", *_kids), P("silu", "?t", "?x"))
+for _n, _kids in enumerate((("?x", P("sigmoid", "?t", "?x")), (P("sigmoid", "?t", "?x"), "?x"))):
+    rewrite(f"silu-{_n}", "recognize", P("mul", "?t", *_kids), P("silu", "?t", "?x"))
 rewrite(
     "silu-quotient",
     "recognize",
@@ -354,6 +357,141 @@ rewrite(
 )
 
 
+# A normalization without its weight first, then the weight (and bias) join it.
+_mean_last = "(ATup (AInt ?ax) (AInt 1))"
+_ms = P("mean", "?tm", P("mul", "?t", "?x", "?x"), a=_mean_last)
+_inv_rms = P("rsqrt", "?tm", P("add", "?tm", _ms, S("?eps", "?te")))
+for _n, _kids in enumerate((("?x", _inv_rms), (_inv_rms, "?x"))):
+    rewrite(
+        f"rms-norm-{_n}",
+        "recognize",
+        P("mul", "?t", *_kids),
+        P("rms_norm", "?t", "?x", a="(AFloat ?eps)"),
+        ["(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))"],
+    )
+_centered = P("sub", "?t", "?x", P("mean", "?tm", "?x", a=_mean_last))
+_var = P("mean", "?tm", P("mul", "?t", "?d", "?d"), a=_mean_last)
+_inv_std = P("rsqrt", "?tm", P("add", "?tm", _var, S("?eps", "?te")))
+for _n, _kids in enumerate((("?d", _inv_std), (_inv_std, "?d"))):
+    rewrite(
+        f"layer-norm-{_n}",
+        "recognize",
+        P("mul", "?t", *_kids),
+        P("layer_norm", "?t", "?x", a="(AFloat ?eps)"),
+        [f"(= ?d {_centered})", "(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))"],
+    )
+for _op in ("rms_norm", "layer_norm"):
+    _norm = P(_op, "?t", "?x", a="?a")
+    for _n, _kids in enumerate((("?w", _norm), (_norm, "?w"))):
+        rewrite(
+            f"{_op.replace('_', '-')}-weight-{_n}",
+            "recognize",
+            P("mul", "?t", *_kids),
+            P(_op, "?t", "?x", "?w", a="?a"),
+            ["(= (type-of ?w) (last-vec ?t))"],
+        )
+_norm_w = P("layer_norm", "?t", "?x", "?w", a="?a")
+for _n, _kids in enumerate((("?b", _norm_w), (_norm_w, "?b"))):
+    rewrite(
+        f"layer-norm-bias-{_n}",
+        "recognize",
+        P("add", "?t", *_kids),
+        P("layer_norm", "?t", "?x", "?w", "?b", a="?a"),
+        ["(= (type-of ?b) (last-vec ?t))"],
+    )
+
+# Cross-entropy: the log-probability of each row's label, picked by a gather.
+rewrite(
+    "cross-entropy",
+    "recognize",
+    P(
+        "gather",
+        "?tg",
+        P("log_softmax", "?tx", "?x", a="(AInt ?ax)"),
+        P("reshape", "?tu", "?labels", a="?r"),
+        a="(AInt ?ax)",
+    ),
+    P(
+        "neg",
+        "?tg",
+        P(
+            "reshape",
+            "?tg",
+            P("cross_entropy_rows", "?trows", "?x", "?labels", a="(AInt -100)"),
+            a="(AStr ?gshape)",
+        ),
+    ),
+    [
+        "(= ?ax (last-axis ?tx))",
+        "(= ?trows (rows-type ?tx))",
+        "(ce-labels ?tx (type-of ?labels))",
+        "(= ?gshape (shape-of ?tg))",
+    ],
+)
+
+
+def _attention_rules() -> None:
+    """matmul(softmax(q kᵀ · scale + mask), v) in every spelling canon leaves: with or without
+    a scale, a causal mask constant, another mask or none, keys and values repeated for
+    grouped-query heads or not."""
+    k_rep = P(
+        "reshape",
+        "?tkr",
+        P("broadcast_to", "?tke", P("reshape", "?tku", "?k", a="?k1"), a="?k2"),
+        a="?k3",
+    )
+    v_rep = P(
+        "reshape",
+        "?tvr",
+        P("broadcast_to", "?tve", P("reshape", "?tvu", "?v", a="?v1"), a="?v2"),
+        a="?v3",
+    )
+    repeats = [
+        "(repeat-kv (type-of ?k) ?tku ?tke ?tkr)",
+        "(repeat-kv (type-of ?v) ?tvu ?tve ?tvr)",
+    ]
+    for repeated in (False, True):
+        k, v = (k_rep, v_rep) if repeated else ("?k", "?v")
+        scores = P("matmul", "?ts", "?q", k, a="(ATup (AInt 0) (AInt 1))")
+        for scaled in (False, True):
+            s = P("mul", "?ts", scores, S("?scale", "?tc")) if scaled else scores
+            scale = "?scale" if scaled else "1.0"
+            for mask in ("causal", "mask", "none"):
+                if mask == "causal":
+                    logits = P("add", "?ts", s, "(Const ?m ?tm)")
+                    when, causal, extra = ["(causal-mask ?m)"], 1, ()
+                elif mask == "mask":
+                    logits = P("add", "?ts", s, "?mask")
+                    when, causal, extra = [], 0, ("?mask",)
+                else:
+                    logits, when, causal, extra = s, [], 0, ()
+                probs = P("softmax", "?ts", logits, a="(AInt 3)")
+                attrs = f"(ATup4 (AFloat {scale}) (AInt {causal}) (AInt 0) (AFloat 0.0))"
+                packed = P("attention", "?tp", "?q", "?k", "?v", *extra, a=attrs)
+                rewrite(
+                    f"attention-{'gqa-' if repeated else ''}{'scaled-' if scaled else ''}{mask}",
+                    "recognize",
+                    P("matmul", "?t", probs, v, a="(ATup (AInt 0) (AInt 0))"),
+                    P("segment", "?t", packed, a="(ATup (AInt 0) (AStr ?shape))"),
+                    [
+                        *when,
+                        *(repeats if repeated else ()),
+                        "(= 4 (rank (type-of ?q)))",
+                        "(= ?tp (attn-packed (type-of ?q) (type-of ?v)))",
+                        "(= ?shape (shape-of ?t))",
+                    ],
+                )
+
+
+_attention_rules()
+
+
+# -- fusions ---------------------------------------------------------------------------------
+
+for _n, _kids in enumerate(((P("silu", "?t1", "?g"), "?u"), ("?u", P("silu", "?t1", "?g")))):
+    rewrite(f"swiglu-{_n}", "fuse", P("mul", "?t", *_kids), P("swiglu", "?t", "?g", "?u"))
+
+
 def available_rules(ops: set[str] | None = None) -> list[Rule]:
     """The rules whose target ops are registered."""
     ops = set(all_ops()) if ops is None else ops
@@ -377,6 +515,10 @@ DECLARATIONS = """
 (function rank (String) i64 :merge old)
 (function shape-of (String) String :merge old)
 (relation causal-mask (i64))
+(relation repeat-kv (String String String String))
+(function attn-packed (String String) String :merge old)
+(function rows-type (String) String :merge old)
+(relation ce-labels (String String))
 """
 
 
@@ -400,9 +542,33 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
             lines.append(f"(identity-perm {q})")
         if swaps_last_two(axes):
             lines.append(f"(swap-last2 {q})")
-    for cid, array in pool.arrays.items():
-        if is_causal_mask(array):
+    for cid in pool.arrays:
+        if pool.fact(cid, "causal-mask", is_causal_mask):
             lines.append(f"(causal-mask {cid})")
+    parsed = [(text, parse_type(text)) for text in sorted(enc.types)]
+    rank4 = [(q, t) for q, t in parsed if len(t.shape) == 4]
+    rank5 = {t.shape: q for q, t in parsed if len(t.shape) == 5}
+    for tk, k in rank4:
+        b, h, n_t, d = k.shape
+        for (b2, h2, n, t2, d2), te in rank5.items():
+            if (b2, h2, t2, d2) != (b, h, n_t, d):
+                continue
+            unsq = f"{k.dtype}[{b},{h},1,{n_t},{d}]"
+            out = f"{k.dtype}[{b},{h * n},{n_t},{d}]"
+            lines.append(f"(repeat-kv {quote(tk)} {quote(unsq)} {quote(te)} {quote(out)})")
+    for tq, q in rank4:
+        for tv, v in rank4:
+            if q.dtype == v.dtype == "f32" and q.shape[0] == v.shape[0]:
+                size = math.prod(q.shape[:3]) * (v.shape[3] + 1)
+                lines.append(f"(set (attn-packed {quote(tq)} {quote(tv)}) {quote(f'f32[{size}]')})")
+    floats = [(q, t) for q, t in parsed if t.dtype in ("f32", "f16") and t.shape]
+    ints = [(q, t) for q, t in parsed if t.dtype in ("i32", "u32")]
+    for tx, x in floats:
+        rows = f"{x.dtype}[{','.join(map(str, x.shape[:-1]))}]"
+        lines.append(f"(set (rows-type {quote(tx)}) {quote(rows)})")
+        for tl, lab in ints:
+            if lab.shape == x.shape[:-1]:
+                lines.append(f"(ce-labels {quote(tx)} {quote(tl)})")
     return lines
 
 
