@@ -61,7 +61,61 @@ def sigmoid_decomposed(x):
     return 1.0 / (1.0 + (-x).exp())
 
 
+def erf(x):
+    return x.graph.apply("erf", [x])
+
+
+def gelu_erf_torch(x):
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_erf_onnx(x):
+    return x * (erf(x * (1 / math.sqrt(2.0))) + 1.0) * 0.5
+
+
+def rms_norm_hf(x, weight=None):
+    normed = x * ((x**2.0).mean(-1, keepdims=True) + 1e-5).rsqrt()
+    return normed if weight is None else weight * normed
+
+
+def rms_norm_onnx(x, weight=None):
+    normed = x / ((x * x).mean(-1, keepdims=True) + 1e-6).sqrt()
+    return normed if weight is None else normed * weight
+
+
+def layer_norm_decomposed(x, weight=None, bias=None):
+    d = x - x.mean(-1, keepdims=True)
+    out = d / ((d**2.0).mean(-1, keepdims=True) + 1e-5).sqrt()
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def last_dim_parameter(x, name):
+    return x.graph.parameter(name, (x.shape[-1],), init="normal")
+
+
 PATTERNS = [
+    ("silu", lambda x: x * x.sigmoid(), "silu"),
+    ("silu-reversed", lambda x: x.sigmoid() * x, "silu"),
+    ("silu-quotient", lambda x: x / ((-x).exp() + 1.0), "silu"),
+    ("swiglu", lambda x: (x * x.sigmoid()) * x.tanh(), "swiglu"),
+    ("gelu-erf-torch", gelu_erf_torch, "gelu"),
+    ("gelu-erf-onnx", gelu_erf_onnx, "gelu"),
+    ("rms-norm", rms_norm_hf, "rms_norm"),
+    ("rms-norm-onnx", rms_norm_onnx, "rms_norm"),
+    ("rms-norm-weight", lambda x: rms_norm_hf(x, last_dim_parameter(x, "w")), "rms_norm"),
+    (
+        "rms-norm-onnx-weight",
+        lambda x: rms_norm_onnx(x, last_dim_parameter(x, "w")),
+        "rms_norm",
+    ),
+    ("layer-norm", layer_norm_decomposed, "layer_norm"),
+    (
+        "layer-norm-affine",
+        lambda x: layer_norm_decomposed(x, last_dim_parameter(x, "w"), last_dim_parameter(x, "b")),
+        "layer_norm",
+    ),
     ("softmax", softmax_decomposed, "softmax"),
     ("softmax-unshifted", softmax_unshifted, "softmax"),
     ("softmax-axis0", lambda x: softmax_decomposed(x, 0), "softmax"),
@@ -85,8 +139,42 @@ def test_decomposed_pattern_becomes_one_op(name, build_fn, op, shape):
     counts = op_counts(result.graph)
     assert counts[op] == 1, (name, counts)
     assert result.report.kernels_after <= result.report.kernels_before
-    # Only the recognized op and the scaling remain.
-    assert sum(counts.values()) - counts["input"] - counts["constant"] <= 2, counts
+    # Only the recognized op and the scaling remain (and the tanh swiglu multiplies by).
+    sources = counts["input"] + counts["constant"] + counts["parameter"]
+    assert sum(counts.values()) - sources <= 2 + (op == "swiglu"), counts
+
+
+def test_weight_of_another_length_is_not_a_norm_weight():
+    g = Graph()
+    x = g.input("x", (3, 1))
+    w = g.parameter("w", (4,), init="normal")
+    g.output("y", rms_norm_hf(x, w))
+    result = check_optimized(g)
+    norm = next(n for n in result.graph.nodes if n.op == "rms_norm")
+    assert len(norm.inputs) == 1
+
+
+def test_rms_norm_over_another_axis_is_not_recognized():
+    g = Graph()
+    x = g.input("x", (3, 5))
+    g.output("y", x * ((x * x).mean(0, keepdims=True) + 1e-5).rsqrt())
+    result = check_optimized(g)
+    assert op_counts(result.graph)["rms_norm"] == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 7), (2, 3, 5), (1, 3)])
+def test_log_softmax_and_label_gather_become_cross_entropy(shape):
+    g = Graph()
+    logits = g.input("logits", shape)
+    labels = g.input("labels", shape[:-1], "i32")
+    picked = g.apply(
+        "gather", [log_softmax_decomposed(logits * 2.0), labels.reshape(*shape[:-1], 1)], axis=-1
+    )
+    g.output("loss", -(picked.mean()))
+    result = check_optimized(g, ints={"labels": shape[-1]})
+    counts = op_counts(result.graph)
+    assert counts["cross_entropy_rows"] == 1 and counts["log_softmax"] == 0, counts
+    assert result.report.kernels_after == 2
 
 
 def test_pattern_with_an_extra_reader_of_an_inner_value_stays_correct():

@@ -64,21 +64,17 @@ def _program() -> str:
 
 
 def buffered_nodes(graph: Graph, region: list[int], roots: set[int]) -> set[int]:
-    """Nodes of the region that the lowering keeps in buffers as the graph stands."""
+    """Nodes of the region that keep a buffer whatever the rewrites: the roots, kernel
+    outputs and matmul-like operands. Pointwise values read several times are left out:
+    rewrites often leave them read once (the bottom-up estimate counts shared reads twice)."""
     inside = set(region)
-    uses: dict[int, int] = {}
-    for nid in region:
-        for i in graph.nodes[nid].inputs:
-            uses[i] = uses.get(i, 0) + 1
     out = set()
     for nid in region:
         node = graph.nodes[nid]
-        kind = get_op(node.op).kind
-        if nid in roots or kind not in INLINED_KINDS:
+        opdef = get_op(node.op)
+        if nid in roots or opdef.kind not in INLINED_KINDS:
             out.add(nid)
-        elif kind == "pointwise" and uses.get(nid, 0) > 1:
-            out.add(nid)
-        if get_op(node.op).strided_inputs:
+        if opdef.strided_inputs:
             out.update(i for i in node.inputs if i in inside)
     return out
 

@@ -224,9 +224,18 @@ rewrite(
 rewrite(
     "divide-by-sqrt",
     "canon",
-    P("div", "?t", "?x", P("sqrt", "?t", "?y")),
-    P("mul", "?t", "?x", P("rsqrt", "?t", "?y")),
+    P("div", "?t", "?x", P("sqrt", "?tq", "?y")),
+    P("mul", "?t", "?x", P("rsqrt", "?tq", "?y")),
 )
+# A negation moves into a sum or mean (where it may meet another).
+for _red_op in ("sum", "mean"):
+    rewrite(
+        f"negate-{_red_op}",
+        "canon",
+        P("neg", "?t", P(_red_op, "?t", "?x", a="?a")),
+        P(_red_op, "?t", P("neg", "?tx", "?x"), a="?a"),
+        ["(= ?tx (type-of ?x))"],
+    )
 # matmul reads transposed operands in place, and scalar factors move out of it.
 for _side, (_flag_in, _flag_out) in product((0, 1), ((0, 1), (1, 0))):
     _flags = ["?fa", "?fb"]
