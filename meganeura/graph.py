@@ -93,6 +93,17 @@ class ParameterSpec:
     state: bool = False  # optimizer state: persistent, saved in checkpoints, never trained
 
 
+@dataclass(frozen=True)
+class ParameterView:
+    """A parameter stored as a slice of another one (the optimizer concatenates weights that
+    multiply the same input): elements [start, stop) of `storage` along `axis`."""
+
+    storage: str
+    axis: int
+    start: int
+    stop: int
+
+
 def broadcast_shapes(op: str, *types: TensorType) -> tuple[int, ...]:
     try:
         return tuple(np.broadcast_shapes(*(t.shape for t in types)))
@@ -112,6 +123,8 @@ class Graph:
     outputs: dict[str, int] = field(default_factory=dict)
     # After each training step, parameter/state node id -> node holding its new value.
     updates: dict[int, int] = field(default_factory=dict)
+    # Parameters that live inside another parameter's buffer, by name (see ParameterView).
+    parameter_views: dict[str, ParameterView] = field(default_factory=dict)
 
     # -- sources -------------------------------------------------------------------------
     def input(self, name: str, shape: Sequence[int], dtype: str = "f32") -> Tensor:

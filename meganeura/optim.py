@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
-from meganeura.graph import Graph, Tensor
+from meganeura.graph import Graph, ParameterSpec, Tensor
 
 
 def _check_lr(lr) -> None:
@@ -40,7 +41,16 @@ class Optimizer:
         return graph.input(f"optim.{name}", ())
 
     def _state(self, graph: Graph, kind: str, name: str, param: Tensor) -> Tensor:
-        return graph.parameter(f"optim.{kind}.{name}", param.shape, init="zeros", state=True)
+        state = f"optim.{kind}.{name}"
+        tensor = graph.parameter(state, param.shape, init="zeros", state=True)
+        # The state of a parameter that stores others (see ParameterView) stores theirs.
+        for member, view in list(graph.parameter_views.items()):
+            if view.storage == name:
+                graph.parameter_views[f"optim.{kind}.{member}"] = replace(view, storage=state)
+                graph.parameter_specs[f"optim.{kind}.{member}"] = ParameterSpec(
+                    "zeros", trainable=False, state=True
+                )
+        return tensor
 
     def attach(self, graph: Graph, params: dict[str, Tensor], grads: dict[str, Tensor]):
         raise NotImplementedError

@@ -28,6 +28,7 @@ def _copy_graph(graph: Graph) -> Graph:
         parameter_specs=dict(graph.parameter_specs),
         outputs=dict(graph.outputs),
         updates=dict(graph.updates),
+        parameter_views=dict(graph.parameter_views),
     )
 
 
@@ -124,14 +125,48 @@ class Session:
         self._programs: dict[str, Any] = {}
         self.optimize_report = None  # what the e-graph optimizer did (build(optimize=True))
         self._last: Any = None
+        # Parameters are initialized in the order they were created, whether they have a
+        # buffer of their own or live in another's (graph.parameter_views), so one seed gives
+        # the same values with and without the optimizer.
         rng = np.random.default_rng(seed)
-        for name, nid in graph.parameters.items():
-            node = graph.nodes[nid]
-            spec = graph.parameter_specs[name]
-            value = initial_value(
-                name, spec.init, node.type.shape, numpy_dtype(node.type.dtype), rng
-            )
-            executor.set_value(nid, value)
+        staged: dict[str, np.ndarray] = {}
+        for name, spec in graph.parameter_specs.items():
+            if name in self._storages:
+                continue
+            ttype = self._type_of(name)
+            value = initial_value(name, spec.init, ttype.shape, numpy_dtype(ttype.dtype), rng)
+            if name in graph.parameter_views:
+                view = graph.parameter_views[name]
+                if view.storage not in staged:
+                    storage = graph.nodes[graph.parameters[view.storage]].type
+                    staged[view.storage] = np.zeros(storage.shape, numpy_dtype(storage.dtype))
+                staged[view.storage][self._where(name)] = value
+            else:
+                executor.set_value(graph.parameters[name], value)
+        for storage, value in staged.items():
+            executor.set_value(graph.parameters[storage], value)
+
+    @property
+    def _storages(self) -> set[str]:
+        return {view.storage for view in self.graph.parameter_views.values()}
+
+    def _where(self, name: str) -> tuple[slice, ...]:
+        """The index of view `name` in its storage's array."""
+        view = self.graph.parameter_views[name]
+        index = [slice(None)] * (view.axis + 1)
+        index[view.axis] = slice(view.start, view.stop)
+        return tuple(index)
+
+    def _type_of(self, name: str):
+        """The type of parameter `name`, a view or one with a buffer of its own."""
+        g = self.graph
+        if name in g.parameter_views:
+            view = g.parameter_views[name]
+            storage = g.nodes[g.parameters[view.storage]].type
+            shape = list(storage.shape)
+            shape[view.axis] = view.stop - view.start
+            return dataclasses.replace(storage, shape=tuple(shape))
+        return g.nodes[g.parameters[name]].type
 
     @property
     def device(self) -> str:
@@ -203,26 +238,45 @@ class Session:
     # -- parameters -------------------------------------------------------------------------
     def parameters(self, include_state: bool = False) -> dict[str, np.ndarray]:
         """Current parameter values by name (optimizer state too with include_state)."""
-        return {
-            name: self.executor.get_value(nid)
-            for name, nid in self.graph.parameters.items()
-            if include_state or not self.graph.parameter_specs[name].state
-        }
+        g, storages, out = self.graph, self._storages, {}
+        stored: dict[str, np.ndarray] = {}
+        for name, spec in g.parameter_specs.items():
+            if name in storages or (spec.state and not include_state):
+                continue
+            if name in g.parameter_views:
+                storage = g.parameter_views[name].storage
+                if storage not in stored:
+                    stored[storage] = self.executor.get_value(g.parameters[storage])
+                out[name] = np.ascontiguousarray(stored[storage][self._where(name)])
+            else:
+                out[name] = self.executor.get_value(g.parameters[name])
+        return out
 
     def set_parameters(self, values: Mapping[str, np.ndarray]) -> None:
+        g = self.graph
+        stored: dict[str, np.ndarray] = {}
         for name, value in values.items():
-            if name not in self.graph.parameters:
+            if name in self._storages or (
+                name not in g.parameters and name not in g.parameter_views
+            ):
                 raise KeyError(f"set_parameters: no parameter named {name!r}")
-            node = self.graph.nodes[self.graph.parameters[name]]
+            ttype = self._type_of(name)
             array = np.asarray(value)
-            if array.shape != node.type.shape:
+            if array.shape != ttype.shape:
                 raise ValueError(
-                    f"set_parameters: {name!r} has shape {list(node.type.shape)}, "
+                    f"set_parameters: {name!r} has shape {list(ttype.shape)}, "
                     f"got {list(array.shape)}"
                 )
-            self.executor.set_value(
-                node.id, np.asarray(array, numpy_dtype(node.type.dtype), order="C")
-            )
+            array = np.asarray(array, numpy_dtype(ttype.dtype), order="C")
+            if name in g.parameter_views:
+                storage = g.parameter_views[name].storage
+                if storage not in stored:
+                    stored[storage] = self.executor.get_value(g.parameters[storage])
+                stored[storage][self._where(name)] = array
+            else:
+                self.executor.set_value(g.parameters[name], array)
+        for storage, array in stored.items():
+            self.executor.set_value(g.parameters[storage], array)
 
     # -- feeding ------------------------------------------------------------------------------
     def _feeds(self, values: Mapping[str, Any], needed: set[str]) -> dict[int, np.ndarray]:

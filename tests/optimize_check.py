@@ -38,11 +38,26 @@ def values_by_name(graph: Graph, feeds: dict, roots: Iterable[int] = ()) -> dict
         for name, nid in table.items():
             if name in feeds:
                 fed[nid] = feeds[name]
+    # Weights the optimizer stored together are fed through their storage.
+    parts: dict[str, list] = {}
+    for name, view in graph.parameter_views.items():
+        if name in feeds:
+            parts.setdefault(view.storage, []).append((view.start, feeds[name], view.axis))
+    for storage, pieces in parts.items():
+        pieces.sort(key=lambda p: p[0])
+        fed[graph.parameters[storage]] = np.concatenate([p[1] for p in pieces], pieces[0][2])
     wanted = [*graph.outputs.values(), *graph.updates.values(), *roots]
     values = evaluate(graph, wanted, fed)
     out = {f"out:{n}": values[i] for n, i in graph.outputs.items()}
     names = {nid: name for name, nid in graph.parameters.items()}
-    out.update({f"update:{names[t]}": values[v] for t, v in graph.updates.items()})
+    for t, v in graph.updates.items():
+        members = [(n, w) for n, w in graph.parameter_views.items() if w.storage == names[t]]
+        if not members:
+            out[f"update:{names[t]}"] = values[v]
+        for name, view in members:
+            index = [slice(None)] * (view.axis + 1)
+            index[view.axis] = slice(view.start, view.stop)
+            out[f"update:{name}"] = values[v][tuple(index)]
     return out, values
 
 

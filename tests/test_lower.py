@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import meganeura as mn
 import meganeura.functional as F
 from meganeura.autodiff import grad
-from meganeura.lower.plan import plan
+from meganeura.lower.plan import plan, reshape_strides
 from meganeura.nn import MLP
 from meganeura.session import _copy_graph
 
@@ -87,3 +89,37 @@ def test_planned_programs_match_the_numpy_executor_on_lavapipe():
     want = mn.build(g, device="cpu", seed=1).run({"x": x})["h"]
     got = mn.build(g, device="vulkan-cpu", seed=1).run({"x": x})["h"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_reshape_of_a_strided_view_reads_the_right_elements(data):
+    """reshape_strides, where it finds strides, addresses exactly NumPy's reshape."""
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
+    base = np.arange(int(np.prod([2 * d for d in shape])) * 2).reshape((*[2 * d for d in shape], 2))
+    starts = [data.draw(st.integers(0, d)) for d in shape]
+    view = base[(*(slice(a, a + d) for a, d in zip(starts, shape, strict=True)), 1)]
+    view = view.transpose(data.draw(st.permutations(range(len(shape)))))
+    sizes = [d for d in view.shape]
+    split = data.draw(st.sampled_from(["flat", "merge", "unsqueeze", "same"]))
+    new_shape = {
+        "flat": (view.size,),
+        "merge": (sizes[0] * sizes[1], *sizes[2:]) if len(sizes) > 1 else (view.size,),
+        "unsqueeze": (*sizes[:-1], 1, sizes[-1]),
+        "same": tuple(sizes),
+    }[split]
+    strides = tuple(s // base.itemsize for s in view.strides)
+    got = reshape_strides(view.shape, strides, new_shape)
+    if got is None:
+        return
+    offset = (
+        view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    ) // base.itemsize
+    index = np.full(new_shape, offset)
+    for d, stride in enumerate(got):
+        index = (
+            index
+            + np.arange(new_shape[d]).reshape([-1 if e == d else 1 for e in range(len(new_shape))])
+            * stride
+        )
+    np.testing.assert_array_equal(base.reshape(-1)[index], view.reshape(new_shape))

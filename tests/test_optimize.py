@@ -447,6 +447,88 @@ def test_optimize_false_leaves_the_graph_alone():
     assert op_counts(session.graph)["softmax"] == 0
 
 
+# -- horizontal fusion: one matmul for projections of one input -------------------------------
+
+
+def attention_projections(g: Graph, x, dim: int, kv: int, bias: bool = False):
+    from meganeura.nn import Linear
+
+    q = Linear(g, "attn.q_proj", dim, dim, bias=bias)(x)
+    k = Linear(g, "attn.k_proj", dim, kv, bias=bias)(x)
+    v = Linear(g, "attn.v_proj", dim, kv, bias=bias)(x)
+    scores = (q @ k.transpose(-1, -2)).softmax(-1)
+    return g.output("y", (scores @ v).sum(-1, keepdims=True) * q)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8), (1, 8)])
+def test_projections_of_one_input_share_one_matmul(shape):
+    g = Graph()
+    x = g.input("x", shape)
+    attention_projections(g, x, 8, 8)
+    result = check_optimized(g)
+    new = result.graph
+    assert op_counts(new)["matmul"] == 3  # q/k/v in one, and the two attention products
+    assert result.report.fusions["concat_matmul"] == 2
+    storage = new.parameter_views["attn.q_proj.weight"].storage
+    assert storage == "attn.[q_proj.weight,k_proj.weight,v_proj.weight]"
+    assert new.nodes[new.parameters[storage]].type.shape == (24, 8)
+    assert "attn.q_proj.weight" not in new.parameters
+
+
+def test_weights_read_elsewhere_are_not_concatenated():
+    g = Graph()
+    x = g.input("x", (3, 4))
+    a = g.parameter("a", (5, 4), init="normal")
+    b = g.parameter("b", (5, 4), init="normal")
+    y = g.apply("matmul", [x, a], trans_b=True) + g.apply("matmul", [x, b], trans_b=True)
+    g.output("y", y + a.sum(-1))
+    result = check_optimized(g)
+    assert not result.graph.parameter_views
+
+
+def training_feeds(rng):
+    return {
+        "x": rng.standard_normal((2, 3, 8)).astype(np.float32),
+        "labels": rng.integers(0, 8, (2, 3)).astype(np.int32),
+    }
+
+
+def projection_model():
+    g = Graph()
+    x = g.input("x", (2, 3, 8))
+    labels = g.input("labels", (2, 3), "i32")
+    y = attention_projections(g, x, 8, 8, bias=True)
+    up = MLP(g, "mlp", [8, 16, 8])
+    return g, F.cross_entropy(up(y), labels)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [optim.SGD(lr=0.1, momentum=0.9), optim.AdamW(lr=1e-2)],
+    ids=["momentum", "adamw"],
+)
+def test_training_concatenated_weights_by_their_names(optimizer):
+    g, loss = projection_model()
+    feeds = training_feeds(np.random.default_rng(1))
+    plain = build(g, loss, optimizer, device="cpu", seed=5, optimize=False)
+    fused = build(g, loss, optimizer, device="cpu", seed=5)
+    assert fused.graph.parameter_views, "the projections should share a weight"
+    assert plain.parameters().keys() == fused.parameters().keys()
+    assert_same_values(plain.parameters(), fused.parameters(), rtol=0, atol=0)
+    np.testing.assert_allclose(steps(fused, feeds), steps(plain, feeds), rtol=1e-5)
+    assert_same_values(
+        plain.parameters(include_state=True), fused.parameters(include_state=True), 1e-5, 1e-6
+    )
+    # Loading by name writes into the shared weight.
+    new_k = np.full((8, 8), 0.25, np.float32)
+    for session in (plain, fused):
+        session.set_parameters({"attn.k_proj.weight": new_k})
+        np.testing.assert_array_equal(session.parameters()["attn.k_proj.weight"], new_k)
+    assert_same_values(plain.run(feeds), fused.run(feeds), rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError):
+        fused.set_parameters({fused.graph.parameter_views["attn.k_proj.weight"].storage: new_k})
+
+
 # -- repeated blocks -----------------------------------------------------------------------------
 
 

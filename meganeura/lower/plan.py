@@ -190,10 +190,37 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
         offset += sum(a * s for a, s in zip(starts, strides, strict=True))
         return base, tuple(s * c for s, c in zip(strides, steps, strict=True)), offset
     if node.op == "reshape":
-        if tuple(strides) == _contiguous_strides(src_shape):
-            return base, _contiguous_strides(node.type.shape), offset
-        return None
+        new = reshape_strides(src_shape, strides, node.type.shape)
+        return None if new is None else (base, new, offset)
     return None
+
+
+def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
+    """Strides of a strided view reshaped to `new_shape` without a copy, or None when the
+    reshape merges dims that are not laid out one after another (NumPy's no-copy rule)."""
+    old = [(d, st) for d, st in zip(shape, strides, strict=True) if d != 1]
+    out = [0] * len(new_shape)
+    oi = ni = 0
+    while oi < len(old) and ni < len(new_shape):
+        if new_shape[ni] == 1:
+            ni += 1
+            continue
+        oj, nj = oi + 1, ni + 1
+        new_size, old_size = new_shape[ni], old[oi][0]
+        while new_size != old_size:
+            if new_size < old_size:
+                new_size *= new_shape[nj]
+                nj += 1
+            else:
+                old_size *= old[oj][0]
+                oj += 1
+        if any(old[k][1] != old[k + 1][1] * old[k + 1][0] for k in range(oi, oj - 1)):
+            return None
+        out[nj - 1] = old[oj - 1][1]
+        for k in range(nj - 1, ni, -1):
+            out[k - 1] = out[k] * new_shape[k]
+        oi, ni = oj, nj
+    return tuple(out)
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:

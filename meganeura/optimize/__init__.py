@@ -20,6 +20,7 @@ from meganeura.ops import get_op
 from meganeura.optimize.blocks import Block, find_blocks
 from meganeura.optimize.encode import ConstantPool, codec, constant_key, encodable
 from meganeura.optimize.extract import CostModel
+from meganeura.optimize.horizontal import concatenate_siblings
 from meganeura.optimize.region import Template, emit_node, optimize_region
 from meganeura.optimize.rules import built_ops
 
@@ -100,10 +101,13 @@ def optimize(
     model: CostModel | None = None,
     blocks: bool = True,
     count: bool = False,
+    horizontal: bool = True,
 ) -> Optimized:
     """Optimize everything that `roots`, the graph's outputs and its updates need.
 
-    With `count`, the report gives nodes and kernels per run before and after.
+    With `count`, the report gives nodes and kernels per run before and after. With
+    `horizontal`, matmuls of one input by several weights share one matmul over the weights
+    stored together (the new graph's `parameter_views` say where each weight lives).
     """
     model = model or CostModel()
     report = OptimizeReport()
@@ -112,6 +116,13 @@ def optimize(
     roots = list(roots)
     all_roots = list(dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values()]))
     graph, canon = deduplicated(graph, graph.live_nodes(all_roots))
+    if horizontal:
+        graph, moved, merged = concatenate_siblings(
+            graph, graph.live_nodes([canon[r] for r in all_roots])
+        )
+        canon = {old: moved[c] for old, c in canon.items() if c in moved}
+        if merged:
+            report.fusions["concat_matmul"] = merged
     wanted = list(dict.fromkeys(canon[r] for r in all_roots))
     live = graph.live_nodes(wanted)
     sources = {"input", "parameter"}
@@ -268,7 +279,9 @@ def _account(report, stats, template: Template, graph: Graph, region, copies: in
 
 def _emit(graph: Graph, wanted, owner, opaque: set[int], pool: ConstantPool):
     """The new graph: sources first (same names, same order), then every root on demand."""
-    new = Graph(parameter_specs=dict(graph.parameter_specs))
+    new = Graph(
+        parameter_specs=dict(graph.parameter_specs), parameter_views=dict(graph.parameter_views)
+    )
     ids: dict[int, int] = {}
     for node in graph.nodes:
         if node.op == "input":

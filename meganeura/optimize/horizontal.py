@@ -1,0 +1,154 @@
+"""Horizontal fusion: matmuls of one input by several weights become one matmul.
+
+Q, K and V projections (and gate and up) multiply the same activations by different weight
+matrices. Stored side by side in one parameter, the weights make one matmul whose output
+columns are the projections: one launch instead of three, the input read once, and in the
+backward pass one matmul each for the input and the weight gradient. The concatenated weight
+is a parameter of its own (`storage`); the original parameters become `ParameterView`s of
+it, so sessions still load, read, save and train them by their names.
+
+This runs before the e-graph because it creates a parameter, which no rewrite rule can.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from meganeura.graph import Graph, ParameterSpec, ParameterView, Tensor
+
+FLOATS = ("f32", "f16")
+
+
+@dataclasses.dataclass
+class Group:
+    members: list[int]  # matmul node ids, in graph order
+    weights: list[int]  # their weight parameters
+    axis: int  # axis of the weights along which they are stacked
+
+
+def sibling_groups(graph: Graph, live: list[int]) -> list[Group]:
+    """Matmuls that multiply one input by weights no other op reads."""
+    users: dict[int, list[int]] = defaultdict(list)
+    for nid in live:
+        for i in graph.nodes[nid].inputs:
+            users[i].append(nid)
+    updated = set(graph.updates)
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for nid in live:
+        node = graph.nodes[nid]
+        if node.op != "matmul" or node.attrs["trans_a"]:
+            continue
+        a, w = node.inputs
+        wn = graph.nodes[w]
+        if wn.op != "parameter" or w in updated or wn.type.ndim != 2:
+            continue
+        if wn.type.dtype not in FLOATS or users[w] != [nid] or a == w:
+            continue
+        spec = graph.parameter_specs[wn.name]
+        trans_b = node.attrs["trans_b"]
+        k = wn.type.shape[1] if trans_b else wn.type.shape[0]
+        by_key[(a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)].append(nid)
+    groups = []
+    for (_, trans_b, *_), members in by_key.items():
+        if len(members) > 1:
+            weights = [graph.nodes[m].inputs[1] for m in members]
+            groups.append(Group(members, weights, 0 if trans_b else 1))
+    return groups
+
+
+def storage_name(names: list[str]) -> str:
+    """One name for weights stored together: their common prefix, then the rest of each."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = "".join(f"{p}." for p in parts[0][:common])
+    return f"{prefix}[{','.join(n[len(prefix) :] for n in names)}]"
+
+
+def concatenate_siblings(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int], int]:
+    """`graph` with each group of sibling matmuls computed by one matmul over a concatenated
+    weight, the new id of every old node (weights that became views have none), and the
+    number of matmuls merged away."""
+    groups = sibling_groups(graph, live)
+    if not groups:
+        return graph, {n: n for n in live}, 0
+    group_of_weight = {w: g for g in groups for w in g.weights}
+    group_of_matmul = {m: g for g in groups for m in g.members}
+    new = Graph(
+        parameter_specs=dict(graph.parameter_specs),
+        parameter_views=dict(graph.parameter_views),
+    )
+    ids: dict[int, int] = {}
+    storage: dict[int, int] = {}  # id(group) -> storage node in `new`
+    shared: dict[int, int] = {}  # id(group) -> shared matmul node in `new`
+    keep = set(live)
+    for node in graph.nodes:
+        if node.id not in keep and node.op not in ("input", "parameter"):
+            continue
+        if node.id in group_of_weight:
+            group = group_of_weight[node.id]
+            if id(group) not in storage:
+                storage[id(group)] = _add_storage(new, graph, group)
+            continue
+        if node.id in group_of_matmul:
+            group = group_of_matmul[node.id]
+            if id(group) not in shared:
+                a = Tensor(new, ids[node.inputs[0]])
+                shared[id(group)] = new.apply(
+                    "matmul", [a, Tensor(new, storage[id(group)])], **node.attrs
+                ).id
+            ids[node.id] = _columns(new, graph, group, node.id, shared[id(group)])
+            continue
+        inputs = tuple(ids[i] for i in node.inputs)
+        nid = len(new.nodes)
+        new.nodes.append(dataclasses.replace(node, id=nid, inputs=inputs))
+        ids[node.id] = nid
+        if node.op == "input":
+            new.inputs[node.name] = nid
+        elif node.op == "parameter":
+            new.parameters[node.name] = nid
+    new.outputs = {name: ids[i] for name, i in graph.outputs.items()}
+    new.updates = {ids[t]: ids[v] for t, v in graph.updates.items()}
+    merged = sum(len(g.members) - 1 for g in groups)
+    return new, ids, merged
+
+
+def _add_storage(new: Graph, graph: Graph, group: Group) -> int:
+    weights = [graph.nodes[w] for w in group.weights]
+    names = [w.name for w in weights]
+    name = storage_name(names)
+    shape = list(weights[0].type.shape)
+    shape[group.axis] = sum(w.type.shape[group.axis] for w in weights)
+    nid = len(new.nodes)
+    first = graph.parameter_specs[names[0]]
+    new._append(
+        "parameter",
+        (),
+        {"name": name},
+        dataclasses.replace(weights[0].type, shape=tuple(shape)),
+        name,
+    )
+    new.parameters[name] = nid
+    new.parameter_specs[name] = ParameterSpec(
+        init=None, trainable=first.trainable, state=first.state
+    )
+    start = 0
+    for w in weights:
+        stop = start + w.type.shape[group.axis]
+        new.parameter_views[w.name] = ParameterView(name, group.axis, start, stop)
+        start = stop
+    return nid
+
+
+def _columns(new: Graph, graph: Graph, group: Group, member: int, shared: int) -> int:
+    """The member's output: its columns of the shared matmul's output."""
+    index = group.members.index(member)
+    sizes = [graph.nodes[w].type.shape[group.axis] for w in group.weights]
+    start = sum(sizes[:index])
+    out = new.nodes[shared].type
+    starts = [0] * out.ndim
+    stops = list(out.shape)
+    starts[-1], stops[-1] = start, start + sizes[index]
+    return new.apply("slice", [Tensor(new, shared)], starts=starts, stops=stops).id
