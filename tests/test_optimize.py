@@ -475,6 +475,25 @@ def test_projections_of_one_input_share_one_matmul(shape):
     assert "attn.q_proj.weight" not in new.parameters
 
 
+@pytest.mark.parametrize("spelling", ["transpose-node", "k-by-n"])
+def test_projections_spelt_without_trans_b_share_one_matmul(spelling):
+    g = Graph()
+    x = g.input("x", (2, 5, 6))
+    outs = []
+    for name, n in (("gate", 7), ("up", 7), ("extra", 3)):
+        if spelling == "transpose-node":
+            w = g.parameter(f"mlp.{name}", (n, 6), init="normal")
+            outs.append(x @ w.transpose(0, 1))
+        else:
+            w = g.parameter(f"mlp.{name}", (6, n), init="normal")
+            outs.append(x @ w)
+    g.output("y", (outs[0] * outs[0].sigmoid()) * outs[1])
+    g.output("z", outs[2])
+    result = check_optimized(g)
+    assert op_counts(result.graph)["matmul"] == 1
+    assert result.graph.parameter_views["mlp.up"].axis == (0 if spelling == "transpose-node" else 1)
+
+
 def test_weights_read_elsewhere_are_not_concatenated():
     g = Graph()
     x = g.input("x", (3, 4))

@@ -25,35 +25,56 @@ class Group:
     members: list[int]  # matmul node ids, in graph order
     weights: list[int]  # their weight parameters
     axis: int  # axis of the weights along which they are stacked
+    trans_b: bool  # whether the matmuls read the weights transposed
+    hidden: list[int] = dataclasses.field(default_factory=list)  # transposes of the weights
 
 
 def sibling_groups(graph: Graph, live: list[int]) -> list[Group]:
-    """Matmuls that multiply one input by weights no other op reads."""
+    """Matmuls that multiply one input by weights no other op reads. A weight may be read
+    through a transpose (`x @ w.T`, as exports spell a linear layer)."""
     users: dict[int, list[int]] = defaultdict(list)
     for nid in live:
         for i in graph.nodes[nid].inputs:
             users[i].append(nid)
     updated = set(graph.updates)
-    by_key: dict[tuple, list[int]] = defaultdict(list)
+
+    def weight_of(m: int, b: int) -> tuple[int, bool, int | None] | None:
+        """(weight parameter, whether the matmul reads it transposed, the transpose node)."""
+        trans, node, hidden = graph.nodes[m].attrs["trans_b"], graph.nodes[b], None
+        if node.op == "permute" and node.attrs["axes"] == (1, 0) and users[b] == [m]:
+            b, trans, hidden = node.inputs[0], not trans, b
+        w = graph.nodes[b]
+        if w.op != "parameter" or b in updated or w.type.ndim != 2 or w.type.dtype not in FLOATS:
+            return None
+        return (b, trans, hidden) if users[b] == [hidden if hidden is not None else m] else None
+
+    by_key: dict[tuple, list[tuple[int, int, int | None]]] = defaultdict(list)
     for nid in live:
         node = graph.nodes[nid]
         if node.op != "matmul" or node.attrs["trans_a"]:
             continue
-        a, w = node.inputs
+        a, b = node.inputs
+        found = weight_of(nid, b)
+        if found is None or a == b:
+            continue
+        w, trans_b, hidden = found
         wn = graph.nodes[w]
-        if wn.op != "parameter" or w in updated or wn.type.ndim != 2:
-            continue
-        if wn.type.dtype not in FLOATS or users[w] != [nid] or a == w:
-            continue
         spec = graph.parameter_specs[wn.name]
-        trans_b = node.attrs["trans_b"]
         k = wn.type.shape[1] if trans_b else wn.type.shape[0]
-        by_key[(a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)].append(nid)
+        key = (a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)
+        by_key[key].append((nid, w, hidden))
     groups = []
-    for (_, trans_b, *_), members in by_key.items():
-        if len(members) > 1:
-            weights = [graph.nodes[m].inputs[1] for m in members]
-            groups.append(Group(members, weights, 0 if trans_b else 1))
+    for (_, trans_b, *_), found in by_key.items():
+        if len(found) > 1:
+            groups.append(
+                Group(
+                    [m for m, _, _ in found],
+                    [w for _, w, _ in found],
+                    0 if trans_b else 1,
+                    trans_b,
+                    [h for _, _, h in found if h is not None],
+                )
+            )
     return groups
 
 
@@ -76,6 +97,7 @@ def concatenate_siblings(graph: Graph, live: list[int]) -> tuple[Graph, dict[int
         return graph, {n: n for n in live}, 0
     group_of_weight = {w: g for g in groups for w in g.weights}
     group_of_matmul = {m: g for g in groups for m in g.members}
+    hidden = {h for g in groups for h in g.hidden}
     new = Graph(
         parameter_specs=dict(graph.parameter_specs),
         parameter_views=dict(graph.parameter_views),
@@ -85,7 +107,7 @@ def concatenate_siblings(graph: Graph, live: list[int]) -> tuple[Graph, dict[int
     shared: dict[int, int] = {}  # id(group) -> shared matmul node in `new`
     keep = set(live)
     for node in graph.nodes:
-        if node.id not in keep and node.op not in ("input", "parameter"):
+        if node.id in hidden or (node.id not in keep and node.op not in ("input", "parameter")):
             continue
         if node.id in group_of_weight:
             group = group_of_weight[node.id]
@@ -96,9 +118,8 @@ def concatenate_siblings(graph: Graph, live: list[int]) -> tuple[Graph, dict[int
             group = group_of_matmul[node.id]
             if id(group) not in shared:
                 a = Tensor(new, ids[node.inputs[0]])
-                shared[id(group)] = new.apply(
-                    "matmul", [a, Tensor(new, storage[id(group)])], **node.attrs
-                ).id
+                w = Tensor(new, storage[id(group)])
+                shared[id(group)] = new.apply("matmul", [a, w], trans_b=group.trans_b).id
             ids[node.id] = _columns(new, graph, group, node.id, shared[id(group)])
             continue
         inputs = tuple(ids[i] for i in node.inputs)
