@@ -64,6 +64,13 @@ def build(
     return session
 
 
+def build_report(graph: Graph, loss: Tensor | None = None, optimizer: Any = None):
+    """What `build(graph, loss, optimizer)` would do to the graph, without a device or any
+    parameter values: the optimizer's report (see `Session.optimize_report`)."""
+    g, loss_id, _, report = _step_graph(graph, loss, optimizer, optimize=True)
+    return _count(report, graph, loss, optimizer, g, loss_id)
+
+
 def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, optimize: bool):
     """The graph a session runs: `graph` differentiated and given its optimizer's updates,
     optimized before and after autodiff when `optimize` is set."""
@@ -101,16 +108,19 @@ def _optimized(g: Graph, loss_id: int | None, report, stage: str):
 
 
 def _count(report, graph: Graph, loss, optimizer, g: Graph, loss_id):
-    """Nodes and kernels per step of the session's graph, and of the graph as written."""
-    from meganeura.optimize import count_kernels
+    """Nodes and kernels per step of the session's graph and of the graph as written, and
+    the fused ops the optimizer added (plus the matmuls it merged)."""
+    from meganeura.optimize import fusions, step_stats
 
     baseline, base_loss, _, _ = _step_graph(graph, loss, optimizer, optimize=False)
-    report.nodes_before, report.kernels_before = count_kernels(
-        baseline, [] if base_loss is None else [base_loss]
-    )
-    report.nodes_after, report.kernels_after = count_kernels(
-        g, [] if loss_id is None else [loss_id]
-    )
+    before = step_stats(baseline, [] if base_loss is None else [base_loss])
+    after = step_stats(g, [] if loss_id is None else [loss_id])
+    report.nodes_before, report.kernels_before = before.nodes, before.kernels
+    report.nodes_after, report.kernels_after = after.nodes, after.kernels
+    merged = report.fusions.get("concat_matmul", 0)
+    report.fusions = fusions(before, after)
+    if merged:
+        report.fusions["concat_matmul"] = merged
     return report
 
 

@@ -91,6 +91,15 @@ def layer_norm_decomposed(x, weight=None, bias=None):
     return out if bias is None else out + bias
 
 
+def rotate_half(x):
+    from meganeura.ops.views import concat, slice_axis
+
+    n = x.shape[-1]
+    if n < 2:
+        return x
+    return concat([-slice_axis(x, -1, n // 2, n), slice_axis(x, -1, 0, n // 2)], -1)
+
+
 def last_dim_parameter(x, name):
     return x.graph.parameter(name, (x.shape[-1],), init="normal")
 
@@ -324,6 +333,12 @@ UNARY = {
     "times-one-plus-zero": lambda x: x * 1.0 + 0.0,
     "scalar-chain": lambda x: (x * 2.0) * 0.25 / 0.5,
     "broadcast-scalar": lambda x: x * x.graph.constant(np.float32(3.0)).broadcast_to(x.shape),
+    "rms-norm": rms_norm_hf,
+    "rms-norm-onnx": rms_norm_onnx,
+    "layer-norm": layer_norm_decomposed,
+    "gelu-erf": gelu_erf_torch,
+    "swiglu": lambda x: (x * x.sigmoid()) * x.tanh(),
+    "rotate-half": lambda x: rotate_half(x) * 0.5 + x,
 }
 BINARY = {
     "add": lambda a, b: a + b,

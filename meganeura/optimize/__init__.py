@@ -24,7 +24,15 @@ from meganeura.optimize.horizontal import concatenate_siblings
 from meganeura.optimize.region import Template, emit_node, optimize_region
 from meganeura.optimize.rules import built_ops
 
-__all__ = ["CostModel", "OptimizeReport", "Optimized", "count_kernels", "optimize"]
+__all__ = [
+    "CostModel",
+    "OptimizeReport",
+    "Optimized",
+    "count_kernels",
+    "fusions",
+    "optimize",
+    "step_stats",
+]
 
 
 @dataclass
@@ -363,8 +371,32 @@ def _emit_one(new: Graph, tn, values: dict[int, int], pool: ConstantPool, consta
 
 def count_kernels(graph: Graph, roots: Iterable[int]) -> tuple[int, int]:
     """(nodes, kernels) of one run of `roots`, the outputs and the updates of `graph`."""
+    stats = step_stats(graph, roots)
+    return stats.nodes, stats.kernels
+
+
+@dataclass
+class StepStats:
+    nodes: int
+    kernels: int
+    ops: Counter  # live nodes by op
+
+
+def step_stats(graph: Graph, roots: Iterable[int]) -> StepStats:
+    """What one run of `roots`, the outputs and the updates of `graph` computes and launches."""
     from meganeura.lower.plan import select_kernels
 
     wanted = list(dict.fromkeys([*roots, *graph.outputs.values()]))
     _, kernels = select_kernels(graph, wanted, graph.updates)
-    return len(graph.live_nodes([*wanted, *graph.updates.values()])), len(kernels)
+    live = graph.live_nodes([*wanted, *graph.updates.values()])
+    return StepStats(len(live), len(kernels), Counter(graph.nodes[n].op for n in live))
+
+
+def fusions(before: StepStats, after: StepStats) -> dict[str, int]:
+    """Fused ops the optimized graph has and the graph as written had not, by op."""
+    out = {}
+    for op in built_ops():
+        gained = after.ops.get(op, 0) - before.ops.get(op, 0)
+        if gained > 0:
+            out[op] = gained
+    return out
