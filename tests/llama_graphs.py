@@ -76,9 +76,9 @@ def causal_mask(tokens: int) -> np.ndarray:
     return mask
 
 
-def rope_tables(g: Graph, c: Config, tokens: int) -> tuple[Tensor, Tensor]:
+def rope_tables(g: Graph, head_dim: int, theta: float, tokens: int) -> tuple[Tensor, Tensor]:
     """cos and sin of position * inv_freq, duplicated over both halves ([T, D])."""
-    inv_freq = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
     angles = np.arange(tokens)[:, None] * inv_freq[None, :]
     emb = np.concatenate([angles, angles], axis=-1)
     return g.constant(np.cos(emb).astype(np.float32)), g.constant(np.sin(emb).astype(np.float32))
@@ -112,7 +112,7 @@ def decomposed_llama(c: Config, batch: int, tokens: int, train: bool = True):
     mask = g.constant(causal_mask(tokens))
     rope = has_ops("slice", "concat")
     if rope:
-        cos, sin = rope_tables(g, c, tokens)
+        cos, sin = rope_tables(g, c.head_dim, c.rope_theta, tokens)
     scale = 1.0 / math.sqrt(c.head_dim)
     hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     for i in range(c.num_hidden_layers):

@@ -153,6 +153,30 @@ def test_decomposed_pattern_becomes_one_op(name, build_fn, op, shape):
     assert sum(counts.values()) - sources <= 2 + (op == "swiglu"), counts
 
 
+@pytest.mark.parametrize(("shape", "theta"), [((2, 3, 5, 8), 10000.0), ((1, 1, 4, 2), 1e5)])
+def test_rotary_embedding_with_constant_tables_becomes_rope(shape, theta):
+    from tests.llama_graphs import rope_tables
+
+    t, d = shape[2:]
+    g = Graph()
+    x = g.input("x", shape)
+    cos, sin = rope_tables(g, d, theta, t)
+    g.output("y", (x * cos + rotate_half(x) * sin) * 2.0)
+    g.output("z", sin * rotate_half(x) + cos * x)
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["rope"] == 1 and counts["concat"] == 0, counts
+
+
+def test_tables_that_are_not_rotations_stay_as_they_are():
+    g = Graph()
+    x = g.input("x", (1, 2, 3, 4))
+    cos = g.constant(np.random.default_rng(0).random((3, 4)).astype(np.float32))
+    g.output("y", x * cos + rotate_half(x) * cos)
+    result = check_optimized(g)
+    assert op_counts(result.graph)["rope"] == 0
+
+
 def test_weight_of_another_length_is_not_a_norm_weight():
     g = Graph()
     x = g.input("x", (3, 1))

@@ -33,6 +33,8 @@ class CostModel:
     dispatch costs about as much as moving this many bytes)."""
 
     launch_bytes: float = 1 << 20
+    # The lowering fuses a matmul into the one same-shape pointwise kernel that reads it.
+    matmul_epilogues: bool = True
 
 
 class Extraction:
@@ -181,25 +183,48 @@ class Extraction:
             return math.inf
         buffered = self.buffers(choice, order)
         total = 0.0
+        readers: dict[int, list[int]] = {}
         for c in order:
             node = choice[c]
             if c not in buffered or node.op in LEAVES:
                 continue
-            total += self.model.launch_bytes + self.size[c] + self._reads(choice, c, buffered)
+            leaves = self._leaves(choice, c, buffered)
+            total += self.model.launch_bytes + self.size[c] + sum(self.size[k] for k in leaves)
+            for k in leaves:
+                readers.setdefault(k, []).append(c)
+        if self.model.matmul_epilogues:
+            total -= self._epilogue_savings(choice, buffered, readers)
         return total
 
-    def _reads(self, choice, c: int, buffered: set[int]) -> int:
-        seen, stack, total = set(), list(choice[c].children), 0
+    def _leaves(self, choice, c: int, buffered: set[int]) -> set[int]:
+        """The buffers the kernel computing class c reads (through what it inlines)."""
+        seen, stack, out = set(), list(choice[c].children), set()
         while stack:
             k = stack.pop()
             if k in seen:
                 continue
             seen.add(k)
             if k in buffered:
-                total += self.size[k]
+                out.add(k)
             elif choice[k].op != "Scalar":
                 stack.extend(choice[k].children)
-        return total
+        return out
+
+    def _epilogue_savings(self, choice, buffered: set[int], readers) -> float:
+        """The lowering runs a matmul read by one pointwise kernel of its size inside that
+        kernel (as its epilogue): one launch and a round trip of the product saved."""
+        saved = 0.0
+        roots = set(self.roots)
+        for m, users in readers.items():
+            node = choice[m]
+            if node.op in LEAVES or self.kind[node.op] != "matmul" or m in roots:
+                continue
+            if len(users) != 1 or self.size[users[0]] != self.size[m]:
+                continue
+            reader = choice[users[0]]
+            if reader.op not in LEAVES and self.kind[reader.op] in ("pointwise", "view"):
+                saved += self.model.launch_bytes + 2 * self.size[m]
+        return saved
 
     # -- pass 2: moves on the exact cost -------------------------------------------------------
     def refine(self) -> None:

@@ -24,11 +24,14 @@ import re
 from dataclasses import dataclass
 from itertools import product
 
+import numpy as np
+
 from meganeura.ops import all_ops
 from meganeura.optimize.egraph import quote
 from meganeura.optimize.encode import (
     ConstantPool,
     Encoding,
+    codec,
     is_causal_mask,
     parse_ints,
     parse_type,
@@ -495,6 +498,39 @@ def _attention_rules() -> None:
 _attention_rules()
 
 
+def _rope_rules() -> None:
+    """x·cos + rotate_half(x)·sin with constant cos/sin tables of positions 0..T-1 (Hugging
+    Face's apply_rotary_pos_emb, rotate_half as a concat of the negated upper half and the
+    lower half), in either operand order."""
+    rotated = P(
+        "concat",
+        "?t",
+        P("neg", "?th", P("slice", "?th", "?x", a="(AStr ?hi)")),
+        P("slice", "?th", "?x", a="(AStr ?lo)"),
+        a="(AInt 3)",
+    )
+    cos, sin = "(Const ?c ?tc)", "(Const ?s ?ts)"
+    for n, (a, b, swap) in enumerate(product((0, 1), (0, 1), (0, 1))):
+        first = P("mul", "?t", *(("?x", cos) if a else (cos, "?x")))
+        second = P("mul", "?t", *((rotated, sin) if b else (sin, rotated)))
+        terms = (second, first) if swap else (first, second)
+        rewrite(
+            f"rope-{n}",
+            "recognize",
+            P("add", "?t", *terms),
+            P("rope", "?t", "?x", "(Const ?pos ?tpos)", "(Const ?freq ?tfreq)", a="?ra"),
+            [
+                "(= ?t (type-of ?x))",
+                "(rope-halves ?t ?lo ?hi)",
+                "(rope-tables ?c ?s ?pos ?tpos ?freq ?tfreq)",
+                "(= ?ra (rope-attrs))",
+            ],
+        )
+
+
+_rope_rules()
+
+
 # -- fusions ---------------------------------------------------------------------------------
 
 for _n, _kids in enumerate(((P("silu", "?t1", "?g"), "?u"), ("?u", P("silu", "?t1", "?g")))):
@@ -528,6 +564,9 @@ DECLARATIONS = """
 (function attn-packed (String String) String :merge old)
 (function rows-type (String) String :merge old)
 (relation ce-labels (String String))
+(relation rope-halves (String String String))
+(relation rope-tables (i64 i64 i64 String i64 String))
+(function rope-attrs () A :merge old)
 """
 
 
@@ -570,6 +609,7 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
             if q.dtype == v.dtype == "f32" and q.shape[0] == v.shape[0]:
                 size = math.prod(q.shape[:3]) * (v.shape[3] + 1)
                 lines.append(f"(set (attn-packed {quote(tq)} {quote(tv)}) {quote(f'f32[{size}]')})")
+    lines += _rope_tables(rank4, pool)
     floats = [(q, t) for q, t in parsed if t.dtype in ("f32", "f16") and t.shape]
     ints = [(q, t) for q, t in parsed if t.dtype in ("i32", "u32")]
     for tx, x in floats:
@@ -579,6 +619,64 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
             if lab.shape == x.shape[:-1]:
                 lines.append(f"(ce-labels {quote(tx)} {quote(tl)})")
     return lines
+
+
+def _rope_tables(rank4, pool: ConstantPool) -> list[str]:
+    """The halves of [B, H, T, D] tensors as slice attributes, and the constant pairs that are
+    cos and sin tables of positions 0..T-1 (with the positions and frequencies as constants)."""
+    lines = []
+    if "rope" not in all_ops():
+        return lines
+    lines.append(f"(set (rope-attrs) {codec('rope').encode({'interleaved': False})})")
+    for text, t in rank4:
+        b, h, n, d = t.shape
+        if d % 2:
+            continue
+        halves = []
+        for lo, hi in ((0, d // 2), (d // 2, d)):
+            attrs = {"starts": (0, 0, 0, lo), "stops": (b, h, n, hi), "steps": (1, 1, 1, 1)}
+            halves.append(codec("slice").encode(attrs)[6:-1])
+        lines.append(f"(rope-halves {quote(text)} {halves[0]} {halves[1]})")
+    tables = [
+        (cid, a)
+        for cid, a in list(pool.arrays.items())
+        if a.dtype == np.float32
+        and a.ndim >= 2
+        and a.shape[-2] >= 2
+        and a.shape[-1] % 2 == 0
+        and all(d == 1 for d in a.shape[:-2])
+    ]
+    for cid, c in tables:
+        for sid, s in tables:
+            if c.shape != s.shape:
+                continue
+            freq = pool.fact(cid, f"rope-with-{sid}", lambda _c, s=s: rope_frequencies(_c, s))
+            if freq is None:
+                continue
+            positions = np.arange(c.shape[-2], dtype=np.int32)
+            pid, fid = pool.intern(positions), pool.intern(freq)
+            lines.append(
+                f"(rope-tables {cid} {sid} {pid} {quote(f'i32[{positions.size}]')} {fid} "
+                f"{quote(f'f32[{freq.size}]')})"
+            )
+    return lines
+
+
+def rope_frequencies(cos: np.ndarray, sin: np.ndarray) -> np.ndarray | None:
+    """The inverse frequencies f if cos and sin ([..., T, D]) are cos(t·f) and sin(t·f) for
+    t = 0..T-1, each half of the last axis repeating f, else None."""
+    c = cos.reshape(cos.shape[-2:]).astype(np.float64)
+    s = sin.reshape(sin.shape[-2:]).astype(np.float64)
+    half = c.shape[1] // 2
+    if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
+        return None
+    freq = np.arctan2(s[1, :half], c[1, :half])
+    angles = np.arange(c.shape[0])[:, None] * freq[None, :]
+    if np.abs(np.cos(angles) - c[:, :half]).max() > 1e-5:
+        return None
+    if np.abs(np.sin(angles) - s[:, :half]).max() > 1e-5:
+        return None
+    return freq.astype(np.float32)
 
 
 def types_rules() -> str:
