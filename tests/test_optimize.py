@@ -315,6 +315,19 @@ def test_equal_subexpressions_are_computed_once():
     assert counts["softmax"] == 1 and counts["matmul"] == 1
 
 
+def test_ops_whose_attributes_cannot_be_encoded_stay_as_they_are():
+    """pad with -inf (repr gives no literal) is kept outside the e-graph; around it the
+    softmax is still recognized and every value is kept."""
+    g = Graph()
+    x = g.input("x", (3, 4))
+    padded = g.apply("pad", [x * 2.0], lo=(0, 1), hi=(0, 0), value=-np.inf)
+    g.output("y", softmax_decomposed(padded))
+    g.output("z", -(-padded).exp())
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["pad"] == 1 and counts["softmax"] == 1, counts
+
+
 def test_outputs_inputs_and_parameters_keep_their_names():
     g = Graph()
     x = g.input("x", (2, 3))
