@@ -13,15 +13,17 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meganeura.graph import Graph, Tensor
+from meganeura.graph import Graph
 from meganeura.ops import get_op
+from meganeura.optimize.assemble import Instance, assemble
 from meganeura.optimize.blocks import Block, find_blocks
 from meganeura.optimize.encode import ConstantPool, codec, constant_key, encodable
 from meganeura.optimize.extract import CostModel
 from meganeura.optimize.horizontal import concatenate_siblings
-from meganeura.optimize.region import Template, emit_node, optimize_region
+from meganeura.optimize.region import Template, optimize_region
+from meganeura.optimize.report import OptimizeReport, count_kernels, fusions, step_stats
 from meganeura.optimize.rules import built_ops
 
 __all__ = [
@@ -36,71 +38,10 @@ __all__ = [
 
 
 @dataclass
-class OptimizeReport:
-    """What the optimizer did to one graph (or, merged, to a session's graphs)."""
-
-    enodes: int = 0
-    eclasses: int = 0
-    rules_fired: dict[str, int] = field(default_factory=dict)
-    nodes_before: int = 0
-    nodes_after: int = 0
-    kernels_before: int = 0
-    kernels_after: int = 0
-    fusions: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    blocks: list[dict] = field(default_factory=list)
-    regions: int = 0
-
-    @property
-    def optimize_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-    def merge(self, other: OptimizeReport, stage: str) -> None:
-        """Add another pass's report; its seconds are kept under `stage`."""
-        self.enodes += other.enodes
-        self.eclasses += other.eclasses
-        for name, count in other.rules_fired.items():
-            self.rules_fired[name] = self.rules_fired.get(name, 0) + count
-        for name, count in other.fusions.items():
-            self.fusions[name] = self.fusions.get(name, 0) + count
-        for name, secs in other.seconds.items():
-            key = f"{stage}.{name}"
-            self.seconds[key] = self.seconds.get(key, 0.0) + secs
-        self.blocks += [{**b, "stage": stage} for b in other.blocks]
-        self.regions += other.regions
-
-    def as_dict(self) -> dict:
-        return {
-            "optimize_seconds": round(self.optimize_seconds, 4),
-            "kernels_before": self.kernels_before,
-            "kernels_after": self.kernels_after,
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "enodes": self.enodes,
-            "eclasses": self.eclasses,
-            "fusions": dict(sorted(self.fusions.items())),
-            "rules_fired": dict(sorted(self.rules_fired.items())),
-            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-            "blocks": self.blocks,
-            "regions": self.regions,
-        }
-
-
-@dataclass
 class Optimized:
     graph: Graph
     ids: dict[int, int]  # every root (and source) of the old graph -> its node in the new one
     report: OptimizeReport
-
-
-@dataclass
-class _Instance:
-    """A region instance: a template applied to its own boundary nodes."""
-
-    template: Template
-    boundary: list[int]  # Ext k -> old node id
-    roots: dict[int, int]  # old root node id -> template node index
-    values: dict[int, int] = field(default_factory=dict)  # template index -> new id
 
 
 def optimize(
@@ -152,7 +93,7 @@ def optimize(
     rest = [n for n in compute if n not in opaque and n not in in_block]
 
     pool = ConstantPool()
-    owner: dict[int, tuple[_Instance, int]] = {}
+    owner: dict[int, tuple[Instance, int]] = {}
     for block in found if blocks else []:
         _optimize_block(graph, block, users, outside_roots, pool, model, report, owner)
     if rest:
@@ -167,11 +108,11 @@ def optimize(
             graph, rest, rest_roots, pool, model, free_roots=free
         )
         _account(report, stats, template, graph, rest, 1)
-        instance = _Instance(template, boundary, template.roots)
+        instance = Instance(template, boundary, template.roots)
         for r, t in template.roots.items():
             owner[r] = (instance, t)
 
-    new, emitted = _emit(graph, wanted, owner, opaque, pool)
+    new, emitted = assemble(graph, wanted, owner, opaque, pool)
     ids = {old: emitted[c] for old, c in canon.items() if c in emitted}
     for name, old in original.outputs.items():
         new.outputs[name] = ids[old]
@@ -241,7 +182,7 @@ def _optimize_block(graph, block: Block, users, outside_roots, pool, model, repo
     )
     root_template = {o: template.roots[rep[o]] for o in block.outputs}
     for chunk, chunk_boundary in zip(block.chunks, block.boundary, strict=True):
-        instance = _Instance(
+        instance = Instance(
             template, chunk_boundary, {chunk[o]: t for o, t in root_template.items()}
         )
         for r, t in instance.roots.items():
@@ -283,120 +224,3 @@ def _account(report, stats, template: Template, graph: Graph, region, copies: in
         gained = after.get(op, 0) - before.get(op, 0)
         if gained > 0:
             report.fusions[op] = report.fusions.get(op, 0) + gained * copies
-
-
-def _emit(graph: Graph, wanted, owner, opaque: set[int], pool: ConstantPool):
-    """The new graph: sources first (same names, same order), then every root on demand."""
-    new = Graph(
-        parameter_specs=dict(graph.parameter_specs), parameter_views=dict(graph.parameter_views)
-    )
-    ids: dict[int, int] = {}
-    for node in graph.nodes:
-        if node.op == "input":
-            ids[node.id] = new.input(node.name, node.type.shape, node.type.dtype).id
-        elif node.op == "parameter":
-            nid = len(new.nodes)
-            new._append("parameter", (), {"name": node.name}, node.type, node.name)
-            new.parameters[node.name] = nid
-            ids[node.id] = nid
-    constants: dict = {}
-
-    def ready(old: int) -> int | None:
-        return ids.get(old)
-
-    # Iterative demand-driven emission: a stack of old node ids (or instance/template pairs).
-    for root in wanted:
-        stack: list = [("node", root)]
-        while stack:
-            item = stack[-1]
-            if item[0] == "node":
-                old = item[1]
-                if old in ids:
-                    stack.pop()
-                    continue
-                if old in owner:
-                    instance, t = owner[old]
-                    if t in instance.values:
-                        ids[old] = instance.values[t]
-                        stack.pop()
-                    else:
-                        stack.append(("tmpl", instance, t))
-                    continue
-                node = graph.nodes[old]
-                if node.op == "constant":
-                    ids[old] = new.constant(node.attrs["value"], node.type.dtype).id
-                    stack.pop()
-                    continue
-                if old not in opaque:
-                    raise AssertionError(f"optimize: no region computes {node.describe()}")
-                missing = [i for i in node.inputs if ready(i) is None]
-                if missing:
-                    stack.extend(("node", i) for i in missing)
-                    continue
-                ids[old] = new.apply(
-                    node.op, [Tensor(new, ids[i]) for i in node.inputs], **node.attrs
-                ).id
-                stack.pop()
-            else:
-                _, instance, t = item
-                if t in instance.values:
-                    stack.pop()
-                    continue
-                tn = instance.template.nodes[t]
-                if tn.op == "Ext":
-                    old = instance.boundary[tn.attrs]
-                    if old not in ids:
-                        stack.append(("node", old))
-                        continue
-                    instance.values[t] = ids[old]
-                    stack.pop()
-                    continue
-                missing = [i for i in tn.inputs if i not in instance.values]
-                if missing:
-                    stack.extend(("tmpl", instance, i) for i in missing)
-                    continue
-                instance.values[t] = _emit_one(new, tn, instance.values, pool, constants)
-                stack.pop()
-    return new, ids
-
-
-def _emit_one(new: Graph, tn, values: dict[int, int], pool: ConstantPool, constants) -> int:
-    if tn.op in ("Scalar", "Const"):
-        key = (tn.op, tn.attrs, tn.type)
-        if key not in constants:
-            constants[key] = emit_node(new, tn, [], pool)
-        return constants[key]
-    return emit_node(new, tn, [values[i] for i in tn.inputs], pool)
-
-
-def count_kernels(graph: Graph, roots: Iterable[int]) -> tuple[int, int]:
-    """(nodes, kernels) of one run of `roots`, the outputs and the updates of `graph`."""
-    stats = step_stats(graph, roots)
-    return stats.nodes, stats.kernels
-
-
-@dataclass
-class StepStats:
-    nodes: int
-    kernels: int
-    ops: Counter  # live nodes by op
-
-
-def step_stats(graph: Graph, roots: Iterable[int]) -> StepStats:
-    """What one run of `roots`, the outputs and the updates of `graph` computes and launches."""
-    from meganeura.lower.plan import select_kernels
-
-    wanted = list(dict.fromkeys([*roots, *graph.outputs.values()]))
-    _, kernels = select_kernels(graph, wanted, graph.updates)
-    live = graph.live_nodes([*wanted, *graph.updates.values()])
-    return StepStats(len(live), len(kernels), Counter(graph.nodes[n].op for n in live))
-
-
-def fusions(before: StepStats, after: StepStats) -> dict[str, int]:
-    """Fused ops the optimized graph has and the graph as written had not, by op."""
-    out = {}
-    for op in built_ops():
-        gained = after.ops.get(op, 0) - before.ops.get(op, 0)
-        if gained > 0:
-            out[op] = gained
-    return out
