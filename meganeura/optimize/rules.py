@@ -19,7 +19,6 @@ only equal types; rules whose rewrite would change broadcasting check `type-of` 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from itertools import product
@@ -37,6 +36,7 @@ from meganeura.optimize.encode import (
     parse_type,
     perm_inverse,
     swaps_last_two,
+    type_string,
 )
 
 STAGES = ("canon", "recognize", "fuse")
@@ -126,7 +126,8 @@ rewrite(
     "reshape-of-broadcast-scalar",
     "canon",
     P("reshape", "?t", P("broadcast_to", "?t2", S("?c", "?ts"), a="?b"), a="?a"),
-    P("broadcast_to", "?t", S("?c", "?ts"), a="?a"),
+    P("broadcast_to", "?t", S("?c", "?st"), a="?a"),
+    ["(= ?st (scalar-type ?t))"],
 )
 
 # Scalars go right in commutative ops, so later patterns need one spelling.
@@ -379,7 +380,7 @@ for _n, _kids in enumerate((("?x", _inv_rms), (_inv_rms, "?x"))):
         "recognize",
         P("mul", "?t", *_kids),
         P("rms_norm", "?t", "?x", a="(AFloat ?eps)"),
-        ["(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))"],
+        ["(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))", "(>= ?eps 0.0)"],
     )
 _centered = P("sub", "?t", "?x", P("mean", "?tm", "?x", a=_mean_last))
 _var = P("mean", "?tm", P("mul", "?t", "?d", "?d"), a=_mean_last)
@@ -390,7 +391,7 @@ for _n, _kids in enumerate((("?d", _inv_std), (_inv_std, "?d"))):
         "recognize",
         P("mul", "?t", *_kids),
         P("layer_norm", "?t", "?x", a="(AFloat ?eps)"),
-        [f"(= ?d {_centered})", "(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))"],
+        [f"(= ?d {_centered})", "(= ?t (type-of ?x))", "(= ?ax (last-axis ?t))", "(>= ?eps 0.0)"],
     )
 for _op in ("rms_norm", "layer_norm"):
     _norm = P(_op, "?t", "?x", a="?a")
@@ -488,7 +489,7 @@ def _attention_rules() -> None:
                     [
                         *when,
                         *(repeats if repeated else ()),
-                        "(= 4 (rank (type-of ?q)))",
+                        "(attn-ok (type-of ?q) (type-of ?k) (type-of ?v))",
                         "(= ?tp (attn-packed (type-of ?q) (type-of ?v)))",
                         "(= ?shape (shape-of ?t))",
                     ],
@@ -544,8 +545,16 @@ def available_rules(ops: set[str] | None = None) -> list[Rule]:
 
 
 def built_ops() -> set[str]:
-    """Ops that recognition and fusion rules build: the fusions a report counts."""
-    return {op for r in available_rules() if r.stage != "canon" for op in r.builds}
+    """Ops that recognition and fusion rules build (views they wrap results in aside): the
+    fusions a report counts."""
+    ops = all_ops()
+    return {
+        op
+        for r in available_rules()
+        if r.stage != "canon"
+        for op in r.builds
+        if ops[op].kind != "view"
+    }
 
 
 # -- tables of facts computed in Python -----------------------------------------------------
@@ -562,6 +571,7 @@ DECLARATIONS = """
 (relation causal-mask (i64))
 (relation repeat-kv (String String String String))
 (function attn-packed (String String) String :merge old)
+(relation attn-ok (String String String))
 (function rows-type (String) String :merge old)
 (relation ce-labels (String String))
 (relation rope-halves (String String String))
@@ -604,11 +614,7 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
             unsq = f"{k.dtype}[{b},{h},1,{n_t},{d}]"
             out = f"{k.dtype}[{b},{h * n},{n_t},{d}]"
             lines.append(f"(repeat-kv {quote(tk)} {quote(unsq)} {quote(te)} {quote(out)})")
-    for tq, q in rank4:
-        for tv, v in rank4:
-            if q.dtype == v.dtype == "f32" and q.shape[0] == v.shape[0]:
-                size = math.prod(q.shape[:3]) * (v.shape[3] + 1)
-                lines.append(f"(set (attn-packed {quote(tq)} {quote(tv)}) {quote(f'f32[{size}]')})")
+    lines += _attention_tables(rank4)
     lines += _rope_tables(rank4, pool)
     floats = [(q, t) for q, t in parsed if t.dtype in ("f32", "f16") and t.shape]
     ints = [(q, t) for q, t in parsed if t.dtype in ("i32", "u32")]
@@ -618,6 +624,24 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
         for tl, lab in ints:
             if lab.shape == x.shape[:-1]:
                 lines.append(f"(ce-labels {quote(tx)} {quote(tl)})")
+    return lines
+
+
+def _attention_tables(rank4) -> list[str]:
+    """The (q, k, v) types the attention op accepts, and the type of its packed result."""
+    if "attention" not in all_ops():
+        return []
+    op = all_ops()["attention"]
+    lines, packed = [], set()
+    for (tq, q), (tk, k), (tv, v) in product(rank4, repeat=3):
+        try:
+            out = op.infer([q, k, v], op.normalize([q, k, v], {}) if op.normalize else {})
+        except (ValueError, TypeError):
+            continue
+        lines.append(f"(attn-ok {quote(tq)} {quote(tk)} {quote(tv)})")
+        if (tq, tv) not in packed:
+            packed.add((tq, tv))
+            lines.append(f"(set (attn-packed {quote(tq)} {quote(tv)}) {quote(type_string(out))})")
     return lines
 
 
