@@ -231,10 +231,10 @@ class Optimizer:
         _check_lr(hyper["lr"], f"{where}: learning rate")
 
     # -- groups ------------------------------------------------------------------------------
-    def _owners(self, names: Sequence[str]) -> dict[str, Group | None]:
+    def _owners(self, names: Sequence[str], frozen_too: bool = True) -> dict[str, Group | None]:
         owners = {name: next((g for g in self.groups if g.matches(name)), None) for name in names}
         for group in self.groups:
-            if not any(owner is group for owner in owners.values()):
+            if (frozen_too or not group.frozen) and not any(o is group for o in owners.values()):
                 raise ValueError(
                     f"{type(self).__name__} group {group.name!r} matches no trainable "
                     f"parameter; the trainable parameters are {list(names)}"
@@ -247,8 +247,8 @@ class Optimizer:
         return [name for name in names if owners[name] is None or not owners[name].frozen]
 
     def param_groups(self, names: Sequence[str]) -> list[ParamGroup]:
-        """The groups that train some of `names`, the default group first."""
-        owners = self._owners(names)
+        """The groups that train `names` (none of them frozen), the default group first."""
+        owners = self._owners(names, frozen_too=False)
         default = [name for name in names if owners[name] is None]
         out = [ParamGroup(DEFAULT_GROUP, dict(self.defaults), 1.0, default)] if default else []
         for group in self.groups:
