@@ -329,12 +329,12 @@ class Session:
         tensors, state = checkpoint.load(path)
         g = self.graph
         missing = [name for name in g.parameters if name not in tensors]
-        unexpected = [name for name in tensors if name not in g.parameters]
+        unexpected = sorted(name for name in tensors if name not in g.parameters)
         shapes = {name: g.nodes[nid].type.shape for name, nid in g.parameters.items()}
         wrong = [
-            f"{name} (checkpoint {list(array.shape)}, graph {list(shapes[name])})"
-            for name, array in tensors.items()
-            if name in shapes and array.shape != shapes[name]
+            f"{name} (checkpoint {list(tensors[name].shape)}, graph {list(shape)})"
+            for name, shape in shapes.items()
+            if name in tensors and tensors[name].shape != shape
         ]
         if wrong or (strict and (missing or unexpected)):
             problems = [
