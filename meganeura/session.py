@@ -322,10 +322,16 @@ class Session:
         }
         checkpoint.save(path, self.parameters(include_state=True), state)
 
-    def load(self, path: str | os.PathLike, strict: bool = True) -> LoadResult:
+    def load(
+        self, path: str | os.PathLike, strict: bool = True, restore_schedules: bool = True
+    ) -> LoadResult:
         """Restore what `save` wrote. Tensors the graph lacks, tensors the checkpoint lacks
         and tensors of another shape are reported by name: as a CheckpointError with
-        `strict`, else (shapes excepted) in the result, the rest being loaded."""
+        `strict`, else (shapes excepted) in the result, the rest being loaded.
+
+        The optimizer's schedules take the saved settings, as torch's schedulers do; pass
+        `restore_schedules=False` to keep the ones it was built with (a run lengthened on
+        resume, whose schedule spans the new total)."""
         tensors, state = checkpoint.load(path)
         g = self.graph
         missing = [name for name in g.parameters if name not in tensors]
@@ -352,7 +358,7 @@ class Session:
         self.set_parameters({name: tensors[name] for name in tensors if name in g.parameters})
         self.step_count = int(state.get("step_count", 0))
         self.update_count = int(state.get("update_count", 0))
-        if self.optimizer is not None:
+        if self.optimizer is not None and restore_schedules:
             current = self.optimizer.schedules()
             for name, saved in state.get("schedules", {}).items():
                 if name in current:
