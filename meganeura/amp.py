@@ -3,7 +3,8 @@
 `to_mixed_precision` rewrites a graph the way `torch.autocast(dtype=torch.float16)` runs
 one: matrix products (and convolutions, attention) take f16 operands, the ops that lose
 too much in f16 (reductions, softmax, cross-entropy, exp, log, ...) run in f32, and the
-other elementwise ops run in their inputs' dtype (f32 if any input is f32). Parameters stay
+simple elementwise ops (add, mul, relu, ...) run in f16 when the activations they read are
+f16, weights and constants included. Parameters stay
 f32 (the master weights the optimizer updates); each is cast to f16 once per step where an
 f16 op reads it. Gradients flow back through the same casts, so the backward pass is mostly
 f16 too, and the master weights receive f32 gradients.
@@ -68,14 +69,19 @@ def check_device(executor) -> None:
         )
 
 
-def _dtype_for(op: str, kind: str, float_dtypes: list[str]) -> str | None:
+def _dtype_for(op: str, kind: str, inputs: list[Tensor]) -> str | None:
     """The float dtype `op` runs in, or None to keep its inputs' dtypes."""
-    if kind == "view" or op in KEEP_OPS or not float_dtypes:
+    floats = [t for t in inputs if t.dtype in FLOATS]
+    if kind == "view" or op in KEEP_OPS or not floats:
         return None
     if op in HALF_OPS:
         return "f16"
     if kind == "pointwise" and op in HALF_POINTWISE:
-        return "f32" if "f32" in float_dtypes else "f16"
+        # Weights and constants follow the activations (as a bias does inside torch's
+        # f16 addmm); between activations, f32 wins.
+        activations = [t for t in floats if t.node.op not in ("parameter", "constant")]
+        if activations and all(t.dtype == "f16" for t in activations):
+            return "f16"
     return "f32"
 
 
@@ -113,8 +119,7 @@ def to_mixed_precision(graph: Graph) -> tuple[Graph, dict[int, int]]:
             t = new.constant(node.attrs["value"], node.type.dtype)
         else:
             inputs = [mapped[i] for i in node.inputs]
-            floats = [t.dtype for t in inputs if t.dtype in FLOATS]
-            dtype = _dtype_for(node.op, get_op(node.op).kind, floats)
+            dtype = _dtype_for(node.op, get_op(node.op).kind, inputs)
             t = None
             if dtype == "f16":
                 try:

@@ -39,7 +39,7 @@ def first_non_finite(array: np.ndarray) -> str | None:
     if not bad.any():
         return None
     flat = int(np.flatnonzero(bad.reshape(-1))[0])
-    index = list(np.unravel_index(flat, array.shape)) if array.ndim else []
+    index = [int(i) for i in np.unravel_index(flat, array.shape)] if array.ndim else []
     value = array.reshape(-1)[flat]
     return f"{value} at index {index} ({int(bad.sum())} of {array.size} values are inf or nan)"
 
