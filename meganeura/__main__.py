@@ -1,4 +1,4 @@
-"""`python -m meganeura` is the `meganeura` command."""
+"""`python -m meganeura` runs the command-line interface."""
 
 import sys
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from test_optim import DEVICES, batches, mlp_session
 
 from meganeura import Graph, build, optim
 from meganeura import functional as F
@@ -11,6 +10,7 @@ from meganeura.backends.webgpu.device import GPUDevice
 from meganeura.data import DataLoader, load_digits
 from meganeura.nn import MLP
 from meganeura.train import Trainer
+from tests.test_optim import DEVICES, batches, mlp_session
 
 
 def mlp_graph(batch=6, sizes=(8, 16, 4)):

@@ -8,10 +8,10 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy
-from test_optim import DEVICES, batches, mlp_session
 
 from meganeura import optim, schedules
 from meganeura.checkpoint import CheckpointError
+from tests.test_optim import DEVICES, batches, mlp_session
 
 OPTIMIZERS = {
     "sgd_accumulate": lambda: optim.SGD(

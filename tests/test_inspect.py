@@ -4,10 +4,10 @@ kernel producing an inf or NaN."""
 import numpy as np
 import pytest
 import torch
-from test_optim import DEVICES, batches, mlp_loss, mlp_session, torch_mlp
 
 from meganeura import Graph, build, optim
 from meganeura.debug import NonFiniteError
+from tests.test_optim import DEVICES, batches, mlp_loss, mlp_session, torch_mlp
 
 
 @pytest.mark.parametrize("device", DEVICES)

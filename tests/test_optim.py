@@ -7,13 +7,13 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
-from torch_reference import Run, assert_close_to_torch, train_torch
 
 from meganeura import Graph, build, optim, schedules
 from meganeura import functional as F
 from meganeura.nn import MLP
+from tests.harness import DEVICES
+from tests.torch_reference import Run, assert_close_to_torch, train_torch
 
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
 SIZES = [8, 16, 4]
 BATCH = 6
 STEPS = 20

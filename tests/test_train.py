@@ -446,7 +446,7 @@ def test_train_command_schedule_spans_the_total_epochs_after_resume(capsys, tmp_
 
 
 def test_train_command_mnist_from_idx_files(capsys, tmp_path):
-    from test_data import write_mnist
+    from tests.test_data import write_mnist
 
     write_mnist(tmp_path, train=200, test=50, compress=True)
     result = train_json(
