@@ -286,6 +286,8 @@ class Optimizer:
         rules = UpdateRules(scalars=lambda step: {}, accumulate_every=self.accumulate)
         total = dict(grads)
         if self.accumulate > 1:
+            # The model's own updates (BatchNorm's running statistics) run at every forward.
+            rules.accumulate_updates.update(graph.updates)
             accumulating = graph.input(ACCUMULATE_INPUT, (), "bool")
             for name, g in grads.items():
                 running = graph.parameter(

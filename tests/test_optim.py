@@ -280,3 +280,31 @@ def test_schedule_giving_nan_raises_at_that_step():
 def test_nesterov_needs_momentum():
     with pytest.raises(ValueError, match="Nesterov"):
         optim.SGD(lr=0.1, nesterov=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulating_micro_steps_still_update_batch_norm_statistics(device):
+    from meganeura.nn import BatchNorm2d
+
+    graph = Graph()
+    x = graph.input("x", (BATCH, SIZES[0]))
+    y = graph.input("y", (BATCH,), "i32")
+    h = MLP(graph, "", SIZES[:2])(x).reshape(BATCH, SIZES[1], 1, 1)
+    h = BatchNorm2d(graph, "bn", SIZES[1])(h).reshape(BATCH, SIZES[1])
+    logits = graph.output("logits", h.relu() @ graph.parameter("out", (SIZES[1], 4), "normal"))
+    # lr 0: the weights stay, so the statistics depend on the batches alone
+    optimizer = optim.SGD(lr=0.0, accumulate=2)
+    session = build(graph, F.cross_entropy(logits, y), optimizer, device=device)
+    initial = session.parameters()
+    linear = torch.nn.Linear(SIZES[0], SIZES[1])
+    linear.load_state_dict({k: torch.from_numpy(initial[f"0.{k}"]) for k in ("weight", "bias")})
+    bn = torch.nn.BatchNorm2d(SIZES[1])
+    for batch in batches(3):  # accumulate, apply, accumulate
+        session.step(batch)
+        with torch.no_grad():
+            bn(linear(torch.from_numpy(batch["x"]))[:, :, None, None])
+    assert session.update_count == 1
+    got = session.parameters()
+    for name in ("running_mean", "running_var"):
+        want = getattr(bn, name).numpy()
+        np.testing.assert_allclose(got[f"bn.{name}"], want, rtol=1e-5, atol=1e-6)
