@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -475,3 +476,16 @@ def test_train_command_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "digits", "--lr", "nan"])
     assert "--lr: must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_training_benchmark_runs(tmp_path):
+    """bench/train.py is for the GPU machine; here, a tiny smoke run keeps it working."""
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "bench/train.py", "--device", "cpu", "--quick", "--runs", "3"]
+    command += ["--warmup", "1", "--no-torch", "--json", str(out)]
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parent.parent)
+    results = json.loads(out.read_text())["results"]
+    assert [r["workload"].split()[0] for r in results] == ["MLP", "transformer"]
+    assert all(r["step_latency_ms"] > 0 and r["pipelined_step_ms"] > 0 for r in results)
