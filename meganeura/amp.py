@@ -69,11 +69,22 @@ def check_device(executor) -> None:
         )
 
 
+F16_MAX = 65504.0
+
+
+def _fits_f16(value: np.ndarray) -> bool:
+    """Whether every finite value of `value` stays finite in f16."""
+    finite = np.abs(value[np.isfinite(value)])
+    return not finite.size or float(finite.max()) <= F16_MAX
+
+
 def _dtype_for(op: str, kind: str, inputs: list[Tensor]) -> str | None:
     """The float dtype `op` runs in, or None to keep its inputs' dtypes."""
     floats = [t for t in inputs if t.dtype in FLOATS]
     if kind == "view" or op in KEEP_OPS or not floats:
         return None
+    if any(t.node.op == "constant" and not _fits_f16(t.node.attrs["value"]) for t in floats):
+        return "f32"  # e.g. a -1e9 attention mask: f16 would make it -inf
     if op in HALF_OPS:
         return "f16"
     if kind == "pointwise" and op in HALF_POINTWISE:

@@ -139,3 +139,32 @@ def test_adapter_without_shader_f16_is_refused(monkeypatch):
     graph, loss = mlp_graph()
     with pytest.raises(MixedPrecisionError, match="does not offer the WebGPU feature 'shader-f16'"):
         build(graph, loss, optim.SGD(lr=0.1), device="vulkan-cpu", amp=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_transformer_follows_f32(device):
+    from tests.models import GPTConfig, gpt_batches, gpt_training_graph
+
+    config = GPTConfig()
+    graph, loss = gpt_training_graph(config, 3)
+    mixed, _ = to_mixed_precision(graph)
+    mask_add = next(
+        n
+        for n in mixed.nodes
+        if n.op == "add" and mixed.nodes[n.inputs[1]].type.shape == (config.context,) * 2
+    )
+    assert mask_add.type.dtype == "f32"  # the -1e9 mask would be -inf in f16
+    data = gpt_batches(config, 3, 1) * 15
+    losses = {}
+    for amp in (False, True):
+        session = build(
+            graph, loss, optim.AdamW(lr=1e-2, clip_grad_norm=1.0), device=device, amp=amp
+        )
+        first = None
+        for batch in data:
+            session.step(batch)
+            first = session.loss if first is None else first
+        losses[amp] = (first, session.loss)
+    assert losses[True][1] < 0.5 * losses[True][0]
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-2)
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=0.1, abs=0.02)

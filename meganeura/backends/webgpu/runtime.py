@@ -29,7 +29,9 @@ DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
 def _storage_bytes(array: np.ndarray) -> bytes:
     if array.dtype == np.bool_:
         array = array.astype(np.uint32)
-    return np.ascontiguousarray(array).tobytes()
+    data = np.ascontiguousarray(array).tobytes()
+    # WebGPU writes whole 4-byte words: an odd count of f16 values needs a pad.
+    return data + bytes(-len(data) % 4)
 
 
 def _from_bytes(data, ttype) -> np.ndarray:
