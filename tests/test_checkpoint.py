@@ -8,6 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meganeura import optim, schedules
 from meganeura.checkpoint import CheckpointError
@@ -177,3 +179,34 @@ def test_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert path.read_bytes() == good
     session = mlp_session(optim.Adam(lr=0.1), "cpu")
     session.load(path)  # still a valid checkpoint
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    steps=st.integers(1, 7),
+    split=st.integers(0, 7),
+    every=st.integers(1, 3),
+    kind=st.sampled_from(["sgd", "adam", "adamw"]),
+)
+def test_resume_at_any_step_is_exact(tmp_path_factory, steps, split, every, kind):
+    split = min(split, steps)
+    make = {
+        "sgd": lambda: optim.SGD(lr=0.05, momentum=0.9, accumulate=every),
+        "adam": lambda: optim.Adam(lr=schedules.step_decay(1e-2, 2, 0.5), accumulate=every),
+        "adamw": lambda: optim.AdamW(lr=1e-2, clip_grad_norm=0.3, accumulate=every),
+    }[kind]
+    data = batches(steps)
+    straight = mlp_session(make(), "cpu")
+    for batch in data:
+        straight.step(batch)
+    first = mlp_session(make(), "cpu")
+    for batch in data[:split]:
+        first.step(batch)
+    path = tmp_path_factory.mktemp("resume") / "c.safetensors"
+    first.save(path)
+    resumed = mlp_session(make(), "cpu", seed=1)
+    resumed.load(path)
+    for batch in data[split:]:
+        resumed.step(batch)
+    want, got = straight.parameters(True), resumed.parameters(True)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
