@@ -103,7 +103,7 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train an MLP on the digits dataset and print its held-out test accuracy."""
+    """Train a small CNN on the digits dataset and print its held-out test accuracy."""
     demo.run_demo(device=args.device, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     return 0
 

@@ -1,7 +1,7 @@
-"""`meganeura demo`: train a classifier on the digits dataset and report held-out accuracy.
+"""`meganeura demo`: train a small CNN on the digits dataset and report held-out accuracy.
 
-Everything is real: random (PyTorch-default) initialization, Adam on the training split,
-accuracy on a test split the model never saw.
+Everything is real: random (PyTorch-default) initialization, Adam with a cosine schedule on
+the training split, accuracy on a test split the model never saw.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from meganeura.recipes import TrainConfig, train
 from meganeura.train import History
 
-EPOCHS = 30
+EPOCHS = 15
 
 
 @dataclass
@@ -23,13 +23,13 @@ class DemoResult:
 
 
 def demo_config(device: str = "auto", epochs: int = EPOCHS, seed: int = 0) -> TrainConfig:
-    """The demo's run: an MLP 64 -> 128 -> 10 trained with Adam."""
+    """The demo's run: conv 16 -> conv 32 -> linear (recipes.small_cnn), Adam, cosine."""
     return TrainConfig(
         dataset="digits",
-        model="mlp",
-        hidden=128,
+        model="cnn",
         optimizer="adam",
-        lr=3e-3,
+        lr=5e-3,
+        schedule="cosine",
         epochs=epochs,
         batch_size=32,
         seed=seed,

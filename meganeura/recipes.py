@@ -22,7 +22,7 @@ from meganeura.session import Session, build
 from meganeura.train import Callback, EpochInfo, History, SaveCheckpoint, Trainer, evaluate
 
 DATASETS = ("digits", "mnist")
-MODELS = ("mlp",)
+MODELS = ("mlp", "cnn")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -88,10 +88,31 @@ def load_dataset(config: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, 
     raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
 
 
+def small_cnn(graph: Graph, name: str, in_shape, classes: int, channels=(16, 32)) -> nn.Sequential:
+    """Two stages of 3x3 convolution (padding 1), ReLU and 2x2 max-pooling, then a linear
+    head: torch.nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten,
+    Linear), whose indices name the parameters ("0.weight", "3.weight", "7.weight")."""
+    c, h, w = in_shape
+    return nn.Sequential(
+        nn.Conv2d(graph, nn.join(name, "0"), c, channels[0], 3, padding=1),
+        F.relu,
+        nn.MaxPool2d(2),
+        nn.Conv2d(graph, nn.join(name, "3"), channels[0], channels[1], 3, padding=1),
+        F.relu,
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(graph, nn.join(name, "7"), channels[1] * (h // 4) * (w // 4), classes),
+    )
+
+
 def classifier(graph: Graph, config: TrainConfig, x: Tensor, classes: int) -> Tensor:
     """The logits of the configured model for inputs `x`."""
     if config.model == "mlp":
         return nn.MLP(graph, "mlp", [x.shape[1], config.hidden, classes])(x)
+    if config.model == "cnn":
+        if x.ndim != 4:
+            raise ValueError(f"the cnn model needs [N, C, H, W] images, got {list(x.shape)}")
+        return small_cnn(graph, "cnn", x.shape[1:], classes)(x)
     raise ValueError(f"unknown model {config.model!r}; valid: {', '.join(MODELS)}")
 
 

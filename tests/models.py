@@ -128,3 +128,20 @@ def gpt_batches(config: GPTConfig, batch: int, count: int, seed: int = 1) -> lis
         }
         for _ in range(count)
     ]
+
+
+# -- the small CNN of meganeura.recipes.small_cnn, as torch.nn.Sequential --------------------
+
+
+def torch_cnn(in_shape, classes: int, channels=(16, 32)) -> torch.nn.Sequential:
+    c, h, w = in_shape
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(c, channels[0], 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(channels[0], channels[1], 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(channels[1] * (h // 4) * (w // 4), classes),
+    )
