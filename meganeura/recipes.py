@@ -88,11 +88,19 @@ def load_dataset(config: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, 
     raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
 
 
-def small_cnn(graph: Graph, name: str, in_shape, classes: int, channels=(16, 32)) -> nn.Sequential:
+def small_cnn(
+    graph: Graph,
+    name: str,
+    in_shape: tuple[int, int, int],
+    classes: int,
+    channels: tuple[int, int] = (16, 32),
+) -> nn.Sequential:
     """Two stages of 3x3 convolution (padding 1), ReLU and 2x2 max-pooling, then a linear
     head: torch.nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten,
     Linear), whose indices name the parameters ("0.weight", "3.weight", "7.weight")."""
     c, h, w = in_shape
+    if h < 4 or w < 4:
+        raise ValueError(f"small_cnn: images of {h}x{w} are too small for two 2x2 poolings")
     return nn.Sequential(
         nn.Conv2d(graph, nn.join(name, "0"), c, channels[0], 3, padding=1),
         F.relu,
