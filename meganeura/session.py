@@ -141,21 +141,34 @@ class Session:
         return self.executor.description
 
     # -- running ------------------------------------------------------------------------------
-    def _program(self, roots: tuple[int, ...], updates: dict[int, int]):
-        key = (roots, tuple(sorted(updates.items())))
+    def _updates(self, mode: str) -> dict[int, int]:
+        """The updates a program applies: none (forward), the optimizer step's (update), or
+        those of a micro-step that only accumulates gradients."""
+        if mode == "update":
+            return self.graph.updates
+        if mode == "accumulate":
+            return self._rules.accumulate_updates
+        return {}
+
+    def _program(self, roots: tuple[int, ...], mode: str) -> tuple[Any, set[str]]:
+        """The compiled program computing `roots` and applying `mode`'s updates, and the
+        inputs it needs; both are made once and cached (a step only looks them up)."""
+        key = (roots, mode)
         if key not in self._programs:
-            self._programs[key] = self.executor.compile(self.graph, list(roots), updates)
+            updates = self._updates(mode)
+            program = self.executor.compile(self.graph, list(roots), updates)
+            self._programs[key] = (program, self._needed_inputs((*roots, *updates.values())))
         return self._programs[key]
 
     def _needed_inputs(self, roots) -> set[str]:
         live = set(self.graph.live_nodes(roots))
         return {name for name, nid in self.graph.inputs.items() if nid in live}
 
-    def _run(self, roots: tuple[int, ...], updates: dict[int, int], values) -> Any:
-        program = self._program(roots, updates)
-        feeds = self._feeds(values, self._needed_inputs((*roots, *updates.values())))
+    def _run(self, roots: tuple[int, ...], mode: str, values) -> Any:
+        program, needed = self._program(roots, mode)
+        feeds = self._feeds(values, needed)
         if self.check_finite:
-            live = set(self.graph.live_nodes((*roots, *updates.values())))
+            live = set(self.graph.live_nodes((*roots, *self._updates(mode).values())))
             params = {
                 nid: self.executor.get_value(nid)
                 for nid in self.graph.parameters.values()
@@ -184,11 +197,9 @@ class Session:
             values[ACCUMULATE_INPUT] = np.bool_(self.step_count % every != 0)
         if applies:
             values.update(rules.scalars(self.update_count))
-            updates = g.updates
-        else:
-            updates = rules.accumulate_updates
         extra = () if rules.grad_norm is None or not applies else (rules.grad_norm,)
-        program = self._run((*g.outputs.values(), self._loss_id, *extra), updates, values)
+        roots = (*g.outputs.values(), self._loss_id, *extra)
+        program = self._run(roots, "update" if applies else "accumulate", values)
         if applies:
             self._last_update = program
         self.step_count += 1
@@ -208,7 +219,7 @@ class Session:
         roots = tuple(g.outputs[n] for n in names)
         if self._loss_id is not None and self._needed_inputs([self._loss_id]) <= set(inputs):
             roots += (self._loss_id,)
-        program = self._run(roots, {}, inputs)
+        program = self._run(roots, "forward", inputs)
         return {name: program.read(g.outputs[name]) for name in names}
 
     @property
@@ -276,13 +287,13 @@ class Session:
         """The L2 norm of each trained parameter's gradient of the loss on the batch
         `inputs`, computed on the device; nothing is updated."""
         nodes = self._norm_nodes("grads")
-        program = self._run(tuple(nodes.values()), {}, inputs)
+        program = self._run(tuple(nodes.values()), "forward", inputs)
         return {name: float(program.read(nid)) for name, nid in nodes.items()}
 
     def weight_norms(self) -> dict[str, float]:
         """The L2 norm of each parameter (optimizer state excluded), computed on the device."""
         nodes = self._norm_nodes("weights")
-        program = self._run(tuple(nodes.values()), {}, {})
+        program = self._run(tuple(nodes.values()), "forward", {})
         return {name: float(program.read(nid)) for name, nid in nodes.items()}
 
     # -- parameters -------------------------------------------------------------------------
