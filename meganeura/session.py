@@ -242,9 +242,14 @@ class Session:
         return float(self._last_update.read(rules.grad_norm))
 
     @property
+    def loss_scaling(self) -> bool:
+        """Whether the session trains with dynamic loss scaling (amp)."""
+        return LossScaler.SCALE in self.graph.parameters
+
+    @property
     def loss_scale(self) -> float:
         """The current loss scale of mixed-precision training (waits)."""
-        if LossScaler.SCALE not in self.graph.parameters:
+        if not self.loss_scaling:
             raise RuntimeError("loss_scale: this session was built without amp")
         return float(self.executor.get_value(self.graph.parameters[LossScaler.SCALE]))
 

@@ -189,6 +189,10 @@ class Trainer:
     end of each epoch, so the steps in between are queued without synchronising. `fit`
     trains up to a total number of epochs: after `resume`, it continues from the epoch the
     checkpoint was saved at, with the same batches an uninterrupted run would have seen.
+
+    A non-finite loss stops training (`NonFiniteLoss`), except under loss scaling
+    (`build(..., amp=True)`), where such a step was skipped on the device: training goes on
+    unless the loss stays non-finite for `nonfinite_patience` reads in a row.
     """
 
     TRAINER_STATE = "trainer"
@@ -201,6 +205,7 @@ class Trainer:
         logits: str = "logits",
         labels: str = "y",
         callbacks: Sequence[Callback] = (),
+        nonfinite_patience: int = 5,
     ):
         if session.optimizer is None:
             raise ValueError(
@@ -208,6 +213,12 @@ class Trainer:
             )
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
             raise ValueError(f"Trainer: log_every must be a positive int, got {log_every!r}")
+        if isinstance(nonfinite_patience, bool) or not (
+            isinstance(nonfinite_patience, int) and nonfinite_patience >= 1
+        ):
+            raise ValueError(
+                f"Trainer: nonfinite_patience must be an int >= 1, got {nonfinite_patience!r}"
+            )
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise TypeError(f"Trainer: callbacks must be Callback objects, got {callback!r}")
@@ -216,6 +227,8 @@ class Trainer:
         self.progress = progress
         self.logits, self.labels = logits, labels
         self.callbacks = list(callbacks)
+        self.nonfinite_patience = nonfinite_patience
+        self._nonfinite_reads = 0
         self.epoch = 0  # epochs completed
         self.history = History()
         self.stop = False
@@ -291,9 +304,9 @@ class Trainer:
                     bar.update()
                     if history.steps % self.log_every == 0 or index == steps_per_epoch - 1:
                         loss = self.session.loss
-                        self._check_finite(loss, epoch, index, history)
-                        losses.append(loss)
-                        history.step_loss.append((self.session.step_count, loss))
+                        if self._check_finite(loss, epoch, index, history):
+                            losses.append(loss)
+                            history.step_loss.append((self.session.step_count, loss))
                         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     info = StepInfo(self, self.session.step_count, epoch, index + 1)
                     for callback in self.callbacks:
@@ -302,7 +315,7 @@ class Trainer:
                         break
                 if self.stop and index < steps_per_epoch - 1:
                     break  # an unfinished epoch is not counted
-                history.loss.append(float(np.mean(losses)))
+                history.loss.append(float(np.mean(losses)) if losses else math.nan)
                 history.epoch_end.append(self.session.step_count)
                 accuracy = None
                 if eval_loader is not None:
@@ -317,12 +330,24 @@ class Trainer:
             callback.on_train_end(self, history)
         return history
 
-    def _check_finite(self, loss: float, epoch: int, index: int, history: History) -> None:
+    def _check_finite(self, loss: float, epoch: int, index: int, history: History) -> bool:
+        """True if `loss` is finite; False for a step that loss scaling skipped; raises
+        NonFiniteLoss otherwise."""
         if math.isfinite(loss):
-            return
+            self._nonfinite_reads = 0
+            return True
+        self._nonfinite_reads += 1
+        scaling = self.session.loss_scaling
+        if scaling and self._nonfinite_reads < self.nonfinite_patience:
+            return False
         step = self.session.step_count
         where = f"after step {step} (epoch {epoch}, batch {index + 1})"
-        if self.log_every > 1:
+        if scaling:
+            where += (
+                f", non-finite at {self._nonfinite_reads} reads in a row; loss scaling skipped "
+                "those steps, but a loss that stays non-finite is not an overflow it can fix"
+            )
+        elif self.log_every > 1:
             where += (
                 f"; the loss is read every {self.log_every} steps, so it may have turned "
                 "non-finite a few steps earlier"

@@ -9,7 +9,7 @@ from meganeura.amp import LossScaler, MixedPrecisionError, to_mixed_precision
 from meganeura.backends.webgpu.device import GPUDevice
 from meganeura.data import DataLoader, load_digits
 from meganeura.nn import MLP
-from meganeura.train import Trainer
+from meganeura.train import NonFiniteLoss, Trainer
 from tests.test_optim import DEVICES, batches, mlp_session
 
 
@@ -168,3 +168,28 @@ def test_mixed_precision_transformer_follows_f32(device):
     assert losses[True][1] < 0.5 * losses[True][0]
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-2)
     assert losses[True][1] == pytest.approx(losses[False][1], rel=0.1, abs=0.02)
+
+
+def test_trainer_skips_a_non_finite_loss_under_loss_scaling():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    x[3 * 6 + 2, 1] = np.nan  # a sample of the 4th batch
+    data = {"x": x, "y": rng.integers(0, 4, 60).astype(np.int32)}
+    session = mlp_session(optim.Adam(lr=1e-2), "cpu", amp=True)
+    history = Trainer(session, log_every=1, progress=False).fit(
+        DataLoader(data, 6, shuffle=False), epochs=2
+    )
+    assert session.step_count == 20 and history.steps == 20
+    # the 4th batch of each epoch was skipped
+    assert [step for step, _ in history.step_loss] == [s for s in range(1, 21) if s not in (4, 14)]
+    assert session.loss_scale == 2.0**14  # halved for each
+    assert session.parameters(include_state=True)["optim.applied_steps"] == 18
+
+
+def test_trainer_stops_when_the_loss_stays_non_finite_under_loss_scaling():
+    data = {"x": np.full((24, 8), np.nan, np.float32), "y": np.zeros(24, np.int32)}
+    session = mlp_session(optim.Adam(lr=1e-2), "cpu", amp=True)
+    trainer = Trainer(session, log_every=1, progress=False, nonfinite_patience=3)
+    with pytest.raises(NonFiniteLoss, match="non-finite at 3 reads in a row; loss scaling"):
+        trainer.fit(DataLoader(data, 6, shuffle=False), epochs=1)
+    assert session.step_count == 3
