@@ -7,6 +7,8 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meganeura import Graph, build, optim, schedules
 from meganeura import functional as F
@@ -308,3 +310,43 @@ def test_accumulating_micro_steps_still_update_batch_norm_statistics(device):
     for name in ("running_mean", "running_var"):
         want = getattr(bn, name).numpy()
         np.testing.assert_allclose(got[f"bn.{name}"], want, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    batch=st.integers(1, 5),
+    kind=st.sampled_from(["sgd", "adam", "adamw"]),
+    clip=st.sampled_from([None, 0.05, 1.0]),
+    every=st.integers(1, 2),
+    decay_bias=st.booleans(),
+)
+def test_any_mlp_shape_matches_torch(sizes, batch, kind, clip, every, decay_bias):
+    hyper = {"lr": 0.05, "weight_decay": 0.01}
+    if kind == "sgd":
+        hyper["momentum"] = 0.8
+    groups = [] if decay_bias else [("*.bias", {"weight_decay": 0.0}, 2.0)]
+    run = Run(kind, hyper, groups=groups, clip=clip, accumulate=every)
+    graph = Graph()
+    x = graph.input("x", (batch, sizes[0]))
+    y = graph.input("y", (batch,), "i32")
+    logits = graph.output("logits", MLP(graph, "", sizes)(x))
+    session = build(graph, F.cross_entropy(logits, y), run.ours(), device="cpu")
+    rng = np.random.default_rng(len(sizes) * 10 + batch)
+    data = [
+        {
+            "x": rng.normal(size=(batch, sizes[0])).astype(np.float32),
+            "y": rng.integers(0, sizes[-1], batch).astype(np.int32),
+        }
+        for _ in range(4 * every)
+    ]
+    initial = session.parameters()
+    for item in data:
+        session.step(item)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
+        layers += [torch.nn.ReLU()] if i else []
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+    expected = train_torch(torch.nn.Sequential(*layers), initial, run, data, mlp_loss)
+    for name, want in expected.items():
+        np.testing.assert_allclose(session.parameters()[name], want, rtol=1e-4, atol=1e-6)
