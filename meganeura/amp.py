@@ -52,7 +52,7 @@ HALF_POINTWISE = {
     "ne",
 }
 # Ops that pass their input's dtype through.
-KEEP_OPS = {"cast", "max"}
+KEEP_OPS = {"cast", "max", "max_pool2d"}
 
 
 class MixedPrecisionError(RuntimeError):
@@ -78,6 +78,14 @@ def _fits_f16(value: np.ndarray) -> bool:
     return not finite.size or float(finite.max()) <= F16_MAX
 
 
+def _is_weight(t: Tensor) -> bool:
+    """A parameter or constant, or a view of one (a bias reshaped to broadcast)."""
+    node = t.node
+    while get_op(node.op).kind == "view":
+        node = t.graph.nodes[node.inputs[0]]
+    return node.op in ("parameter", "constant")
+
+
 def _dtype_for(op: str, kind: str, inputs: list[Tensor]) -> str | None:
     """The float dtype `op` runs in, or None to keep its inputs' dtypes."""
     floats = [t for t in inputs if t.dtype in FLOATS]
@@ -90,7 +98,7 @@ def _dtype_for(op: str, kind: str, inputs: list[Tensor]) -> str | None:
     if kind == "pointwise" and op in HALF_POINTWISE:
         # Weights and constants follow the activations (as a bias does inside torch's
         # f16 addmm); between activations, f32 wins.
-        activations = [t for t in floats if t.node.op not in ("parameter", "constant")]
+        activations = [t for t in floats if not _is_weight(t)]
         if activations and all(t.dtype == "f16" for t in activations):
             return "f16"
     return "f32"

@@ -193,3 +193,25 @@ def test_trainer_stops_when_the_loss_stays_non_finite_under_loss_scaling():
     with pytest.raises(NonFiniteLoss, match="non-finite at 3 reads in a row; loss scaling"):
         trainer.fit(DataLoader(data, 6, shuffle=False), epochs=1)
     assert session.step_count == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_cnn_follows_f32_with_f16_convolutions(device):
+    from meganeura.recipes import small_cnn
+
+    train, _ = load_digits(flatten=False)
+    graph = Graph()
+    x = graph.input("x", (32, 1, 8, 8))
+    y = graph.input("y", (32,), "i32")
+    logits = graph.output("logits", small_cnn(graph, "cnn", (1, 8, 8), 10)(x))
+    loss = F.cross_entropy(logits, y)
+    subset = {k: v[:320] for k, v in train.items()}
+    histories = {}
+    for amp in (False, True):
+        session = build(graph, loss, optim.Adam(lr=5e-3), device=device, amp=amp)
+        if amp:
+            ops = {(n.op, n.type.dtype) for n in session.graph.nodes}
+            assert {("conv2d", "f16"), ("max_pool2d", "f16"), ("relu", "f16")} <= ops
+        histories[amp] = Trainer(session, progress=False).fit(DataLoader(subset, 32), 3).loss
+    assert histories[True][-1] < 0.7 * histories[True][0]
+    np.testing.assert_allclose(histories[True], histories[False], rtol=0.03)
