@@ -130,6 +130,8 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optim.Optimizer:
             f"unknown optimizer {config.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}"
         )
     if config.schedule == "constant":
+        if config.warmup:
+            raise ValueError("a warm-up needs a schedule to warm up: --schedule cosine or linear")
         lr = config.lr
     elif config.schedule in ("cosine", "linear"):
         make = schedules.warmup_cosine if config.schedule == "cosine" else schedules.warmup_linear

@@ -497,6 +497,8 @@ def test_train_command_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "digits", "--device", "cpu", "--quiet", "--resume", str(bad)])
     assert f"checkpoint {bad} cannot be read" in capsys.readouterr().err
+    assert main(["train", "digits", "--device", "cpu", "--quiet", "--warmup", "5"]) == 1
+    assert "a warm-up needs a schedule" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "digits", "--lr", "nan"])
     assert "--lr: must be a finite number > 0" in capsys.readouterr().err
