@@ -9,14 +9,21 @@ NumPy arrays; reading the loss or an output waits for the device.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from meganeura import checkpoint
+from meganeura.amp import LossScaler, check_device, to_mixed_precision
 from meganeura.autodiff import grad
+from meganeura.checkpoint import CheckpointError
+from meganeura.debug import check_sources, enabled_by_env
 from meganeura.graph import Graph, Tensor, numpy_dtype
 from meganeura.init import initial_value
+from meganeura.optim import ACCUMULATE_INPUT, UpdateRules, storage_aliases
 
 
 def _copy_graph(graph: Graph) -> Graph:
@@ -32,21 +39,37 @@ def _copy_graph(graph: Graph) -> Graph:
     )
 
 
+@dataclass
+class LoadResult:
+    """What `Session.load` found: names it could not match, and the saved `extra` state."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def build(
     graph: Graph,
     loss: Tensor | None = None,
     optimizer: Any = None,
     device: str = "auto",
     seed: int = 0,
-    optimize: bool = True,
+    amp: bool | LossScaler = False,
+    check_finite: bool | None = None,
+    optimize: bool | None = None,
 ) -> Session:
     """Build `graph` for `device` ("auto", "gpu", "vulkan-cpu" or "cpu").
 
-    With `loss` and `optimizer`, `Session.step` trains every trainable parameter.
-    Parameters are initialized from their init specs with a generator seeded by `seed`.
-    With `optimize` (the default) the e-graph optimizer rewrites the forward graph before
-    autodiff and the whole training graph after it; `optimize=False` builds the graph as
-    written, for comparisons. `Session.optimize_report` says what the optimizer did.
+    With `loss` and `optimizer`, `Session.step` trains every trainable parameter that no
+    frozen group of the optimizer holds. Parameters are initialized from their init specs
+    with a generator seeded by `seed`. `amp=True` (or a `LossScaler`) computes in mixed
+    precision with dynamic loss scaling (see `meganeura.amp`); `check_finite=True` (default:
+    the environment variable MEGANEURA_DEBUG_NAN) runs kernels one by one and names the
+    first that produces an inf or NaN. With `optimize` (the default, except under
+    check_finite, which names the nodes of the graph as written) the e-graph optimizer
+    rewrites the forward graph before autodiff and the whole step graph after it
+    (`Session.optimize_report` says what it did); `optimize=False` builds the graph as
+    written, for comparisons.
     """
     from meganeura.backends import open_executor
 
@@ -57,62 +80,92 @@ def build(
             raise ValueError(f"build: loss must be a scalar, got shape {list(loss.shape)}")
     if optimizer is not None and loss is None:
         raise ValueError("build: an optimizer needs a loss")
-    g, loss_id, hyper, report = _step_graph(graph, loss, optimizer, optimize)
-    session = Session(g, open_executor(device), loss_id, optimizer, hyper, seed)
+    scaler = LossScaler() if amp is True else amp or None
+    if scaler is not None and not isinstance(scaler, LossScaler):
+        raise TypeError(f"build: amp must be a bool or an amp.LossScaler, got {amp!r}")
+    executor = open_executor(device)
+    if scaler is not None:
+        check_device(executor)
+    if check_finite is None:
+        check_finite = enabled_by_env()
+    if optimize is None:
+        optimize = not check_finite
+    g, loss_id, rules, report = _step_graph(graph, loss, optimizer, scaler, optimize)
+    session = Session(g, executor, loss_id, optimizer, rules, seed, bool(check_finite))
     if report is not None:
-        session.optimize_report = _count(report, graph, loss, optimizer, g, loss_id)
+        session.optimize_report = _count(report, graph, loss, optimizer, scaler, g, loss_id)
     return session
 
 
 def build_report(graph: Graph, loss: Tensor | None = None, optimizer: Any = None):
     """What `build(graph, loss, optimizer)` would do to the graph, without a device or any
     parameter values: the optimizer's report (see `Session.optimize_report`)."""
-    g, loss_id, _, report = _step_graph(graph, loss, optimizer, optimize=True)
-    return _count(report, graph, loss, optimizer, g, loss_id)
+    g, loss_id, _, report = _step_graph(graph, loss, optimizer, None, optimize=True)
+    return _count(report, graph, loss, optimizer, None, g, loss_id)
 
 
-def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, optimize: bool):
-    """The graph a session runs: `graph` differentiated and given its optimizer's updates,
-    optimized before and after autodiff when `optimize` is set."""
-    g = _copy_graph(graph)
-    loss_id = None if loss is None else loss.id
+def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, scaler, optimize: bool):
+    """The graph a session runs: `graph` (in mixed precision with a scaler) differentiated and
+    given its optimizer's update rules, optimized before and after autodiff when `optimize`
+    is set. Returns it with the loss's id, the update rules and the optimizer's report."""
+    if scaler is not None:
+        g, ids = to_mixed_precision(graph)
+    else:
+        g, ids = _copy_graph(graph), None
+    loss_id = None if loss is None else ids[loss.id] if ids else loss.id
     report = None
     if optimize:
         from meganeura.optimize import OptimizeReport
 
         report = OptimizeReport()
-        g, loss_id = _optimized(g, loss_id, report, "forward")
-    hyper = None
+        g, ids = _optimized(g, [loss_id], report, "forward", optimizer)
+        loss_id = None if loss_id is None else ids[loss_id]
+    rules = None
     if optimizer is not None:
-        trainable = {
-            name: Tensor(g, nid)
-            for name, nid in g.parameters.items()
-            if g.parameter_specs[name].trainable
-        }
+        trainable = [
+            name
+            for name, spec in g.parameter_specs.items()
+            if spec.trainable and name in g.parameters
+        ]
         if not trainable:
             raise ValueError("build: the graph has no trainable parameters")
-        grads = grad(Tensor(g, loss_id), list(trainable.values()))
-        hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads, strict=True)))
+        names = optimizer.trained(trainable, storage_aliases(g))
+        if not names:
+            raise ValueError("build: every trainable parameter is in a frozen group")
+        params = {name: g.tensor(g.parameters[name]) for name in names}
+        seed_grad = scaler.attach(g) if scaler is not None else None
+        grads = grad(g.tensor(loss_id), list(params.values()), seed=seed_grad)
+        rules = optimizer.attach(g, params, dict(zip(names, grads, strict=True)), scaler)
         if optimize:
-            g, loss_id = _optimized(g, loss_id, report, "train")
-    return g, loss_id, hyper, report
+            extra = [rules.grad_norm, rules.found_inf, *rules.accumulate_updates.values()]
+            g, ids = _optimized(g, [loss_id, *extra], report, "train", optimizer)
+            loss_id = ids[loss_id]
+            rules = dataclasses.replace(
+                rules,
+                grad_norm=None if rules.grad_norm is None else ids[rules.grad_norm],
+                found_inf=None if rules.found_inf is None else ids[rules.found_inf],
+                accumulate_updates={ids[t]: ids[v] for t, v in rules.accumulate_updates.items()},
+            )
+    return g, loss_id, rules, report
 
 
-def _optimized(g: Graph, loss_id: int | None, report, stage: str):
-    """The graph rewritten by the e-graph optimizer and the loss's new id."""
+def _optimized(g: Graph, roots, report, stage: str, optimizer):
+    """The graph rewritten by the e-graph optimizer, and the new id of each old node. Weights
+    are stored together only if the optimizer trains them alike (same parameter group)."""
     from meganeura.optimize import optimize
 
-    result = optimize(g, [] if loss_id is None else [loss_id])
+    group = None if optimizer is None else lambda name: id(optimizer.group_of(name))
+    result = optimize(g, [r for r in roots if r is not None], group_key=group)
     report.merge(result.report, stage)
-    return result.graph, None if loss_id is None else result.ids[loss_id]
+    return result.graph, result.ids
 
 
-def _count(report, graph: Graph, loss, optimizer, g: Graph, loss_id):
+def _count(report, graph: Graph, loss, optimizer, scaler, g: Graph, loss_id):
     """Nodes and kernels per step of the session's graph and of the graph as written, and
     the fused ops the optimizer added (plus the matmuls it merged)."""
     from meganeura.optimize import fusions, step_stats
 
-    baseline, base_loss, _, _ = _step_graph(graph, loss, optimizer, optimize=False)
+    baseline, base_loss, _, _ = _step_graph(graph, loss, optimizer, scaler, optimize=False)
     before = step_stats(baseline, [] if base_loss is None else [base_loss])
     after = step_stats(g, [] if loss_id is None else [loss_id])
     report.nodes_before, report.kernels_before = before.nodes, before.kernels
@@ -125,16 +178,32 @@ def _count(report, graph: Graph, loss, optimizer, g: Graph, loss_id):
 
 
 class Session:
-    def __init__(self, graph: Graph, executor, loss_id, optimizer, hyper, seed: int):
+    """A graph built for one device: its parameters, optimizer state, step counters and
+    compiled programs (one per set of requested outputs, compiled on first use)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        executor,
+        loss_id: int | None,
+        optimizer,
+        rules: UpdateRules | None,
+        seed: int,
+        check_finite: bool = False,
+    ):
         self.graph = graph
         self.executor = executor
         self.optimizer = optimizer
-        self.step_count = 0
+        self.check_finite = check_finite
+        self.step_count = 0  # calls of step(): batches, micro-batches included
+        self.update_count = 0  # optimizer updates (one per `accumulate` steps)
         self._loss_id = loss_id
-        self._hyper = hyper  # step -> {input name: value}, from the optimizer
-        self._programs: dict[str, Any] = {}
-        self.optimize_report = None  # what the e-graph optimizer did (build(optimize=True))
+        self._rules = rules
+        self._programs: dict[Any, Any] = {}
+        self._norms: dict[str, dict[str, int]] = {}
         self._last: Any = None
+        self._last_update: Any = None
+        self.optimize_report = None  # what the e-graph optimizer did (build(optimize=True))
         # Parameters are initialized in the order they were created, whether they have a
         # buffer of their own or live in another's (graph.parameter_views), so one seed gives
         # the same values with and without the optimizer.
@@ -146,11 +215,11 @@ class Session:
             ttype = self._type_of(name)
             value = initial_value(name, spec.init, ttype.shape, numpy_dtype(ttype.dtype), rng)
             if name in graph.parameter_views:
-                view = graph.parameter_views[name]
-                if view.storage not in staged:
-                    storage = graph.nodes[graph.parameters[view.storage]].type
-                    staged[view.storage] = np.zeros(storage.shape, numpy_dtype(storage.dtype))
-                staged[view.storage][self._where(name)] = value
+                storage = graph.parameter_views[name].storage
+                if storage not in staged:
+                    stype = graph.nodes[graph.parameters[storage]].type
+                    staged[storage] = np.zeros(stype.shape, numpy_dtype(stype.dtype))
+                staged[storage][self._where(name)] = value
             else:
                 executor.set_value(graph.parameters[name], value)
         for storage, value in staged.items():
@@ -158,7 +227,17 @@ class Session:
 
     @property
     def _storages(self) -> set[str]:
+        """Parameters that hold others (the optimizer's concatenated weights): internal."""
         return {view.storage for view in self.graph.parameter_views.values()}
+
+    def _names(self) -> dict[str, Any]:
+        """Every parameter by its own name (those inside a storage included), with its type."""
+        return {
+            name: self._type_of(name)
+            for name in self.graph.parameter_specs
+            if name not in self._storages
+            and (name in self.graph.parameters or name in self.graph.parameter_views)
+        }
 
     def _where(self, name: str) -> tuple[slice, ...]:
         """The index of view `name` in its storage's array."""
@@ -178,34 +257,86 @@ class Session:
             return dataclasses.replace(storage, shape=tuple(shape))
         return g.nodes[g.parameters[name]].type
 
+    def _tensor(self, name: str) -> Tensor:
+        """Parameter `name` as a tensor of the graph (a slice of its storage for a view)."""
+        g = self.graph
+        if name not in g.parameter_views:
+            return g.tensor(g.parameters[name])
+        view = g.parameter_views[name]
+        storage = g.tensor(g.parameters[view.storage])
+        starts = [0] * storage.ndim
+        stops = list(storage.shape)
+        starts[view.axis], stops[view.axis] = view.start, view.stop
+        return g.apply("slice", [storage], starts=starts, stops=stops)
+
     @property
     def device(self) -> str:
         return self.executor.description
 
     # -- running ------------------------------------------------------------------------------
-    def _program(self, roots: tuple[int, ...], train: bool):
-        key = (roots, train)
+    def _updates(self, mode: str) -> dict[int, int]:
+        """The updates a program applies: none (forward), the optimizer step's (update), or
+        those of a micro-step that only accumulates gradients."""
+        if mode == "update":
+            return self.graph.updates
+        if mode == "accumulate":
+            return self._rules.accumulate_updates
+        return {}
+
+    def _program(self, roots: tuple[int, ...], mode: str) -> tuple[Any, set[str]]:
+        """The compiled program computing `roots` and applying `mode`'s updates, and the
+        inputs it needs; both are made once and cached (a step only looks them up)."""
+        key = (roots, mode)
         if key not in self._programs:
-            updates = self.graph.updates if train else {}
-            self._programs[key] = self.executor.compile(self.graph, list(roots), updates)
+            updates = self._updates(mode)
+            program = self.executor.compile(self.graph, list(roots), updates)
+            self._programs[key] = (program, self._needed_inputs((*roots, *updates.values())))
         return self._programs[key]
 
     def _needed_inputs(self, roots) -> set[str]:
         live = set(self.graph.live_nodes(roots))
         return {name for name, nid in self.graph.inputs.items() if nid in live}
 
+    def _run(self, roots: tuple[int, ...], mode: str, values) -> Any:
+        program, needed = self._program(roots, mode)
+        feeds = self._feeds(values, needed)
+        if self.check_finite:
+            live = set(self.graph.live_nodes((*roots, *self._updates(mode).values())))
+            params = {
+                nid: self.executor.get_value(nid)
+                for nid in self.graph.parameters.values()
+                if nid in live
+            }
+            check_sources(self.graph, {**params, **feeds})
+            program.run(feeds, check_finite=True)
+        else:
+            program.run(feeds)
+        self._last = program
+        return program
+
     def step(self, inputs: Mapping[str, Any]) -> None:
-        """One training step: forward, backward and optimizer update, in one submission."""
+        """One training step: forward, backward and optimizer update, in one submission.
+
+        With gradient accumulation over k micro-batches, k-1 of every k steps only add their
+        gradients to the running sums; the k-th adds its own and updates the parameters.
+        """
         if self.optimizer is None:
             raise RuntimeError("step: this session was built without an optimizer; use run()")
-        g = self.graph
-        roots = (*g.outputs.values(), self._loss_id)
-        values = {**inputs, **self._hyper(self.step_count)}
-        program = self._program(roots, train=True)
-        needed = self._needed_inputs((*roots, *g.updates.values()))
-        program.run(self._feeds(values, needed))
-        self._last = program
+        g, rules = self.graph, self._rules
+        values = dict(inputs)
+        every = rules.accumulate_every
+        applies = (self.step_count + 1) % every == 0
+        if every > 1:
+            values[ACCUMULATE_INPUT] = np.bool_(self.step_count % every != 0)
+        if applies:
+            values.update(rules.scalars(self.update_count))
+        extra = () if rules.grad_norm is None or not applies else (rules.grad_norm,)
+        roots = (*g.outputs.values(), self._loss_id, *extra)
+        program = self._run(roots, "update" if applies else "accumulate", values)
+        if applies:
+            self._last_update = program
         self.step_count += 1
+        self.update_count += applies
 
     def run(self, inputs: Mapping[str, Any] | None = None, outputs=None) -> dict[str, np.ndarray]:
         """Forward pass only (no update); returns the named outputs as NumPy arrays.
@@ -221,9 +352,7 @@ class Session:
         roots = tuple(g.outputs[n] for n in names)
         if self._loss_id is not None and self._needed_inputs([self._loss_id]) <= set(inputs):
             roots += (self._loss_id,)
-        program = self._program(roots, train=False)
-        program.run(self._feeds(inputs, self._needed_inputs(roots)))
-        self._last = program
+        program = self._run(roots, "forward", inputs)
         return {name: program.read(g.outputs[name]) for name in names}
 
     @property
@@ -235,6 +364,28 @@ class Session:
             raise RuntimeError("loss: nothing has run yet; call step() or run() first")
         return float(self._last.read(self._loss_id))
 
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm (before clipping) of the last update (waits)."""
+        rules = self._rules
+        if rules is None or rules.grad_norm is None:
+            raise RuntimeError("grad_norm: the optimizer has no clip_grad_norm")
+        if self._last_update is None:
+            raise RuntimeError("grad_norm: no update has run yet in this session")
+        return float(self._last_update.read(rules.grad_norm))
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether the session trains with dynamic loss scaling (amp)."""
+        return LossScaler.SCALE in self.graph.parameters
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale of mixed-precision training (waits)."""
+        if not self.loss_scaling:
+            raise RuntimeError("loss_scale: this session was built without amp")
+        return float(self.executor.get_value(self.graph.parameters[LossScaler.SCALE]))
+
     def read(self, name: str) -> np.ndarray:
         """An output of the last step or run, by name (waits for the device)."""
         if name not in self.graph.outputs:
@@ -245,13 +396,52 @@ class Session:
             raise RuntimeError("read: nothing has run yet; call step() or run() first")
         return self._last.read(self.graph.outputs[name])
 
+    # -- inspection ---------------------------------------------------------------------------
+    def _norm_nodes(self, kind: str) -> dict[str, int]:
+        """Per-parameter L2 norms of the weights or gradients, added to the graph on first use."""
+        if kind not in self._norms:
+            g = self.graph
+            if kind == "weights":
+                tensors = {
+                    name: self._tensor(name)
+                    for name in self._names()
+                    if not g.parameter_specs[name].state
+                }
+            else:
+                if self._loss_id is None:
+                    raise RuntimeError("grad_norms: this session was built without a loss")
+                names = [n for n in self._names() if g.parameter_specs[n].trainable]
+                if self.optimizer is not None:
+                    names = self.optimizer.trained(names)
+                wrt = [self._tensor(n) for n in names]
+                grads = grad(g.tensor(self._loss_id), wrt)
+                tensors = dict(zip(names, grads, strict=True))
+            self._norms[kind] = {
+                name: (t.astype("f32") * t.astype("f32")).sum().sqrt().id
+                for name, t in tensors.items()
+            }
+        return self._norms[kind]
+
+    def grad_norms(self, inputs: Mapping[str, Any]) -> dict[str, float]:
+        """The L2 norm of each trained parameter's gradient of the loss on the batch
+        `inputs`, computed on the device; nothing is updated."""
+        nodes = self._norm_nodes("grads")
+        program = self._run(tuple(nodes.values()), "forward", inputs)
+        return {name: float(program.read(nid)) for name, nid in nodes.items()}
+
+    def weight_norms(self) -> dict[str, float]:
+        """The L2 norm of each parameter (optimizer state excluded), computed on the device."""
+        nodes = self._norm_nodes("weights")
+        program = self._run(tuple(nodes.values()), "forward", {})
+        return {name: float(program.read(nid)) for name, nid in nodes.items()}
+
     # -- parameters -------------------------------------------------------------------------
     def parameters(self, include_state: bool = False) -> dict[str, np.ndarray]:
         """Current parameter values by name (optimizer state too with include_state)."""
-        g, storages, out = self.graph, self._storages, {}
+        g, out = self.graph, {}
         stored: dict[str, np.ndarray] = {}
-        for name, spec in g.parameter_specs.items():
-            if name in storages or (spec.state and not include_state):
+        for name in self._names():
+            if g.parameter_specs[name].state and not include_state:
                 continue
             if name in g.parameter_views:
                 storage = g.parameter_views[name].storage
@@ -263,14 +453,12 @@ class Session:
         return out
 
     def set_parameters(self, values: Mapping[str, np.ndarray]) -> None:
-        g = self.graph
+        g, names = self.graph, self._names()
         stored: dict[str, np.ndarray] = {}
         for name, value in values.items():
-            if name in self._storages or (
-                name not in g.parameters and name not in g.parameter_views
-            ):
+            if name not in names:
                 raise KeyError(f"set_parameters: no parameter named {name!r}")
-            ttype = self._type_of(name)
+            ttype = names[name]
             array = np.asarray(value)
             if array.shape != ttype.shape:
                 raise ValueError(
@@ -287,6 +475,62 @@ class Session:
                 self.executor.set_value(g.parameters[name], array)
         for storage, array in stored.items():
             self.executor.set_value(g.parameters[storage], array)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        """Save parameters, optimizer state, step counters, schedules and the JSON-able
+        `extra` to a safetensors file, atomically (see `meganeura.checkpoint`)."""
+        schedules = self.optimizer.schedules() if self.optimizer is not None else {}
+        state = {
+            "step_count": self.step_count,
+            "update_count": self.update_count,
+            "schedules": {name: s.state_dict() for name, s in schedules.items()},
+            "extra": dict(extra or {}),
+        }
+        checkpoint.save(path, self.parameters(include_state=True), state)
+
+    def load(
+        self, path: str | os.PathLike, strict: bool = True, restore_schedules: bool = True
+    ) -> LoadResult:
+        """Restore what `save` wrote. Tensors the graph lacks, tensors the checkpoint lacks
+        and tensors of another shape are reported by name: as a CheckpointError with
+        `strict`, else (shapes excepted) in the result, the rest being loaded.
+
+        The optimizer's schedules take the saved settings, as torch's schedulers do; pass
+        `restore_schedules=False` to keep the ones it was built with (a run lengthened on
+        resume, whose schedule spans the new total)."""
+        tensors, state = checkpoint.load(path)
+        shapes = {name: t.shape for name, t in self._names().items()}
+        missing = [name for name in shapes if name not in tensors]
+        unexpected = sorted(name for name in tensors if name not in shapes)
+        wrong = [
+            f"{name} (checkpoint {list(tensors[name].shape)}, graph {list(shape)})"
+            for name, shape in shapes.items()
+            if name in tensors and tensors[name].shape != shape
+        ]
+        if wrong or (strict and (missing or unexpected)):
+            problems = [
+                f"{label}: {', '.join(names)}"
+                for label, names in (
+                    ("missing from the checkpoint", missing),
+                    ("not in the graph", unexpected),
+                    ("wrong shape", wrong),
+                )
+                if names
+            ]
+            raise CheckpointError(
+                f"checkpoint {os.fspath(path)} does not fit this graph; " + "; ".join(problems)
+            )
+        self.set_parameters({name: tensors[name] for name in tensors if name in shapes})
+        self.step_count = int(state.get("step_count", 0))
+        self.update_count = int(state.get("update_count", 0))
+        if self.optimizer is not None and restore_schedules:
+            current = self.optimizer.schedules()
+            for name, saved in state.get("schedules", {}).items():
+                if name in current:
+                    current[name].load_state_dict(saved)
+        self._last = self._last_update = None
+        return LoadResult(missing, unexpected, state.get("extra", {}))
 
     # -- feeding ------------------------------------------------------------------------------
     def _feeds(self, values: Mapping[str, Any], needed: set[str]) -> dict[int, np.ndarray]:

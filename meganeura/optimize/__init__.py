@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from meganeura.graph import Graph
@@ -51,12 +51,14 @@ def optimize(
     blocks: bool = True,
     count: bool = False,
     horizontal: bool = True,
+    group_key: Callable[[str], Hashable] | None = None,
 ) -> Optimized:
     """Optimize everything that `roots`, the graph's outputs and its updates need.
 
     With `count`, the report gives nodes and kernels per run before and after. With
     `horizontal`, matmuls of one input by several weights share one matmul over the weights
-    stored together (the new graph's `parameter_views` say where each weight lives).
+    stored together (the new graph's `parameter_views` say where each weight lives), if
+    `group_key` of their names agree.
     """
     model = model or CostModel()
     report = OptimizeReport()
@@ -67,7 +69,7 @@ def optimize(
     graph, canon = deduplicated(graph, graph.live_nodes(all_roots))
     if horizontal:
         graph, moved, merged = concatenate_siblings(
-            graph, graph.live_nodes([canon[r] for r in all_roots])
+            graph, graph.live_nodes([canon[r] for r in all_roots]), group_key
         )
         canon = {old: moved[c] for old, c in canon.items() if c in moved}
         if merged:

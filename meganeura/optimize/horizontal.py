@@ -29,7 +29,7 @@ class Group:
     hidden: list[int] = dataclasses.field(default_factory=list)  # transposes of the weights
 
 
-def sibling_groups(graph: Graph, live: list[int]) -> list[Group]:
+def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]:
     """Matmuls that multiply one input by weights no other op reads. A weight may be read
     through a transpose (`x @ w.T`, as exports spell a linear layer)."""
     users: dict[int, list[int]] = defaultdict(list)
@@ -62,6 +62,8 @@ def sibling_groups(graph: Graph, live: list[int]) -> list[Group]:
         spec = graph.parameter_specs[wn.name]
         k = wn.type.shape[1] if trans_b else wn.type.shape[0]
         key = (a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)
+        if group_key is not None:
+            key += (group_key(wn.name),)
         by_key[key].append((nid, w, hidden))
     groups = []
     for (_, trans_b, *_), found in by_key.items():
@@ -88,11 +90,14 @@ def storage_name(names: list[str]) -> str:
     return f"{prefix}[{','.join(n[len(prefix) :] for n in names)}]"
 
 
-def concatenate_siblings(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int], int]:
+def concatenate_siblings(
+    graph: Graph, live: list[int], group_key=None
+) -> tuple[Graph, dict[int, int], int]:
     """`graph` with each group of sibling matmuls computed by one matmul over a concatenated
     weight, the new id of every old node (weights that became views have none), and the
-    number of matmuls merged away."""
-    groups = sibling_groups(graph, live)
+    number of matmuls merged away. Weights are only stored together when `group_key` (of a
+    parameter name) is equal for them: an optimizer trains them alike."""
+    groups = sibling_groups(graph, live, group_key)
     if not groups:
         return graph, {n: n for n in live}, 0
     group_of_weight = {w: g for g in groups for w in g.weights}
