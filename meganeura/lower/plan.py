@@ -111,7 +111,9 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
                 materialized.add(nid)
         elif kind not in INLINED_KINDS or nid in roots or nid in updates.values():
             materialized.add(nid)
-        elif kind == "pointwise" and len(users[nid]) > 1:
+        elif kind == "pointwise" and len(users[nid]) > 1 and node.type.size > 1:
+            # A value read by several kernels is computed once into a buffer, unless it is a
+            # scalar: recomputing one value in each reader costs less than a launch.
             materialized.add(nid)
     # Some archetypes read their inputs as strided buffers: views of a buffer pass; anything
     # else is computed into a buffer first.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from meganeura.ops import INLINED_KINDS, all_ops
 from meganeura.optimize.egraph import ENode, Frozen
-from meganeura.optimize.encode import nbytes
+from meganeura.optimize.encode import nbytes, parse_type
 
 LEAVES = ("Ext", "Scalar", "Const")
 COST_CAP = 1e300
@@ -59,6 +59,7 @@ class Extraction:
         self.kind = {name: op.kind for name, op in ops.items()}
         self.strided = {name for name, op in ops.items() if op.strided_inputs}
         self.size = [nbytes(t) if t else 0 for t in frozen.type_of]
+        self.scalar = [bool(t) and parse_type(t).size == 1 for t in frozen.type_of]
         # An e-node that reads its own class (x = reshape(x) after x was found equal to its
         # reshape) can never be chosen.
         self.candidates = [
@@ -159,7 +160,8 @@ class Extraction:
                 out.add(c)
             elif node.op != "Scalar":
                 kind = self.kind[node.op]
-                if kind not in INLINED_KINDS or (kind == "pointwise" and uses.get(c, 0) > 1):
+                shared = kind == "pointwise" and uses.get(c, 0) > 1 and not self.scalar[c]
+                if kind not in INLINED_KINDS or shared:
                     out.add(c)
         for c in order:
             node = choice[c]
