@@ -546,6 +546,33 @@ def test_projections_spelt_without_trans_b_share_one_matmul(spelling):
     assert result.graph.parameter_views["mlp.up"].axis == (0 if spelling == "transpose-node" else 1)
 
 
+def test_weights_multiplied_by_several_inputs_share_one_matmul_per_input():
+    """Two computations of one model (prefill and decode) read the same projections."""
+    g = Graph()
+    weights = {n: g.parameter(f"p.{n}", (4, 6), init="normal") for n in ("q", "k", "v")}
+    lone = g.parameter("p.lone", (4, 6), init="normal")
+    for name, rows in (("a", 5), ("b", 1)):
+        x = g.input(f"x.{name}", (rows, 6))
+        q, k, v = (g.apply("matmul", [x, w], trans_b=True) for w in weights.values())
+        g.output(f"y.{name}", (q * k).sigmoid() * v)
+    g.output("lone", g.apply("matmul", [g.input("x.c", (2, 6)), lone], trans_b=True))
+    result = check_optimized(g)
+    assert op_counts(result.graph)["matmul"] == 3
+    assert result.report.fusions["concat_matmul"] == 4
+    assert sorted(result.graph.parameter_views) == ["p.k", "p.q", "p.v"]
+
+
+def test_weights_multiplied_by_different_inputs_stay_apart():
+    g = Graph()
+    q = g.parameter("q", (4, 6), init="normal")
+    k = g.parameter("k", (4, 6), init="normal")
+    x, z = g.input("x", (5, 6)), g.input("z", (5, 6))
+    mm = lambda a, w: g.apply("matmul", [a, w], trans_b=True)  # noqa: E731
+    g.output("y", mm(x, q) + mm(x, k) + mm(z, q))
+    result = check_optimized(g)
+    assert not result.graph.parameter_views
+
+
 def test_weights_read_elsewhere_are_not_concatenated():
     g = Graph()
     x = g.input("x", (3, 4))

@@ -22,16 +22,19 @@ FLOATS = ("f32", "f16")
 
 @dataclasses.dataclass
 class Group:
-    members: list[int]  # matmul node ids, in graph order
-    weights: list[int]  # their weight parameters
+    """Weights that are always multiplied by the same inputs, and those matmuls."""
+
+    weights: list[int]  # weight parameters, in the order they are stored
     axis: int  # axis of the weights along which they are stacked
     trans_b: bool  # whether the matmuls read the weights transposed
-    hidden: list[int] = dataclasses.field(default_factory=list)  # transposes of the weights
+    matmuls: list[list[int]]  # per input multiplied: the matmul of each weight
+    hidden: list[int]  # transposes of the weights, which go away
 
 
 def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]:
-    """Matmuls that multiply one input by weights no other op reads. A weight may be read
-    through a transpose (`x @ w.T`, as exports spell a linear layer)."""
+    """Weights that every reader multiplies together with the same other weights (a model
+    with several computations, prefill and decode, multiplies one set by several inputs).
+    A weight may be read through a transpose (`x @ w.T`, as exports spell a linear layer)."""
     users: dict[int, list[int]] = defaultdict(list)
     for nid in live:
         for i in graph.nodes[nid].inputs:
@@ -46,9 +49,9 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
         w = graph.nodes[b]
         if w.op != "parameter" or b in updated or w.type.ndim != 2 or w.type.dtype not in FLOATS:
             return None
-        return (b, trans, hidden) if users[b] == [hidden if hidden is not None else m] else None
+        return b, trans, hidden
 
-    by_key: dict[tuple, list[tuple[int, int, int | None]]] = defaultdict(list)
+    uses: dict[int, list[tuple[tuple, int, int | None]]] = defaultdict(list)
     for nid in live:
         node = graph.nodes[nid]
         if node.op != "matmul" or node.attrs["trans_a"]:
@@ -64,19 +67,21 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
         key = (a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)
         if group_key is not None:
             key += (group_key(wn.name),)
-        by_key[key].append((nid, w, hidden))
+        uses[w].append((key, nid, hidden))
+    together: dict[tuple, list[int]] = defaultdict(list)
+    for w, found in uses.items():
+        keys = tuple(key for key, _, _ in found)
+        readers = sorted(hidden if hidden is not None else m for _, m, hidden in found)
+        if len(set(keys)) == len(keys) and sorted(users[w]) == readers:
+            together[tuple(sorted(keys, key=repr))].append(w)
     groups = []
-    for (_, trans_b, *_), found in by_key.items():
-        if len(found) > 1:
-            groups.append(
-                Group(
-                    [m for m, _, _ in found],
-                    [w for _, w, _ in found],
-                    0 if trans_b else 1,
-                    trans_b,
-                    [h for _, _, h in found if h is not None],
-                )
-            )
+    for keys, weights in together.items():
+        if len(weights) < 2:
+            continue
+        trans_b = keys[0][1]
+        matmuls = [[m for w in weights for key, m, _ in uses[w] if key == k] for k in keys]
+        hidden = [h for w in weights for _, _, h in uses[w] if h is not None]
+        groups.append(Group(weights, 0 if trans_b else 1, trans_b, matmuls, hidden))
     return groups
 
 
@@ -101,7 +106,9 @@ def concatenate_siblings(
     if not groups:
         return graph, {n: n for n in live}, 0
     group_of_weight = {w: g for g in groups for w in g.weights}
-    group_of_matmul = {m: g for g in groups for m in g.members}
+    group_of_matmul = {
+        m: (g, k, n) for g in groups for k, ms in enumerate(g.matmuls) for n, m in enumerate(ms)
+    }
     hidden = {h for g in groups for h in g.hidden}
     new = Graph(
         parameter_specs=dict(graph.parameter_specs),
@@ -109,7 +116,7 @@ def concatenate_siblings(
     )
     ids: dict[int, int] = {}
     storage: dict[int, int] = {}  # id(group) -> storage node in `new`
-    shared: dict[int, int] = {}  # id(group) -> shared matmul node in `new`
+    shared: dict[tuple[int, int], int] = {}  # (id(group), input index) -> shared matmul
     keep = set(live)
     for node in graph.nodes:
         if node.id in hidden or (node.id not in keep and node.op not in ("input", "parameter")):
@@ -120,12 +127,12 @@ def concatenate_siblings(
                 storage[id(group)] = _add_storage(new, graph, group)
             continue
         if node.id in group_of_matmul:
-            group = group_of_matmul[node.id]
-            if id(group) not in shared:
+            group, k, member = group_of_matmul[node.id]
+            if (id(group), k) not in shared:
                 a = Tensor(new, ids[node.inputs[0]])
                 w = Tensor(new, storage[id(group)])
-                shared[id(group)] = new.apply("matmul", [a, w], trans_b=group.trans_b).id
-            ids[node.id] = _columns(new, graph, group, node.id, shared[id(group)])
+                shared[id(group), k] = new.apply("matmul", [a, w], trans_b=group.trans_b).id
+            ids[node.id] = _columns(new, graph, group, member, shared[id(group), k])
             continue
         inputs = tuple(ids[i] for i in node.inputs)
         nid = len(new.nodes)
@@ -137,7 +144,7 @@ def concatenate_siblings(
             new.parameters[node.name] = nid
     new.outputs = {name: ids[i] for name, i in graph.outputs.items()}
     new.updates = {ids[t]: ids[v] for t, v in graph.updates.items()}
-    merged = sum(len(g.members) - 1 for g in groups)
+    merged = sum((len(g.weights) - 1) * len(g.matmuls) for g in groups)
     return new, ids, merged
 
 
@@ -168,9 +175,8 @@ def _add_storage(new: Graph, graph: Graph, group: Group) -> int:
     return nid
 
 
-def _columns(new: Graph, graph: Graph, group: Group, member: int, shared: int) -> int:
-    """The member's output: its columns of the shared matmul's output."""
-    index = group.members.index(member)
+def _columns(new: Graph, graph: Graph, group: Group, index: int, shared: int) -> int:
+    """The output of weight `index` of the group: its columns of the shared matmul's output."""
     sizes = [graph.nodes[w].type.shape[group.axis] for w in group.weights]
     start = sum(sizes[:index])
     out = new.nodes[shared].type
