@@ -176,9 +176,10 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
             for d in range(len(src_shape))
         ]
         return base, tuple(out), offset
-    if node.op == "reshape":
+    if node.op in ("reshape", "segment"):
         if tuple(strides) == _contiguous_strides(src_shape):
-            return base, _contiguous_strides(node.type.shape), offset
+            start = node.attrs["start"] if node.op == "segment" else 0
+            return base, _contiguous_strides(node.type.shape), offset + start
         return None
     return None
 

@@ -110,11 +110,21 @@ def contiguous_strides(shape) -> list[int]:
 class Emitter:
     """Emits statements into `lines`; `binding_of(node)` names the buffer of a materialized node."""
 
-    def __init__(self, graph: Graph, materialized: set[int], binding_of, indent: str = "  "):
+    def __init__(
+        self,
+        graph: Graph,
+        materialized: set[int],
+        binding_of,
+        indent: str = "  ",
+        bound: dict[int, str] | None = None,
+    ):
         self.graph = graph
         self.materialized = materialized
         self.binding_of = binding_of
         self.indent = indent
+        # Nodes whose value a kernel already holds (a matmul's accumulator under its
+        # epilogue), valid at the one index the kernel emits for.
+        self.bound = bound or {}
         self.lines: list[str] = []
         self._cache: dict[tuple, str] = {}
 
@@ -135,6 +145,8 @@ class Emitter:
         if key in self._cache:
             return self._cache[key]
         node = self.graph.nodes[nid]
+        if nid in self.bound:
+            return self.bound[nid]
         if nid in self.materialized:
             expr = load(self.binding_of(nid), idx, node.type.dtype)
         elif node.op == "constant":
@@ -190,6 +202,8 @@ class Emitter:
     def view_index(self, node, src_shape, idx: str) -> str:
         if node.op == "reshape":
             return idx
+        if node.op == "segment":
+            return self.index(f"({idx} + {node.attrs['start']}u)") if node.attrs["start"] else idx
         if node.op == "broadcast_to":
             return self.broadcast_index(idx, node.type.shape, src_shape)
         if node.op == "permute":
