@@ -31,20 +31,31 @@ def _copy_graph(graph: Graph) -> Graph:
     )
 
 
+MATMUL_PRECISIONS = ("highest", "high")
+
+
 def build(
     graph: Graph,
     loss: Tensor | None = None,
     optimizer: Any = None,
     device: str = "auto",
     seed: int = 0,
+    matmul_precision: str = "highest",
 ) -> Session:
     """Build `graph` for `device` ("auto", "gpu", "vulkan-cpu" or "cpu").
 
     With `loss` and `optimizer`, `Session.step` trains every trainable parameter.
     Parameters are initialized from their init specs with a generator seeded by `seed`.
+    `matmul_precision`, like torch.set_float32_matmul_precision: "highest" keeps f32
+    matmuls in f32; "high" lets them run on the GPU's matrix units with f16 operands and f32
+    accumulation where the device has working ones (f32 everywhere else).
     """
     from meganeura.backends import open_executor
 
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"build: matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}"
+        )
     g = _copy_graph(graph)
     loss_id = None
     if loss is not None:
@@ -66,7 +77,7 @@ def build(
             raise ValueError("build: the graph has no trainable parameters")
         grads = grad(Tensor(g, loss_id), list(trainable.values()))
         hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads, strict=True)))
-    executor = open_executor(device)
+    executor = open_executor(device, matmul_precision)
     return Session(g, executor, loss_id, optimizer, hyper, seed)
 
 

@@ -39,7 +39,7 @@ def _from_bytes(data, ttype) -> np.ndarray:
 class WebGPUExecutor:
     """Keeps persistent buffers (parameters, optimizer state) and compiles programs."""
 
-    def __init__(self, gpu: GPUDevice):
+    def __init__(self, gpu: GPUDevice, matmul_precision: str = "highest"):
         self.gpu = gpu
         self.wgpu = gpu.wgpu
         self.device = gpu.device
@@ -49,6 +49,41 @@ class WebGPUExecutor:
         self._pipelines: dict[str, object] = {}
         usage = self.wgpu.BufferUsage
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
+        self.matmul_precision = matmul_precision
+        self.matrix_unit = self._probe_matrix_units()
+
+    @property
+    def codegen_options(self) -> dict:
+        return {"matmul_precision": self.matmul_precision, "matrix_unit": self.matrix_unit}
+
+    def _probe_matrix_units(self) -> str | None:
+        """The subgroup-matrix syntax whose kernel compiles and multiplies correctly here, or
+        None: a small matmul against NumPy, so a driver that offers the feature but gets it
+        wrong falls back to SIMT kernels."""
+        gpu = self.gpu
+        if not (gpu.has_subgroup_matrix and gpu.has_f16 and gpu.has_subgroups):
+            return None
+        from meganeura.backends.wgsl.matmul import MATRIX_UNIT_SYNTAXES
+
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((150, 40)).astype(np.float16).astype(np.float32)
+        b = rng.standard_normal((40, 130)).astype(np.float16).astype(np.float32)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        graph = Graph()
+        out = graph.input("a", a.shape) @ graph.input("b", b.shape)
+        for syntax in MATRIX_UNIT_SYNTAXES:
+            options = {"matmul_precision": "high", "matrix_unit": syntax}
+            try:
+                program = WebGPUProgram(self, graph, [out.id], {}, options)
+                program.run({graph.inputs["a"]: a, graph.inputs["b"]: b})
+                got = program.read(out.id)
+            except Exception as error:
+                if DEBUG:
+                    print(f"matrix units, syntax {syntax!r}: {error}", file=sys.stderr)
+                continue
+            if np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want):
+                return syntax
+        return None
 
     def buffer(self, nbytes: int, label: str = ""):
         return self.device.create_buffer(
@@ -82,16 +117,17 @@ class WebGPUExecutor:
         return self._pipelines[wgsl]
 
     def compile(self, graph: Graph, roots: list[int], updates: dict[int, int]) -> WebGPUProgram:
-        return WebGPUProgram(self, graph, roots, updates)
+        return WebGPUProgram(self, graph, roots, updates, self.codegen_options)
 
 
 class WebGPUProgram:
-    def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates):
+    def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates, options: dict):
         start = time.perf_counter()
         self.executor = executor
         self.graph = graph
         limit = executor.gpu.max_storage_buffers
         self.plan = make_plan(graph, roots, updates, max_reads=limit - 1)
+        self.plan.options = dict(options)
         plan = self.plan
         buffers = {}
         for buf in plan.buffers:

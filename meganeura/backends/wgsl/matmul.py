@@ -1,0 +1,474 @@
+"""Matmul kernels: batched, strided operands (transposes and broadcasts read in place), with
+the pointwise DAG that reads the product fused into the store (an epilogue).
+
+Three variants, chosen per kernel:
+- GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by a team of invocations
+  that reads it contiguously (vec4 loads when the layout allows) and reduces in workgroup
+  memory. Decoding, small-batch training and their backward passes land here.
+- matrix units (subgroup matrices, f16 operands, f32 accumulation) when the executor found
+  them working and the operands are f16, or are f32 under matmul_precision="high";
+- tiled SIMT f32 otherwise: 64 x 64 tiles, 4 x 4 outputs per invocation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meganeura.backends.wgsl.emit import STORAGE_TYPE, Emitter, prelude_for, store_value
+from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, archetype
+from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.ops.linalg import matmul_dims
+
+GEMV_ROWS = 8
+BM, BN, BK = 64, 64, 16  # SIMT tile
+MU_BM, MU_BN, MU_BK = 128, 128, 32  # matrix-unit tile: 8 subgroups of 32 x 64
+MU_A_STRIDE, MU_B_STRIDE = MU_BK + 8, MU_BN + 8  # padded rows of the staged f16 tiles
+MATRIX_UNIT_SYNTAXES = ("load_flag", "load_layout")
+
+
+class _VecBindings(_Bindings):
+    """Bindings where some buffers are declared as arrays of vec4 for 16-byte loads."""
+
+    def __init__(self, plan: Plan, out_node: int):
+        super().__init__(plan, out_node)
+        self.vector: set[int] = set()
+
+    def declarations(self) -> str:
+        lines = []
+        for n, buf in enumerate(self.order):
+            access = "read_write" if n == 0 else "read"
+            ty = STORAGE_TYPE[self.dtypes[buf]]
+            if buf in self.vector:
+                ty = f"vec4<{ty}>"
+            lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Operand:
+    """op(X) as rows x cols of a buffer: element (r, c) of batch bz sits at
+    origin + r * s_row + c * s_col."""
+
+    base: int  # the materialized node whose buffer holds it
+    buf: str
+    s_row: int
+    s_col: int
+    offset: int
+    batch_strides: list[int]
+
+    def origin(self, batch: tuple[int, ...]) -> str:
+        terms = [f"{self.offset}u"] if self.offset else []
+        for d, (size, st) in enumerate(zip(batch, self.batch_strides, strict=True)):
+            if size == 1 or st == 0:
+                continue
+            inner = math.prod(batch[d + 1 :])
+            c = f"(bz / {inner}u)" if inner > 1 else "bz"
+            if d > 0:
+                c = f"({c} % {size}u)"
+            terms.append(f"{c} * {st}u")
+        return " + ".join(terms) or "0u"
+
+    def aligned4(self, cols_contiguous: bool) -> bool:
+        """Rows start on 16-byte boundaries and run contiguously: vec4 loads are possible."""
+        strides = [self.s_row if cols_contiguous else self.s_col, self.offset, *self.batch_strides]
+        return (self.s_col if cols_contiguous else self.s_row) == 1 and all(
+            st % 4 == 0 for st in strides
+        )
+
+
+class _Matmul:
+    """What every variant needs: sizes, operands, bindings and the epilogue."""
+
+    def __init__(self, plan: Plan, kernel: Kernel):
+        graph = plan.graph
+        self.plan, self.kernel, self.graph = plan, kernel, graph
+        self.core = kernel.core if kernel.core is not None else kernel.node
+        self.node = graph.nodes[self.core]
+        self.out_node = graph.nodes[kernel.node]
+        ta, tb = self.node.attrs["trans_a"], self.node.attrs["trans_b"]
+        a_node, b_node = (graph.nodes[i] for i in self.node.inputs)
+        self.batch, self.M, self.K, self.N = matmul_dims(a_node.type, b_node.type, ta, tb)
+        self.nbatch = math.prod(self.batch)
+        self.dtype = a_node.type.dtype
+        self.bind = _VecBindings(plan, kernel.node)
+        self.out = f"buf{self.bind.out_buffer}"
+        self.a = self._operand(self.node.inputs[0], ta)
+        self.b = self._operand(self.node.inputs[1], tb)
+        self.label = f"matmul%{self.core}" + (
+            f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
+        )
+
+    def _operand(self, nid: int, trans: bool) -> _Operand:
+        base, strides, offset = strided_view(self.graph, nid, self.plan.materialized)
+        shape = self.graph.nodes[nid].type.shape
+        s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
+        lead = len(self.batch) - (len(shape) - 2)
+        bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
+        return _Operand(base, self.bind.name_of(base), s_row, s_col, offset, bstrides)
+
+    def epilogue_reads(self) -> set[int]:
+        """Buffers the epilogue loads (besides the product itself)."""
+        if self.kernel.core is None:
+            return set()
+        out, stack, seen = set(), [self.kernel.node], set()
+        while stack:
+            i = stack.pop()
+            if i in seen or i == self.core:
+                continue
+            seen.add(i)
+            if i in self.plan.materialized and i != self.kernel.node:
+                out.add(self.plan.buffer_of[i])
+            else:
+                stack.extend(self.graph.nodes[i].inputs)
+        return out
+
+    def use_vec4(self, operand: _Operand, cols_contiguous: bool) -> bool:
+        buf = self.plan.buffer_of[operand.base]
+        others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
+        ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
+        return ok and buf not in self.epilogue_reads() and buf != self.bind.out_buffer
+
+    def store(self, acc: str, idx: str, indent: str) -> str:
+        """Statements writing product value `acc` (f32) at output index `idx`, through the
+        epilogue when the kernel has one."""
+        if self.kernel.core is None:
+            value = (
+                acc if self.out_node.type.dtype == "f32" else f"{self.out_node.type.dtype}({acc})"
+            )
+            return f"{indent}{self.out}[{idx}] = {value};\n"
+        product = acc if self.dtype == "f32" else f"{self.dtype}({acc})"
+        em = Emitter(
+            self.graph,
+            self.plan.materialized - {self.kernel.node},
+            self.bind.name_of,
+            indent,
+            bound={self.core: f"mm_{idx}"},
+        )
+        value = em.value(self.kernel.node, idx)
+        lines = [f"{indent}let mm_{idx} = {product};", *em.lines]
+        lines.append(f"{indent}{self.out}[{idx}] = {store_value(value, self.out_node.type.dtype)};")
+        return "\n".join(lines) + "\n"
+
+    def assemble(self, body: str, shared: str = "", header: str = "") -> str:
+        decls = self.bind.declarations()
+        if "f16" in body or "f16" in decls or "f16" in shared:
+            header = "enable f16;\n" + header
+        return f"{header}{decls}\n{shared}{prelude_for(body)}\n{body}"
+
+
+@archetype("matmul")
+def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
+    mm = _Matmul(plan, kernel)
+    syntax = plan.options.get("matrix_unit")
+    if mm.M <= GEMV_ROWS:
+        if mm.b.s_row == 1:
+            return _gemv_contiguous_k(mm)
+        return _gemv_columns(mm)
+    if syntax and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
+        return matrix_unit_kernel(mm, syntax)
+    return _tiled(mm)
+
+
+def _source(mm: _Matmul, body: str, grid, shared: str = "", header: str = "") -> KernelSource:
+    return KernelSource(mm.assemble(body, shared, header), mm.bind.order, grid, mm.label)
+
+
+# -- GEMV -----------------------------------------------------------------------------------
+
+
+def _gemv_contiguous_k(mm: _Matmul) -> KernelSource:
+    """Weights contiguous along k (x @ W^T with W [N, K], nn.Linear's layout): a team of 32
+    invocations per output column reads its weight row in 16-byte pieces."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    vec = K % 4 == 0 and mm.use_vec4(b, False) and mm.use_vec4(a, True)
+    if vec:
+        mm.bind.vector |= {mm.plan.buffer_of[a.base], mm.plan.buffer_of[b.base]}
+    step = 128 if vec else 32
+    unroll = 4 if 4 * step <= K else 1
+
+    def piece(k: str) -> str:
+        if vec:
+            w = f"{b.buf}[(brow + {k}) / 4u]"
+            lines = [f"      let w_{k} = vec4<f32>({w});"]
+            lines += [
+                f"      acc{m} += dot(vec4<f32>({a.buf}[(a0 + {m * a.s_row}u + {k}) / 4u]), w_{k});"
+                for m in range(M)
+            ]
+        else:
+            lines = [f"      let w_{k} = f32({b.buf}[brow + {k} * {b.s_row}u]);"]
+            lines += [
+                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * w_{k};"
+                for m in range(M)
+            ]
+        return "\n".join(lines) + "\n"
+
+    ks = [f"k{u}" for u in range(unroll)]
+    main = "".join(f"      let k{u} = k + {u * step}u;\n" for u in range(unroll)) + "".join(
+        piece(k) for k in ks
+    )
+    main_loop = (
+        f"    for (; k + {(unroll - 1) * step}u < {K}u; k += {unroll * step}u) {{\n{main}    }}\n"
+        if unroll > 1
+        else ""
+    )
+    reduce_rows = "".join(f"  red[{m * 256}u + tid] = acc{m};\n" for m in range(M))
+    tree = "".join(
+        f"        red[{m * 256}u + tid] += red[{m * 256}u + tid + s];\n" for m in range(M)
+    )
+    grid_x = math.ceil(N / 8)
+    body = f"""@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
+  let team = tid / 32u; let lane = tid % 32u;
+  let n = wid.x * 8u + team; let bz = wid.z;
+  let a0 = {a.origin(mm.batch)};
+  let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
+{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
+    var k = lane * {step // 32}u;
+{main_loop}    for (; k < {K}u; k += {step}u) {{
+{piece("k")}    }}
+  }}
+{reduce_rows}  workgroupBarrier();
+  for (var s = 16u; s > 0u; s = s >> 1u) {{
+    if (lane < s) {{
+{tree}    }}
+    workgroupBarrier();
+  }}
+  if (lane < {M}u && n < {N}u) {{
+    let acc = red[lane * 256u + team * 32u];
+    let idx = bz * {M * N}u + lane * {N}u + n;
+{mm.store("acc", "idx", "    ")}  }}
+}}
+"""
+    shared = f"var<workgroup> red: array<f32, {256 * M}>;\n"
+    return _source(mm, body, (grid_x, 1, mm.nbatch), shared)
+
+
+def _gemv_columns(mm: _Matmul) -> KernelSource:
+    """Any other weight layout (W [K, N] rows, as in x @ W or dY @ W): one invocation per
+    output column in each of four k-slices, neighbours reading neighbouring columns."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    fmas = "".join(
+        f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u]) * w;\n"
+        for m in range(M)
+    )
+    body = f"""@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
+  let c = tid % 64u; let ks = tid / 64u;
+  let n = wid.x * 64u + c; let bz = wid.z;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
+{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
+    for (var k = ks; k < {K}u; k += 4u) {{
+      let w = f32({b.buf}[b0 + k * {b.s_row}u]);
+{fmas}    }}
+  }}
+{"".join(f"  red[({m * 4}u + ks) * 64u + c] = acc{m};" + chr(10) for m in range(M))}  workgroupBarrier();
+  if (ks == 0u && n < {N}u) {{
+    for (var m = 0u; m < {M}u; m++) {{
+      let acc = red[m * 256u + c] + red[m * 256u + 64u + c] + red[m * 256u + 128u + c] + red[m * 256u + 192u + c];
+      let idx = bz * {M * N}u + m * {N}u + n;
+{mm.store("acc", "idx", "      ")}    }}
+  }}
+}}
+"""
+    shared = f"var<workgroup> red: array<f32, {256 * M}>;\n"
+    return _source(mm, body, (math.ceil(N / 64), 1, mm.nbatch), shared)
+
+
+# -- tiled SIMT -------------------------------------------------------------------------------
+
+
+def _tiled(mm: _Matmul) -> KernelSource:
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    # Tile loads walk the operand's contiguous direction so neighbouring invocations read
+    # neighbouring addresses.
+    load_a = (
+        "      let kk = e % 16u; let mm = e / 16u;\n"
+        if a.s_col == 1
+        else "      let mm = e % 64u; let kk = e / 64u;\n"
+    )
+    load_b = (
+        "      let nn = e % 64u; let kk = e / 64u;\n"
+        if b.s_col == 1 or b.s_row != 1
+        else "      let kk = e % 16u; let nn = e / 16u;\n"
+    )
+    body = f"""@compute @workgroup_size(16, 16)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
+        @builtin(local_invocation_index) tid: u32) {{
+  let bz = wid.z;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {b.origin(mm.batch)};
+  let m0 = wid.y * {BM}u;
+  let n0 = wid.x * {BN}u;
+  var acc: array<f32, 16>;
+  for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
+    for (var l = 0u; l < 4u; l++) {{
+      let e = tid + l * 256u;
+{load_a}      let gm = m0 + mm; let gk = k0 + kk;
+      var v = 0.0f;
+      if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
+      As[kk * {BM}u + mm] = v;
+    }}
+    for (var l = 0u; l < 4u; l++) {{
+      let e = tid + l * 256u;
+{load_b}      let gk = k0 + kk; let gn = n0 + nn;
+      var v = 0.0f;
+      if (gk < {K}u && gn < {N}u) {{ v = f32({b.buf}[b0 + gk * {b.s_row}u + gn * {b.s_col}u]); }}
+      Bs[kk * {BN}u + nn] = v;
+    }}
+    workgroupBarrier();
+    for (var kk = 0u; kk < {BK}u; kk++) {{
+      var ar: array<f32, 4>;
+      var br: array<f32, 4>;
+      for (var q = 0u; q < 4u; q++) {{
+        ar[q] = As[kk * {BM}u + lid3.y + 16u * q];
+        br[q] = Bs[kk * {BN}u + lid3.x + 16u * q];
+      }}
+      for (var p = 0u; p < 4u; p++) {{
+        for (var q = 0u; q < 4u; q++) {{ acc[p * 4u + q] += ar[p] * br[q]; }}
+      }}
+    }}
+    workgroupBarrier();
+  }}
+  for (var p = 0u; p < 4u; p++) {{
+    let gm = m0 + lid3.y + 16u * p;
+    for (var q = 0u; q < 4u; q++) {{
+      let gn = n0 + lid3.x + 16u * q;
+      if (gm < {M}u && gn < {N}u) {{
+        let acc_pq = acc[p * 4u + q];
+        let idx = bz * {M * N}u + gm * {N}u + gn;
+{mm.store("acc_pq", "idx", "        ")}      }}
+    }}
+  }}
+}}
+"""
+    shared = (
+        f"var<workgroup> As: array<f32, {BK * BM}>;\nvar<workgroup> Bs: array<f32, {BK * BN}>;\n"
+    )
+    grid = (math.ceil(N / BN), math.ceil(M / BM), mm.nbatch)
+    return _source(mm, body, grid, shared)
+
+
+# -- matrix units ------------------------------------------------------------------------------
+
+
+def _matrix_load(syntax: str, kind: str, ptr: str, offset: str, stride: int) -> str:
+    ty = f"subgroup_matrix_{kind}<f16, 16, 16>"
+    if syntax == "load_flag":
+        return f"subgroupMatrixLoad<{ty}>(&{ptr}, {offset}, false, {stride}u)"
+    return f"subgroupMatrixLoad<{ty}, row_major>(&{ptr}, {offset}, {stride}u)"
+
+
+def _matrix_store(syntax: str, ptr: str, offset: str, value: str, stride: int) -> str:
+    if syntax == "load_flag":
+        return f"subgroupMatrixStore(&{ptr}, {offset}, {value}, false, {stride}u)"
+    return f"subgroupMatrixStore<row_major>(&{ptr}, {offset}, {value}, {stride}u)"
+
+
+def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
+    """128 x 128 output tiles on 8 subgroups (each 32 x 64: 2 x 4 matrices of 16 x 16).
+    Operand tiles are staged in workgroup memory as f16; each subgroup's results pass
+    through a 16 x 16 scratch tile so the store can bound-check and run the epilogue."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    AS, BS = MU_A_STRIDE, MU_B_STRIDE
+    loads_per_thread = MU_BM * MU_BK // 256
+    a_idx = (
+        f"let r = e / {MU_BK}u; let kk = e % {MU_BK}u;"
+        if a.s_col == 1
+        else f"let r = e % {MU_BM}u; let kk = e / {MU_BM}u;"
+    )
+    b_idx = (
+        f"let kk = e / {MU_BN}u; let c = e % {MU_BN}u;"
+        if b.s_col == 1 or b.s_row != 1
+        else f"let c = e / {MU_BK}u; let kk = e % {MU_BK}u;"
+    )
+    mma = []
+    for kk in range(0, MU_BK, 16):
+        for i in range(2):
+            mma.append(
+                f"      let l{i} = {_matrix_load(syntax, 'left', 'As', f'(sr * 32u + {16 * i}u) * {AS}u + {kk}u', AS)};"
+            )
+        for j in range(4):
+            mma.append(
+                f"      let r{j} = {_matrix_load(syntax, 'right', 'Bs', f'{kk * BS}u + sc * 64u + {16 * j}u', BS)};"
+            )
+        for i in range(2):
+            for j in range(4):
+                mma.append(
+                    f"      acc{i}{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}{j});"
+                )
+    stores = []
+    for i in range(2):
+        for j in range(4):
+            stores.append(
+                f"""  {_matrix_store(syntax, "Cs", "sg * 256u", f"acc{i}{j}", 16)};
+  workgroupBarrier();
+  for (var t = 0u; t < 8u; t++) {{
+    let e = lane + t * 32u;
+    let gm = m0 + sr * 32u + {16 * i}u + e / 16u;
+    let gn = n0 + sc * 64u + {16 * j}u + e % 16u;
+    if (gm < {M}u && gn < {N}u) {{
+      let acc = Cs[sg * 256u + e];
+      let idx = bz * {M * N}u + gm * {N}u + gn;
+{mm.store("acc", "idx", "      ")}    }}
+  }}
+  workgroupBarrier();
+"""
+            )
+    accs = "".join(
+        f"  var acc{i}{j} = subgroup_matrix_result<f32, 16, 16>();\n"
+        for i in range(2)
+        for j in range(4)
+    )
+    body = f"""@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg_size: u32) {{
+  let sg = tid / sg_size;
+  let sr = sg / 2u; let sc = sg % 2u;
+  let bz = wid.z;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {b.origin(mm.batch)};
+  let m0 = wid.y * {MU_BM}u;
+  let n0 = wid.x * {MU_BN}u;
+{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {MU_BK}u) {{
+    for (var l = 0u; l < {loads_per_thread}u; l++) {{
+      let e = tid + l * 256u;
+      {a_idx}
+      let gm = m0 + r; let gk = k0 + kk;
+      var v = 0.0f;
+      if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
+      As[r * {AS}u + kk] = f16(v);
+    }}
+    for (var l = 0u; l < {loads_per_thread}u; l++) {{
+      let e = tid + l * 256u;
+      {b_idx}
+      let gk = k0 + kk; let gn = n0 + c;
+      var v = 0.0f;
+      if (gk < {K}u && gn < {N}u) {{ v = f32({b.buf}[b0 + gk * {b.s_row}u + gn * {b.s_col}u]); }}
+      Bs[kk * {BS}u + c] = f16(v);
+    }}
+    workgroupBarrier();
+    {{
+{chr(10).join(mma)}
+    }}
+    workgroupBarrier();
+  }}
+{"".join(stores)}}}
+"""
+    shared = (
+        f"var<workgroup> As: array<f16, {MU_BM * AS}>;\n"
+        f"var<workgroup> Bs: array<f16, {MU_BK * BS}>;\n"
+        "var<workgroup> Cs: array<f32, 2048>;\n"
+    )
+    header = (
+        "enable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
+        "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);\n"
+        "diagnostic(off, subgroup_uniformity);\n"
+    )
+    grid = (math.ceil(N / MU_BN), math.ceil(M / MU_BM), mm.nbatch)
+    return _source(mm, body, grid, shared, header)
