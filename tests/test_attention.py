@@ -13,6 +13,7 @@ from meganeura import functional as F
 from meganeura.lower.plan import plan as make_plan
 
 LAVAPIPE = pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)
+GPU = pytest.param("gpu", marks=pytest.mark.gpu)
 
 
 def allowed(tq: int, tk: int, causal: bool, window: int) -> torch.Tensor:
@@ -125,9 +126,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", GPU])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_attention_matches_torch_cpu(case):
-    run_case("cpu", **CASES[case])
+def test_attention_matches_torch(device, case):
+    run_case(device, **CASES[case])
 
 
 # Each configuration compiles three large kernels on lavapipe: the cases that reach every
@@ -144,10 +146,10 @@ LAVAPIPE_CASES = {
 }
 
 
-@pytest.mark.lavapipe
+@pytest.mark.parametrize("device", [LAVAPIPE, GPU])
 @pytest.mark.parametrize("case", sorted(LAVAPIPE_CASES))
-def test_attention_matches_torch_lavapipe(case):
-    run_case("vulkan-cpu", **LAVAPIPE_CASES[case])
+def test_attention_blocks_match_torch(device, case):
+    run_case(device, **LAVAPIPE_CASES[case])
 
 
 @settings(max_examples=15, deadline=None)
@@ -165,7 +167,7 @@ def test_attention_shapes_cpu(b, hkv, group, tq, extra, d, causal, window):
     run_case("cpu", b, hkv * group, hkv, tq, tq + extra, d, d, causal=causal, window=window)
 
 
-@pytest.mark.parametrize("device", ["cpu", LAVAPIPE])
+@pytest.mark.parametrize("device", ["cpu", LAVAPIPE, GPU])
 def test_queries_with_no_visible_key_give_zeros(device):
     # Causal with more queries than keys: the first Tq - Tk queries see no key at all.
     rng = np.random.default_rng(1)

@@ -12,7 +12,11 @@ from meganeura.lower.plan import plan as make_plan
 from meganeura.nn import Linear
 from meganeura.ops.packed import segment
 
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
+DEVICES = [
+    "cpu",
+    pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe),
+    pytest.param("gpu", marks=pytest.mark.gpu),
+]
 
 # (a shape, b shape, trans_a, trans_b): GEMV rows (M <= 8) and tiles, K with and without
 # 16-byte rows, broadcast batch dims, sizes past and off the tile sizes.
@@ -24,6 +28,8 @@ SHAPES = [
     ((9, 17), (17, 65), False, False),  # tiled
     ((2, 1, 70, 33), (3, 20, 33), False, True),  # tiled, broadcast batch
     ((33, 66), (20, 33), True, True),  # tiled, both transposed
+    ((32, 130, 20), (20, 130), False, False),  # 128 x 128 tiles (enough of them)
+    ((16, 20, 260), (260, 20), True, True),  # 128 x 128 tiles, both transposed
 ]
 
 
