@@ -66,9 +66,10 @@ def _chunk_rows(dp: int) -> int:
 
 
 def _stage_slice(dst: str, x: _Operand, b: str, h: str, row0: str, rows: int, d0: str, dim: int):
-    """Stage x[b, h, row0 + r, d0 + dd] (64 rows, 16 dims) as dst[dd * 16 + r / 4][r % 4]."""
-    return f"""    {{
-      let dd = tid % 16u; let rg = tid / 16u; let gd = {d0} + dd;
+    """Stage x[b, h, row0 + r, d0 + dd] (64 rows, SLICE dims) as dst[dd * 16 + r / 4][r % 4]:
+    each pass, 16 neighbouring invocations read 16 neighbouring dims of four rows."""
+    return f"""    for (var half = 0u; half < {SLICE // 16}u; half++) {{
+      let dd = half * 16u + tid % 16u; let rg = tid / 16u; let gd = {d0} + dd;
       var v = vec4<f32>(0.0);
       for (var c = 0u; c < 4u; c++) {{
         let gr = {row0} + 4u * rg + c;
@@ -220,8 +221,8 @@ def _query_range(attrs, Tq: int, Tk: int) -> str:
 def _shared(d: int, dv: int) -> str:
     rows = max(_chunk_rows(_pad64(d)) * _pad64(d), _chunk_rows(_pad64(dv)) * _pad64(dv))
     return (
-        "var<workgroup> sa: array<vec4<f32>, 256>;\n"
-        f"var<workgroup> sb: array<vec4<f32>, {max(256, rows // 4)}>;\n"
+        f"var<workgroup> sa: array<vec4<f32>, {SLICE * 16}>;\n"
+        f"var<workgroup> sb: array<vec4<f32>, {max(SLICE * 16, rows // 4)}>;\n"
         "var<workgroup> sp: array<vec4<f32>, 1024>;\n"
     )
 

@@ -21,6 +21,7 @@ from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.linalg import matmul_dims
 
 GEMV_ROWS = 8
+GEMV_UNROLL = 4  # weight loads in flight per invocation
 BM, BN, BK = 64, 64, 16  # SIMT tile
 LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
 LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
