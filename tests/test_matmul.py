@@ -23,7 +23,8 @@ DEVICES = [
 SHAPES = [
     ((1, 12), (20, 12), False, True),  # GEMV, weights contiguous along k, vec4 loads
     ((3, 13), (9, 13), False, True),  # GEMV, scalar loads
-    ((2, 8, 600), (600, 70), False, False),  # GEMV over columns, batched, unrolled k
+    ((2, 8, 600), (600, 70), False, False),  # GEMV over columns, batched
+    ((2, 3, 64), (64, 36), False, False),  # GEMV over columns, vec4 loads
     ((5, 3), (5, 7), True, False),  # GEMV with a transposed left operand
     ((9, 17), (17, 65), False, False),  # tiled
     ((2, 1, 70, 33), (3, 20, 33), False, True),  # tiled, broadcast batch
@@ -52,9 +53,10 @@ def test_matmul_and_gradients_match_torch(device, a_shape, b_shape, ta, tb):
     ref = (ra.transpose(-1, -2) if ta else ra) @ (rb.transpose(-1, -2) if tb else rb)
     ref.backward(torch.tensor(up))
     for name, want in (("out", ref), ("da", ra.grad), ("db", rb.grad)):
-        np.testing.assert_allclose(
-            got[name], want.detach().numpy(), rtol=1e-4, atol=1e-4, err_msg=name
-        )
+        want = want.detach().numpy()
+        # f32 sums of up to a few thousand terms: errors scale with the largest values.
+        atol = 1e-5 * np.abs(want).max()
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=atol, err_msg=name)
 
 
 def kernels_of(g: Graph, names):

@@ -25,8 +25,12 @@ GEMV_UNROLL = 4  # weight loads in flight per invocation
 BM, BN, BK = 64, 64, 16  # SIMT tile
 LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
 LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
-MU_BM, MU_BN, MU_BK = 128, 128, 32  # matrix-unit tile: 8 subgroups of 32 x 64
-MU_A_STRIDE, MU_B_STRIDE = MU_BK + 8, MU_BN + 8  # padded rows of the staged f16 tiles
+# Matrix-unit tiles: a grid of subgroups (rows, columns), each computing a grid of 16 x 16
+# result matrices (rows, columns), over k steps of MU_BK.
+MU_SUBGROUPS = (4, 2)
+MU_TILES = (2, 4)
+MU_BK = 32
+MU_PAD = 8  # f16 elements added to each staged row: fewer bank conflicts, rows stay 16-byte aligned
 MATRIX_UNIT_SYNTAXES = ("load_flag", "load_layout")
 
 
@@ -251,36 +255,64 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 
 def _gemv_columns(mm: _Matmul) -> KernelSource:
-    """Any other weight layout (W [K, N] rows, as in x @ W or dY @ W): one invocation per
-    output column in each of four k-slices, neighbours reading neighbouring columns."""
+    """Any other weight layout (W [K, N] rows, as in x @ W or dY @ W): neighbouring
+    invocations read neighbouring columns (four at a time where rows are 16-byte aligned),
+    and each workgroup splits k among many slices, reduced in workgroup memory."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
+    vec = N % 4 == 0 and mm.use_vec4(b, True)
+    if vec:
+        mm.bind.vector.add(mm.plan.buffer_of[b.base])
+    width = 4 if vec else 1
+    lanes = 32 // width  # 128 bytes of a weight row per pass
+    slices = 256 // lanes
+    cols = lanes * width
+    vt = "vec4<f32>" if vec else "f32"
+    if vec:
+        weight = f"vec4<f32>({b.buf}[(b0 + k * {b.s_row}u) / 4u])"
+    else:
+        weight = f"f32({b.buf}[b0 + k * {b.s_row}u])"
     fmas = "".join(
         f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u]) * w;\n"
         for m in range(M)
     )
+    reductions = []
+    for m in range(M):
+        reductions.append(
+            f"""  red[tid] = acc{m};
+  workgroupBarrier();
+  for (var s = {slices // 2}u; s > 0u; s = s >> 1u) {{
+    if (ks < s) {{ red[tid] += red[tid + s * {lanes}u]; }}
+    workgroupBarrier();
+  }}
+  if (ks == 0u) {{
+    let total = red[lane];
+    for (var c = 0u; c < {width}u; c++) {{
+      let n = n0 + c;
+      if (n < {N}u) {{
+        let acc = {"total[c]" if vec else "total"};
+        let idx = bz * {M * N}u + {m * N}u + n;
+{mm.store("acc", "idx", "        ")}      }}
+    }}
+  }}
+  workgroupBarrier();
+"""
+        )
     body = f"""@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
-  let c = tid % 64u; let ks = tid / 64u;
-  let n = wid.x * 64u + c; let bz = wid.z;
+  let lane = tid % {lanes}u; let ks = tid / {lanes}u;
+  let n0 = wid.x * {cols}u + lane * {width}u; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
-  let b0 = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
-{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
-    for (var k = ks; k < {K}u; k += 4u) {{
-      let w = f32({b.buf}[b0 + k * {b.s_row}u]);
+  let b0 = {b.origin(mm.batch)} + min(n0, {N - width}u) * {b.s_col}u;
+{"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
+    for (var k = ks; k < {K}u; k += {slices}u) {{
+      let w = {weight};
 {fmas}    }}
   }}
-{"".join(f"  red[({m * 4}u + ks) * 64u + c] = acc{m};" + chr(10) for m in range(M))}  workgroupBarrier();
-  if (ks == 0u && n < {N}u) {{
-    for (var m = 0u; m < {M}u; m++) {{
-      let acc = red[m * 256u + c] + red[m * 256u + 64u + c] + red[m * 256u + 128u + c] + red[m * 256u + 192u + c];
-      let idx = bz * {M * N}u + m * {N}u + n;
-{mm.store("acc", "idx", "      ")}    }}
-  }}
-}}
+{"".join(reductions)}}}
 """
-    shared = f"var<workgroup> red: array<f32, {256 * M}>;\n"
-    return _source(mm, body, (math.ceil(N / 64), 1, mm.nbatch), shared)
+    shared = f"var<workgroup> red: array<{vt}, 256>;\n"
+    return _source(mm, body, (math.ceil(N / cols), 1, mm.nbatch), shared)
 
 
 # -- tiled SIMT -------------------------------------------------------------------------------
@@ -482,48 +514,51 @@ def _matrix_store(syntax: str, ptr: str, offset: str, value: str, stride: int) -
 
 
 def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
-    """128 x 128 output tiles on 8 subgroups (each 32 x 64: 2 x 4 matrices of 16 x 16).
-    Operand tiles are staged in workgroup memory as f16; each subgroup's results pass
-    through a 16 x 16 scratch tile so the store can bound-check and run the epilogue."""
+    """Output tiles of (subgroup rows x tile rows x 16) x (subgroup cols x tile cols x 16),
+    one subgroup of 32 per block of result matrices. Operand tiles are staged in workgroup
+    memory as f16; each subgroup's results pass through a 16 x 16 scratch tile so the store
+    can bound-check and run the epilogue."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
-    AS, BS = MU_A_STRIDE, MU_B_STRIDE
-    loads_per_thread = MU_BM * MU_BK // 256
+    (sgr, sgc), (tr, tc) = MU_SUBGROUPS, MU_TILES
+    threads = 32 * sgr * sgc
+    bm, bn, bk = sgr * tr * 16, sgc * tc * 16, MU_BK
+    AS, BS = bk + MU_PAD, bn + MU_PAD
     a_idx = (
-        f"let r = e / {MU_BK}u; let kk = e % {MU_BK}u;"
+        f"let r = e / {bk}u; let kk = e % {bk}u;"
         if a.s_col == 1
-        else f"let r = e % {MU_BM}u; let kk = e / {MU_BM}u;"
+        else f"let r = e % {bm}u; let kk = e / {bm}u;"
     )
     b_idx = (
-        f"let kk = e / {MU_BN}u; let c = e % {MU_BN}u;"
+        f"let kk = e / {bn}u; let c = e % {bn}u;"
         if b.s_col == 1 or b.s_row != 1
-        else f"let c = e / {MU_BK}u; let kk = e % {MU_BK}u;"
+        else f"let c = e / {bk}u; let kk = e % {bk}u;"
     )
     mma = []
-    for kk in range(0, MU_BK, 16):
-        for i in range(2):
-            mma.append(
-                f"      let l{i} = {_matrix_load(syntax, 'left', 'As', f'(sr * 32u + {16 * i}u) * {AS}u + {kk}u', AS)};"
-            )
-        for j in range(4):
-            mma.append(
-                f"      let r{j} = {_matrix_load(syntax, 'right', 'Bs', f'{kk * BS}u + sc * 64u + {16 * j}u', BS)};"
-            )
-        for i in range(2):
-            for j in range(4):
+    for kk in range(0, bk, 16):
+        mma.append("    {")
+        for i in range(tr):
+            offset = f"(sr * {tr * 16}u + {16 * i}u) * {AS}u + {kk}u"
+            mma.append(f"      let l{i} = {_matrix_load(syntax, 'left', 'As', offset, AS)};")
+        for j in range(tc):
+            offset = f"{kk * BS}u + sc * {tc * 16}u + {16 * j}u"
+            mma.append(f"      let r{j} = {_matrix_load(syntax, 'right', 'Bs', offset, BS)};")
+        for i in range(tr):
+            for j in range(tc):
                 mma.append(
-                    f"      acc{i}{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}{j});"
+                    f"      acc{i}_{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}_{j});"
                 )
+        mma.append("    }")
     stores = []
-    for i in range(2):
-        for j in range(4):
+    for i in range(tr):
+        for j in range(tc):
             stores.append(
-                f"""  {_matrix_store(syntax, "Cs", "sg * 256u", f"acc{i}{j}", 16)};
+                f"""  {_matrix_store(syntax, "Cs", "sg * 256u", f"acc{i}_{j}", 16)};
   workgroupBarrier();
   for (var t = 0u; t < 8u; t++) {{
     let e = lane + t * 32u;
-    let gm = m0 + sr * 32u + {16 * i}u + e / 16u;
-    let gn = n0 + sc * 64u + {16 * j}u + e % 16u;
+    let gm = m0 + sr * {tr * 16}u + {16 * i}u + e / 16u;
+    let gn = n0 + sc * {tc * 16}u + {16 * j}u + e % 16u;
     if (gm < {M}u && gn < {N}u) {{
       let acc = Cs[sg * 256u + e];
       let idx = bz * {M * N}u + gm * {N}u + gn;
@@ -533,31 +568,29 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
 """
             )
     accs = "".join(
-        f"  var acc{i}{j} = subgroup_matrix_result<f32, 16, 16>();\n"
-        for i in range(2)
-        for j in range(4)
+        f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
+        for i in range(tr)
+        for j in range(tc)
     )
-    body = f"""@compute @workgroup_size(256)
+    body = f"""@compute @workgroup_size({threads})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg_size: u32) {{
   let sg = tid / sg_size;
-  let sr = sg / 2u; let sc = sg % 2u;
+  let sr = sg / {sgc}u; let sc = sg % {sgc}u;
   let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)};
-  let m0 = wid.y * {MU_BM}u;
-  let n0 = wid.x * {MU_BN}u;
-{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {MU_BK}u) {{
-    for (var l = 0u; l < {loads_per_thread}u; l++) {{
-      let e = tid + l * 256u;
+  let m0 = wid.y * {bm}u;
+  let n0 = wid.x * {bn}u;
+{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
+    for (var e = tid; e < {bm * bk}u; e += {threads}u) {{
       {a_idx}
       let gm = m0 + r; let gk = k0 + kk;
       var v = 0.0f;
       if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
       As[r * {AS}u + kk] = f16(v);
     }}
-    for (var l = 0u; l < {loads_per_thread}u; l++) {{
-      let e = tid + l * 256u;
+    for (var e = tid; e < {bk * bn}u; e += {threads}u) {{
       {b_idx}
       let gk = k0 + kk; let gn = n0 + c;
       var v = 0.0f;
@@ -565,22 +598,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       Bs[kk * {BS}u + c] = f16(v);
     }}
     workgroupBarrier();
-    {{
 {chr(10).join(mma)}
-    }}
     workgroupBarrier();
   }}
 {"".join(stores)}}}
 """
     shared = (
-        f"var<workgroup> As: array<f16, {MU_BM * AS}>;\n"
-        f"var<workgroup> Bs: array<f16, {MU_BK * BS}>;\n"
-        "var<workgroup> Cs: array<f32, 2048>;\n"
+        f"var<workgroup> As: array<f16, {bm * AS}>;\n"
+        f"var<workgroup> Bs: array<f16, {bk * BS}>;\n"
+        f"var<workgroup> Cs: array<f32, {256 * sgr * sgc}>;\n"
     )
     header = (
         "enable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
         "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);\n"
         "diagnostic(off, subgroup_uniformity);\n"
     )
-    grid = (math.ceil(N / MU_BN), math.ceil(M / MU_BM), mm.nbatch)
+    grid = (math.ceil(N / bn), math.ceil(M / bm), mm.nbatch)
     return _source(mm, body, grid, shared, header)
