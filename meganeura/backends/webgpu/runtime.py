@@ -66,23 +66,33 @@ class WebGPUExecutor:
         from meganeura.backends.wgsl.matmul import MATRIX_UNIT_SYNTAXES
 
         rng = np.random.default_rng(0)
-        a = rng.standard_normal((150, 40)).astype(np.float16).astype(np.float32)
-        b = rng.standard_normal((40, 130)).astype(np.float16).astype(np.float32)
-        want = a.astype(np.float64) @ b.astype(np.float64)
+        # Weights both ways round, so both staging paths of the kernel are checked.
+        a, b, w = (
+            rng.standard_normal(shape).astype(np.float16).astype(np.float32)
+            for shape in ((150, 40), (40, 130), (136, 40))
+        )
+        wants = [a.astype(np.float64) @ b, a.astype(np.float64) @ w.T]
         graph = Graph()
-        out = graph.input("a", a.shape) @ graph.input("b", b.shape)
+        ta = graph.input("a", a.shape)
+        outs = [ta @ graph.input("b", b.shape), ta @ graph.input("w", w.shape).T]
+        feeds = {graph.inputs[n]: x for n, x in (("a", a), ("b", b), ("w", w))}
         for syntax in MATRIX_UNIT_SYNTAXES:
             options = {"matmul_precision": "high", "matrix_unit": syntax}
             try:
-                program = WebGPUProgram(self, graph, [out.id], {}, options)
-                program.run({graph.inputs["a"]: a, graph.inputs["b"]: b})
-                got = program.read(out.id)
+                program = WebGPUProgram(self, graph, [o.id for o in outs], {}, options)
+                program.run(feeds)
+                gots = [program.read(o.id) for o in outs]
             except Exception as error:
                 if DEBUG:
                     print(f"matrix units, syntax {syntax!r}: {error}", file=sys.stderr)
                 continue
-            if np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want):
+            if all(
+                np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+                for got, want in zip(gots, wants, strict=True)
+            ):
                 return syntax
+            if DEBUG:
+                print(f"matrix units, syntax {syntax!r}: wrong results", file=sys.stderr)
         return None
 
     def buffer(self, nbytes: int, label: str = ""):

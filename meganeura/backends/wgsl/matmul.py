@@ -25,13 +25,13 @@ GEMV_UNROLL = 4  # weight loads in flight per invocation
 BM, BN, BK = 64, 64, 16  # SIMT tile
 LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
 LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
-# Matrix-unit tiles: a grid of subgroups (rows, columns), each computing a grid of 16 x 16
-# result matrices (rows, columns), over k steps of MU_BK.
-MU_SUBGROUPS = (4, 2)
-MU_TILES = (2, 4)
+# Matrix-unit tiles: one subgroup of 32 per workgroup (subgroup-matrix offsets must be
+# uniform), computing a grid of 16 x 16 result matrices (rows, columns) over k steps of MU_BK.
+MU_TILES = (4, 4)
 MU_BK = 32
 MU_PAD = 8  # f16 elements added to each staged row: fewer bank conflicts, rows stay 16-byte aligned
-MATRIX_UNIT_SYNTAXES = ("load_flag", "load_layout")
+GEMV_COLUMN_LANES = 2  # vec4 lanes per weight row in the column GEMV: 32-byte pieces
+MATRIX_UNIT_SYNTAXES = ("load_layout", "load_flag")
 
 
 class _VecBindings(_Bindings):
@@ -264,7 +264,7 @@ def _gemv_columns(mm: _Matmul) -> KernelSource:
     if vec:
         mm.bind.vector.add(mm.plan.buffer_of[b.base])
     width = 4 if vec else 1
-    lanes = 32 // width  # 128 bytes of a weight row per pass
+    lanes = GEMV_COLUMN_LANES if vec else 8  # 32 bytes of a weight row: one memory sector
     slices = 256 // lanes
     cols = lanes * width
     vt = "vec4<f32>" if vec else "f32"
@@ -513,35 +513,86 @@ def _matrix_store(syntax: str, ptr: str, offset: str, value: str, stride: int) -
     return f"subgroupMatrixStore<row_major>(&{ptr}, {offset}, {value}, {stride}u)"
 
 
+def _stage_f16(
+    x: _Operand,
+    vec: bool,
+    name: str,
+    stride: int,
+    rows: int,
+    cols: int,
+    row0: str,
+    col0: str,
+    row_limit: int,
+    col_limit: int,
+    origin: str,
+) -> str:
+    """Statements staging the rows x cols tile of x at (row0, col0) into the f16 array
+    `name` ([row][col], row stride `stride`), zero outside (row_limit, col_limit). With
+    `vec`, four elements along the contiguous direction per load."""
+    if not vec:
+        fast_cols = x.s_col == 1
+        index = (
+            f"let r = e / {cols}u; let c = e % {cols}u;"
+            if fast_cols
+            else f"let r = e % {rows}u; let c = e / {rows}u;"
+        )
+        return f"""    for (var e = lane; e < {rows * cols}u; e += 32u) {{
+      {index}
+      let gr = {row0} + r; let gc = {col0} + c;
+      var v = 0.0f;
+      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u]); }}
+      {name}[r * {stride}u + c] = f16(v);
+    }}
+"""
+    if x.s_col == 1:  # four columns per load
+        index = f"let r = e / {cols // 4}u; let c = (e % {cols // 4}u) * 4u;"
+        at = f"(({origin} + gr * {x.s_row}u + gc) / 4u)"
+        places = [f"r * {stride}u + c + {i}u" for i in range(4)]
+    else:  # four rows per load
+        index = f"let c = e / {rows // 4}u; let r = (e % {rows // 4}u) * 4u;"
+        at = f"(({origin} + gr + gc * {x.s_col}u) / 4u)"
+        places = [f"(r + {i}u) * {stride}u + c" for i in range(4)]
+    stores = " ".join(f"{name}[{p}] = f16(v.{ch});" for p, ch in zip(places, "xyzw", strict=True))
+    return f"""    for (var e = lane; e < {rows * cols // 4}u; e += 32u) {{
+      {index}
+      let gr = {row0} + r; let gc = {col0} + c;
+      var v = vec4<f32>(0.0);
+      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = vec4<f32>({x.buf}[{at}]); }}
+      {stores}
+    }}
+"""
+
+
 def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
-    """Output tiles of (subgroup rows x tile rows x 16) x (subgroup cols x tile cols x 16),
-    one subgroup of 32 per block of result matrices. Operand tiles are staged in workgroup
-    memory as f16; each subgroup's results pass through a 16 x 16 scratch tile so the store
-    can bound-check and run the epilogue."""
+    """One subgroup per workgroup computes a (tile rows x 16) x (tile cols x 16) output
+    block. Operand tiles are staged in workgroup memory as f16 (16-byte loads where the
+    layout allows); results pass through a 16 x 16 scratch tile so the store can
+    bound-check and run the epilogue."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
-    (sgr, sgc), (tr, tc) = MU_SUBGROUPS, MU_TILES
-    threads = 32 * sgr * sgc
-    bm, bn, bk = sgr * tr * 16, sgc * tc * 16, MU_BK
+    tr, tc = MU_TILES
+    bm, bn, bk = tr * 16, tc * 16, MU_BK
     AS, BS = bk + MU_PAD, bn + MU_PAD
-    a_idx = (
-        f"let r = e / {bk}u; let kk = e % {bk}u;"
-        if a.s_col == 1
-        else f"let r = e % {bm}u; let kk = e / {bm}u;"
+    # op(B) is k x n; staged as [k][n] it is the tile of rows k and columns n.
+    vec_a = K % 4 == 0 and (M % 4 == 0 or a.s_col == 1) and mm.use_vec4(a, a.s_col == 1)
+    vec_b = (
+        (N % 4 == 0 if b.s_col == 1 else K % 4 == 0)
+        and (b.s_col == 1 or b.s_row == 1)
+        and mm.use_vec4(b, b.s_col == 1)
     )
-    b_idx = (
-        f"let kk = e / {bn}u; let c = e % {bn}u;"
-        if b.s_col == 1 or b.s_row != 1
-        else f"let c = e / {bk}u; let kk = e % {bk}u;"
-    )
+    for vec, x in ((vec_a, a), (vec_b, b)):
+        if vec:
+            mm.bind.vector.add(mm.plan.buffer_of[x.base])
+    stage_a = _stage_f16(a, vec_a, "As", AS, bm, bk, "m0", "k0", M, K, "a0")
+    stage_b = _stage_f16(b, vec_b, "Bs", BS, bk, bn, "k0", "n0", K, N, "b0")
     mma = []
     for kk in range(0, bk, 16):
         mma.append("    {")
         for i in range(tr):
-            offset = f"(sr * {tr * 16}u + {16 * i}u) * {AS}u + {kk}u"
+            offset = f"{16 * i * AS + kk}u"
             mma.append(f"      let l{i} = {_matrix_load(syntax, 'left', 'As', offset, AS)};")
         for j in range(tc):
-            offset = f"{kk * BS}u + sc * {tc * 16}u + {16 * j}u"
+            offset = f"{kk * BS + 16 * j}u"
             mma.append(f"      let r{j} = {_matrix_load(syntax, 'right', 'Bs', offset, BS)};")
         for i in range(tr):
             for j in range(tc):
@@ -553,14 +604,14 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
     for i in range(tr):
         for j in range(tc):
             stores.append(
-                f"""  {_matrix_store(syntax, "Cs", "sg * 256u", f"acc{i}_{j}", 16)};
+                f"""  {_matrix_store(syntax, "Cs", "0u", f"acc{i}_{j}", 16)};
   workgroupBarrier();
   for (var t = 0u; t < 8u; t++) {{
     let e = lane + t * 32u;
-    let gm = m0 + sr * {tr * 16}u + {16 * i}u + e / 16u;
-    let gn = n0 + sc * {tc * 16}u + {16 * j}u + e % 16u;
+    let gm = m0 + {16 * i}u + e / 16u;
+    let gn = n0 + {16 * j}u + e % 16u;
     if (gm < {M}u && gn < {N}u) {{
-      let acc = Cs[sg * 256u + e];
+      let acc = Cs[e];
       let idx = bz * {M * N}u + gm * {N}u + gn;
 {mm.store("acc", "idx", "      ")}    }}
   }}
@@ -572,32 +623,15 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
         for i in range(tr)
         for j in range(tc)
     )
-    body = f"""@compute @workgroup_size({threads})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
-        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sg_size: u32) {{
-  let sg = tid / sg_size;
-  let sr = sg / {sgc}u; let sc = sg % {sgc}u;
+    body = f"""@compute @workgroup_size(32)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {{
   let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)};
   let m0 = wid.y * {bm}u;
   let n0 = wid.x * {bn}u;
 {accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
-    for (var e = tid; e < {bm * bk}u; e += {threads}u) {{
-      {a_idx}
-      let gm = m0 + r; let gk = k0 + kk;
-      var v = 0.0f;
-      if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
-      As[r * {AS}u + kk] = f16(v);
-    }}
-    for (var e = tid; e < {bk * bn}u; e += {threads}u) {{
-      {b_idx}
-      let gk = k0 + kk; let gn = n0 + c;
-      var v = 0.0f;
-      if (gk < {K}u && gn < {N}u) {{ v = f32({b.buf}[b0 + gk * {b.s_row}u + gn * {b.s_col}u]); }}
-      Bs[kk * {BS}u + c] = f16(v);
-    }}
-    workgroupBarrier();
+{stage_a}{stage_b}    workgroupBarrier();
 {chr(10).join(mma)}
     workgroupBarrier();
   }}
@@ -606,12 +640,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     shared = (
         f"var<workgroup> As: array<f16, {bm * AS}>;\n"
         f"var<workgroup> Bs: array<f16, {bk * BS}>;\n"
-        f"var<workgroup> Cs: array<f32, {256 * sgr * sgc}>;\n"
+        "var<workgroup> Cs: array<f32, 256>;\n"
     )
     header = (
         "enable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
         "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);\n"
-        "diagnostic(off, subgroup_uniformity);\n"
     )
     grid = (math.ceil(N / bn), math.ceil(M / bm), mm.nbatch)
     return _source(mm, body, grid, shared, header)
