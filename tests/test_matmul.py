@@ -200,3 +200,23 @@ def test_matrix_units_with_high_precision(shape):
     ah, wh = a.astype(np.float16).astype(np.float64), w.astype(np.float16).astype(np.float64)
     want = np.maximum(ah @ wh.T + bias, 0)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_matrix_units_read_f16_operands_directly(trans_b):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2, 128, 96)).astype(np.float16)
+    b = rng.standard_normal((192, 96) if trans_b else (96, 192)).astype(np.float16)
+    g = Graph()
+    y = g.apply(
+        "matmul", [g.input("a", a.shape, "f16"), g.input("b", b.shape, "f16")], trans_b=trans_b
+    )
+    g.output("y", y.astype("f32") + 1.0)
+    session = build(g, device="gpu")
+    if not session.executor.matrix_unit:
+        pytest.skip(f"no working subgroup matrices on {session.device}")
+    got = session.run({"a": a, "b": b})["y"]
+    bb = b.astype(np.float64).T if trans_b else b.astype(np.float64)
+    want = (a.astype(np.float64) @ bb).astype(np.float16).astype(np.float64) + 1.0
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)

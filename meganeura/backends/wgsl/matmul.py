@@ -30,6 +30,7 @@ LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
 MU_TILES = (4, 4)
 MU_BK = 32
 MU_PAD = 8  # f16 elements added to each staged row: fewer bank conflicts, rows stay 16-byte aligned
+MU_DIRECT_F16 = True  # f16 operands that tile exactly are read by the matrix loads themselves
 GEMV_COLUMN_LANES = 2  # vec4 lanes per weight row in the column GEMV: 32-byte pieces
 MATRIX_UNIT_SYNTAXES = ("load_layout", "load_flag")
 
@@ -173,6 +174,8 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
     if syntax and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
+        if MU_DIRECT_F16 and _direct_operands(mm):
+            return matrix_unit_direct(mm, syntax)
         return matrix_unit_kernel(mm, syntax)
     if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
         return _tiled_large(mm)
@@ -500,17 +503,110 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 # -- matrix units ------------------------------------------------------------------------------
 
 
-def _matrix_load(syntax: str, kind: str, ptr: str, offset: str, stride: int) -> str:
+def _matrix_load(
+    syntax: str, kind: str, ptr: str, offset: str, stride: int, col_major: bool = False
+) -> str:
     ty = f"subgroup_matrix_{kind}<f16, 16, 16>"
     if syntax == "load_flag":
-        return f"subgroupMatrixLoad<{ty}>(&{ptr}, {offset}, false, {stride}u)"
-    return f"subgroupMatrixLoad<{ty}, row_major>(&{ptr}, {offset}, {stride}u)"
+        return f"subgroupMatrixLoad<{ty}>(&{ptr}, {offset}, {str(col_major).lower()}, {stride}u)"
+    layout = "col_major" if col_major else "row_major"
+    return f"subgroupMatrixLoad<{ty}, {layout}>(&{ptr}, {offset}, {stride}u)"
 
 
 def _matrix_store(syntax: str, ptr: str, offset: str, value: str, stride: int) -> str:
     if syntax == "load_flag":
         return f"subgroupMatrixStore(&{ptr}, {offset}, {value}, false, {stride}u)"
     return f"subgroupMatrixStore<row_major>(&{ptr}, {offset}, {value}, {stride}u)"
+
+
+def _direct_operands(mm: _Matmul) -> bool:
+    """f16 operands whose 16 x 16 blocks can be loaded straight from their buffers: whole
+    tiles only, one unit stride each, other strides and origins 16-byte aligned."""
+    tr, tc = MU_TILES
+    if mm.dtype != "f16" or mm.M % (16 * tr) or mm.N % (16 * tc) or mm.K % 16:
+        return False
+    for x in (mm.a, mm.b):
+        if 1 not in (x.s_row, x.s_col):
+            return False
+        other = x.s_col if x.s_row == 1 else x.s_row
+        if any(st % 8 for st in (other, x.offset, *x.batch_strides)):
+            return False
+    return True
+
+
+def _matrix_unit_store(mm: _Matmul, syntax: str, tr: int, tc: int) -> str:
+    """Each result matrix through the 16 x 16 scratch tile into the output (or epilogue)."""
+    M, N = mm.M, mm.N
+    stores = []
+    for i in range(tr):
+        for j in range(tc):
+            stores.append(
+                f"""  {_matrix_store(syntax, "Cs", "0u", f"acc{i}_{j}", 16)};
+  workgroupBarrier();
+  for (var t = 0u; t < 8u; t++) {{
+    let e = lane + t * 32u;
+    let gm = m0 + {16 * i}u + e / 16u;
+    let gn = n0 + {16 * j}u + e % 16u;
+    if (gm < {M}u && gn < {N}u) {{
+      let acc = Cs[e];
+      let idx = bz * {M * N}u + gm * {N}u + gn;
+{mm.store("acc", "idx", "      ")}    }}
+  }}
+  workgroupBarrier();
+"""
+            )
+    return "".join(stores)
+
+
+MATRIX_UNIT_HEADER = (
+    "enable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
+    "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);\n"
+)
+
+
+def matrix_unit_direct(mm: _Matmul, syntax: str) -> KernelSource:
+    """One subgroup per workgroup, (tile rows x 16) x (tile cols x 16) outputs, each 16 x 16
+    operand block loaded by the matrix load itself from the f16 buffers (row- or
+    column-major as the operand lies); no staging, no barriers in the k loop."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    tr, tc = MU_TILES
+    bm, bn = tr * 16, tc * 16
+    a_cm, b_cm = a.s_row == 1 and a.s_col != 1, b.s_row == 1 and b.s_col != 1
+    a_stride, b_stride = (a.s_col if a_cm else a.s_row), (b.s_col if b_cm else b.s_row)
+    loads = []
+    for i in range(tr):
+        off = f"a0 + (m0 + {16 * i}u) * {a.s_row}u + k * {a.s_col}u"
+        loads.append(f"    let l{i} = {_matrix_load(syntax, 'left', a.buf, off, a_stride, a_cm)};")
+    for j in range(tc):
+        off = f"b0 + k * {b.s_row}u + (n0 + {16 * j}u) * {b.s_col}u"
+        loads.append(f"    let r{j} = {_matrix_load(syntax, 'right', b.buf, off, b_stride, b_cm)};")
+    mmas = [
+        f"    acc{i}_{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}_{j});"
+        for i in range(tr)
+        for j in range(tc)
+    ]
+    accs = "".join(
+        f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
+        for i in range(tr)
+        for j in range(tc)
+    )
+    body = f"""@compute @workgroup_size(32)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {{
+  let bz = wid.z;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {b.origin(mm.batch)};
+  let m0 = wid.y * {bm}u;
+  let n0 = wid.x * {bn}u;
+{accs}  for (var k = 0u; k < {K}u; k += 16u) {{
+{chr(10).join(loads)}
+{chr(10).join(mmas)}
+  }}
+{_matrix_unit_store(mm, syntax, tr, tc)}}}
+"""
+    shared = "var<workgroup> Cs: array<f32, 256>;\n"
+    grid = (N // bn, M // bm, mm.nbatch)
+    return _source(mm, body, grid, shared, MATRIX_UNIT_HEADER)
 
 
 def _stage_f16(
@@ -600,24 +696,6 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
                     f"      acc{i}_{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}_{j});"
                 )
         mma.append("    }")
-    stores = []
-    for i in range(tr):
-        for j in range(tc):
-            stores.append(
-                f"""  {_matrix_store(syntax, "Cs", "0u", f"acc{i}_{j}", 16)};
-  workgroupBarrier();
-  for (var t = 0u; t < 8u; t++) {{
-    let e = lane + t * 32u;
-    let gm = m0 + {16 * i}u + e / 16u;
-    let gn = n0 + {16 * j}u + e % 16u;
-    if (gm < {M}u && gn < {N}u) {{
-      let acc = Cs[e];
-      let idx = bz * {M * N}u + gm * {N}u + gn;
-{mm.store("acc", "idx", "      ")}    }}
-  }}
-  workgroupBarrier();
-"""
-            )
     accs = "".join(
         f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
         for i in range(tr)
@@ -635,16 +713,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {chr(10).join(mma)}
     workgroupBarrier();
   }}
-{"".join(stores)}}}
+{_matrix_unit_store(mm, syntax, tr, tc)}}}
 """
     shared = (
         f"var<workgroup> As: array<f16, {bm * AS}>;\n"
         f"var<workgroup> Bs: array<f16, {bk * BS}>;\n"
         "var<workgroup> Cs: array<f32, 256>;\n"
     )
-    header = (
-        "enable subgroups;\nenable chromium_experimental_subgroup_matrix;\n"
-        "diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);\n"
-    )
     grid = (math.ceil(N / bn), math.ceil(M / bm), mm.nbatch)
-    return _source(mm, body, grid, shared, header)
+    return _source(mm, body, grid, shared, MATRIX_UNIT_HEADER)
