@@ -48,7 +48,8 @@ def build(
     Parameters are initialized from their init specs with a generator seeded by `seed`.
     `matmul_precision`, like torch.set_float32_matmul_precision: "highest" keeps f32
     matmuls in f32; "high" lets them run on the GPU's matrix units with f16 operands and f32
-    accumulation where the device has working ones (f32 everywhere else).
+    accumulation where a start-up check finds those correct and faster than the f32
+    kernels (f32 everywhere else). f16 matmuls use matrix units whenever they work.
     """
     from meganeura.backends import open_executor
 

@@ -51,10 +51,19 @@ class WebGPUExecutor:
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
         self.matmul_precision = matmul_precision
         self.matrix_unit = self._probe_matrix_units()
+        self.staged_matrix_units = (
+            matmul_precision == "high"
+            and self.matrix_unit is not None
+            and self._staged_matrix_units_pay()
+        )
 
     @property
     def codegen_options(self) -> dict:
-        return {"matmul_precision": self.matmul_precision, "matrix_unit": self.matrix_unit}
+        return {
+            "matmul_precision": self.matmul_precision,
+            "matrix_unit": self.matrix_unit,
+            "staged_matrix_units": self.staged_matrix_units,
+        }
 
     def _probe_matrix_units(self) -> str | None:
         """The subgroup-matrix syntax whose kernel compiles and multiplies correctly here, or
@@ -82,7 +91,11 @@ class WebGPUExecutor:
         sources = (("a", a), ("b", b), ("w", w), ("h", h), ("k", k))
         feeds = {graph.inputs[n]: x for n, x in sources}
         for syntax in MATRIX_UNIT_SYNTAXES:
-            options = {"matmul_precision": "high", "matrix_unit": syntax}
+            options = {
+                "matmul_precision": "high",
+                "matrix_unit": syntax,
+                "staged_matrix_units": True,
+            }
             try:
                 program = WebGPUProgram(self, graph, [o.id for o in outs], {}, options)
                 program.run(feeds)
@@ -101,6 +114,43 @@ class WebGPUExecutor:
             if DEBUG:
                 print(f"matrix units, syntax {syntax!r}: wrong results", file=sys.stderr)
         return None
+
+    def _staged_matrix_units_pay(self) -> bool:
+        """Whether f32 matmuls run faster on matrix units (operands staged as f16 in
+        workgroup memory) than on the f32 kernels here: a 2048^3 product timed both ways."""
+        n, runs = 2048, 5
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        graph = Graph()
+        out = graph.input("a", a.shape) @ graph.input("b", b.shape)
+        feeds = {graph.inputs["a"]: a, graph.inputs["b"]: b}
+        seconds = {}
+        try:
+            for staged in (True, False):
+                options = {
+                    "matmul_precision": "high",
+                    "matrix_unit": self.matrix_unit,
+                    "staged_matrix_units": staged,
+                }
+                program = WebGPUProgram(self, graph, [out.id], {}, options)
+                program.run(feeds)
+                result = program.buffers[program.plan.buffer_of[out.id]]
+                self.device.queue.read_buffer(result, 0, 4)
+                start = time.perf_counter()
+                for _ in range(runs):
+                    program.run({})
+                self.device.queue.read_buffer(result, 0, 4)
+                seconds[staged] = time.perf_counter() - start
+        except Exception as error:
+            if DEBUG:
+                print(f"matrix units, staged timing: {error}", file=sys.stderr)
+            return False
+        if DEBUG:
+            print(
+                f"matrix units, {n}^3 staged {seconds[True]:.4f} s, f32 {seconds[False]:.4f} s",
+                file=sys.stderr,
+            )
+        return seconds[True] < seconds[False]
 
     def buffer(self, nbytes: int, label: str = ""):
         return self.device.create_buffer(

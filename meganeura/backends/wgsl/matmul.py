@@ -1,13 +1,18 @@
 """Matmul kernels: batched, strided operands (transposes and broadcasts read in place), with
 the pointwise DAG that reads the product fused into the store (an epilogue).
 
-Three variants, chosen per kernel:
-- GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by a team of invocations
-  that reads it contiguously (vec4 loads when the layout allows) and reduces in workgroup
-  memory. Decoding, small-batch training and their backward passes land here.
-- matrix units (subgroup matrices, f16 operands, f32 accumulation) when the executor found
-  them working and the operands are f16, or are f32 under matmul_precision="high";
-- tiled SIMT f32 otherwise: 64 x 64 tiles, 4 x 4 outputs per invocation.
+Variants, chosen per kernel:
+- GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by invocations that read
+  it contiguously (vec4 loads when the layout allows) and reduce in workgroup memory.
+  Decoding, small-batch training and their backward passes land here.
+- matrix units (subgroup matrices, f16 operands, f32 accumulation), when the executor's
+  start-up check found them correct: f16 operands that tile exactly are loaded by the
+  matrix loads themselves (73 TFLOP/s at 4096^3 on an H200). Operands staged through
+  workgroup memory as f16 (any shape, and f32 operands under matmul_precision="high") are
+  used only where the executor measured that staging beats the f32 kernels: on an H200
+  through Dawn it did not (9.5 TFLOP/s against 32).
+- tiled SIMT f32 otherwise: 128 x 128 tiles with 8 x 8 outputs per invocation for large
+  products (32 TFLOP/s at 4096^3 on an H200), 64 x 64 tiles with 4 x 4 for the rest.
 """
 
 from __future__ import annotations
@@ -173,9 +178,10 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         if mm.b.s_row == 1:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
-    if syntax and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
-        if MU_DIRECT_F16 and _direct_operands(mm):
-            return matrix_unit_direct(mm, syntax)
+    if syntax and MU_DIRECT_F16 and _direct_operands(mm):
+        return matrix_unit_direct(mm, syntax)
+    staged = plan.options.get("staged_matrix_units")
+    if syntax and staged and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
         return matrix_unit_kernel(mm, syntax)
     if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
         return _tiled_large(mm)
