@@ -183,8 +183,13 @@ class Graph:
             if t.graph is not self:
                 raise ValueError(f"{op}: input tensor belongs to another graph")
         types = [self.nodes[t.id].type for t in inputs]
-        attrs = opdef.normalize(types, attrs) if opdef.normalize else attrs
-        ttype = opdef.infer(types, attrs)
+        try:
+            attrs = opdef.normalize(types, attrs) if opdef.normalize else attrs
+            ttype = opdef.infer(types, attrs)
+        except (ValueError, TypeError) as error:
+            # Shape rules only see types; name the tensors so the user can find them.
+            operands = ", ".join(_operand(t.node) for t in inputs)
+            raise type(error)(f"{error}; operands: {operands}") from None
         return Tensor(self, self._append(op, tuple(t.id for t in inputs), attrs, ttype).id)
 
     def _append(
@@ -242,6 +247,10 @@ class Graph:
         return "\n".join(lines)
 
 
+def _operand(node: Node) -> str:
+    return f"{node.name!r} {node.type}" if node.name else f"%{node.id} ({node.op}) {node.type}"
+
+
 def _check_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)
@@ -288,7 +297,14 @@ class Tensor:
         if isinstance(other, Tensor):
             return other
         array = np.asarray(other)
-        if array.dtype.kind in "fiub" and array.ndim == 0 and self.dtype in ("f32", "f16"):
+        if array.dtype.kind == "f" and self.dtype not in ("f32", "f16"):
+            if array.ndim or not float(array).is_integer():
+                raise TypeError(
+                    f"cannot combine {self.dtype} tensor {self!r} with float value {other!r}: "
+                    "there is no implicit promotion; use .astype('f32') first"
+                )
+            return self.graph.constant(array, self.dtype)
+        if array.dtype.kind in "fiub" and array.ndim == 0:
             return self.graph.constant(array, self.dtype)
         return self.graph.constant(array, self.dtype if array.dtype.kind == "f" else None)
 
@@ -381,6 +397,24 @@ class Tensor:
     def gelu(self, approximate: str = "none") -> Tensor:
         return gelu(self, approximate)
 
+    def silu(self) -> Tensor:
+        return self.graph.apply("silu", [self])
+
+    def sin(self) -> Tensor:
+        return self.graph.apply("sin", [self])
+
+    def cos(self) -> Tensor:
+        return self.graph.apply("cos", [self])
+
+    def erf(self) -> Tensor:
+        return self.graph.apply("erf", [self])
+
+    def softplus(self, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+        return self.graph.apply("softplus", [self], beta=beta, threshold=threshold)
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> Tensor:
+        return self.graph.apply("clamp", [self], min=min, max=max)
+
     def astype(self, dtype: str) -> Tensor:
         return self.graph.apply("cast", [self], dtype=dtype)
 
@@ -419,11 +453,55 @@ class Tensor:
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         return self.graph.apply("broadcast_to", [self], shape=tuple(shape))
 
+    def expand(self, *sizes) -> Tensor:
+        """torch.Tensor.expand: broadcast to `sizes`; -1 keeps a dim."""
+        from meganeura.ops.views import expand
+
+        return expand(self, _sizes(sizes))
+
+    def repeat(self, *sizes) -> Tensor:
+        """torch.Tensor.repeat: tile the tensor `sizes[d]` times along each dim d."""
+        from meganeura.ops.views import repeat
+
+        return repeat(self, _sizes(sizes))
+
+    def flip(self, *axes) -> Tensor:
+        return self.graph.apply("flip", [self], axes=_sizes(axes))
+
+    def split(self, split_size_or_sections, axis: int = 0) -> list[Tensor]:
+        from meganeura.ops.views import split
+
+        return split(self, split_size_or_sections, axis)
+
+    def chunk(self, chunks: int, axis: int = 0) -> list[Tensor]:
+        from meganeura.ops.views import chunk
+
+        return chunk(self, chunks, axis)
+
+    def gather(self, axis: int, index: Tensor) -> Tensor:
+        return self.graph.apply("gather", [self, index], axis=axis)
+
+    def index_select(self, axis: int, index: Tensor) -> Tensor:
+        return self.graph.apply("index_select", [self, index], axis=axis)
+
+    def __getitem__(self, key) -> Tensor:
+        """Indexing with ints, slices (any step), None, ... and one integer index tensor."""
+        from meganeura.ops.views import getitem
+
+        return getitem(self, key)
+
     def softmax(self, axis: int = -1) -> Tensor:
         return self.graph.apply("softmax", [self], axis=axis)
 
     def log_softmax(self, axis: int = -1) -> Tensor:
         return self.graph.apply("log_softmax", [self], axis=axis)
+
+
+def _sizes(args: tuple) -> tuple:
+    """Sizes given either as separate arguments or as one sequence."""
+    if len(args) == 1 and not isinstance(args[0], int):
+        return tuple(args[0])
+    return tuple(args)
 
 
 def _axis(axis: int, ndim: int, op: str) -> int:

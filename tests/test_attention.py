@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from meganeura import Graph, build, grad
 from meganeura import functional as F
 from meganeura.lower.plan import plan as make_plan
+from meganeura.ops import all_ops
+from meganeura.ops.packed import segment
+from tests.harness import check_finite_differences, normal, op_graph
 
 LAVAPIPE = pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)
 GPU = pytest.param("gpu", marks=pytest.mark.gpu)
@@ -252,3 +255,50 @@ def test_training_memory_is_linear_in_sequence_length():
     assert 16 * largest <= B * H * T * T * 4  # what one [T, T] matrix per head would take
     kinds = {g.nodes[kern.node].op for kern in program.kernels}
     assert {"attention", "attention_grad_q", "attention_grad_kv"} <= kinds
+
+
+# -- VJPs against finite differences (float64 through the NumPy references) ----------------------
+
+
+def _attention_case(**options):
+    def fn(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
+
+    return fn
+
+
+FD_CASES = {
+    "attention_gqa_causal_kv_cache": (
+        _attention_case(is_causal=True),
+        {"q": (1, 4, 2, 3), "k": (1, 2, 4, 3), "v": (1, 2, 4, 2)},
+    ),
+    "attention_mask_softcap_window": (
+        _attention_case(is_causal=True, softcap=1.5, window=2, scale=0.7),
+        {"q": (1, 2, 3, 3), "k": (1, 1, 3, 3), "v": (1, 1, 3, 3), "mask": (2, 1, 3)},
+    ),
+    "segment": (lambda x: segment(x, 2, (2, 3)) * 3.0, {"x": (3, 4)}),
+    "unsegment": (
+        lambda x: x.graph.apply("unsegment", [x], start=1, shape=(2, 5)),
+        {"x": (2, 3)},
+    ),
+}
+
+
+def _fd_arrays(name):
+    rng = np.random.default_rng(len(name))
+    return {key: normal(rng, shape) for key, shape in FD_CASES[name][1].items()}
+
+
+@pytest.mark.parametrize("name", FD_CASES)
+def test_vjp_matches_finite_differences(name):
+    check_finite_differences(FD_CASES[name][0], _fd_arrays(name))
+
+
+def test_finite_difference_cases_cover_every_vjp():
+    covered = set()
+    for name, (fn, _) in FD_CASES.items():
+        opg = op_graph(fn, _fd_arrays(name))
+        covered |= {node.op for node in opg.graph.nodes[: opg.out.id + 1]}
+    modules = ("meganeura.ops.attention", "meganeura.ops.packed")
+    with_vjp = {n for n, op in all_ops().items() if op.vjp and op.vjp.__module__ in modules}
+    assert with_vjp - covered == set()

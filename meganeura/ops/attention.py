@@ -165,7 +165,7 @@ def _reference(arrays, attrs):
     p, lse = _probabilities(_logits(q, k, mask, attrs)[0])
     group = q.shape[1] // k.shape[1]
     out = p @ np.repeat(v.astype(np.float64), group, axis=1)
-    return np.concatenate([out.reshape(-1), lse.reshape(-1)]).astype(np.float32)
+    return np.concatenate([out.reshape(-1), lse.reshape(-1)]).astype(_result_dtype(q))
 
 
 def _grad_parts(arrays, attrs):
@@ -282,13 +282,18 @@ def _grad_kv_infer(types, attrs):
     return TensorType((k.size + v.size,), "f32")
 
 
+def _result_dtype(q: np.ndarray) -> np.dtype:
+    """f32, or float64 when the references run in float64 (finite-difference checks)."""
+    return np.result_type(q.dtype, np.float32)
+
+
 def _grad_q_reference(arrays, attrs):
-    return _grad_parts(arrays, attrs)[0].astype(np.float32)
+    return _grad_parts(arrays, attrs)[0].astype(_result_dtype(arrays[0]))
 
 
 def _grad_kv_reference(arrays, attrs):
     _, dk, dv = _grad_parts(arrays, attrs)
-    return np.concatenate([dk.reshape(-1), dv.reshape(-1)]).astype(np.float32)
+    return np.concatenate([dk.reshape(-1), dv.reshape(-1)]).astype(_result_dtype(arrays[0]))
 
 
 register(

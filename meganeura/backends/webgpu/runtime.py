@@ -15,9 +15,12 @@ import time
 import numpy as np
 
 from meganeura.backends.webgpu.device import GPUDevice
+from meganeura.backends.webgpu.matrix_units import probe_matrix_units, staged_matrix_units_pay
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
+
+STAGED_BYTES = 1 << 20
 
 # MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
 DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
@@ -50,11 +53,11 @@ class WebGPUExecutor:
         usage = self.wgpu.BufferUsage
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
         self.matmul_precision = matmul_precision
-        self.matrix_unit = self._probe_matrix_units()
+        self.matrix_unit = probe_matrix_units(self)
         self.staged_matrix_units = (
             matmul_precision == "high"
             and self.matrix_unit is not None
-            and self._staged_matrix_units_pay()
+            and staged_matrix_units_pay(self)
         )
 
     @property
@@ -64,93 +67,6 @@ class WebGPUExecutor:
             "matrix_unit": self.matrix_unit,
             "staged_matrix_units": self.staged_matrix_units,
         }
-
-    def _probe_matrix_units(self) -> str | None:
-        """The subgroup-matrix syntax whose kernel compiles and multiplies correctly here, or
-        None: a small matmul against NumPy, so a driver that offers the feature but gets it
-        wrong falls back to SIMT kernels."""
-        gpu = self.gpu
-        if not (gpu.has_subgroup_matrix and gpu.has_f16 and gpu.has_subgroups):
-            return None
-        from meganeura.backends.wgsl.matmul import MATRIX_UNIT_SYNTAXES
-
-        rng = np.random.default_rng(0)
-        # f32 weights both ways round (both staging paths of the kernel), and f16 operands
-        # that tile exactly (read by the matrix loads themselves).
-        a, b, w = (
-            rng.standard_normal(shape).astype(np.float16).astype(np.float32)
-            for shape in ((150, 40), (40, 130), (136, 40))
-        )
-        h, k = (rng.standard_normal(shape).astype(np.float16) for shape in ((64, 32), (64, 32)))
-        wants = [a.astype(np.float64) @ b, a.astype(np.float64) @ w.T]
-        wants.append(h.astype(np.float64) @ k.astype(np.float64).T)
-        graph = Graph()
-        ta = graph.input("a", a.shape)
-        outs = [ta @ graph.input("b", b.shape), ta @ graph.input("w", w.shape).T]
-        outs.append(graph.input("h", h.shape, "f16") @ graph.input("k", k.shape, "f16").T)
-        sources = (("a", a), ("b", b), ("w", w), ("h", h), ("k", k))
-        feeds = {graph.inputs[n]: x for n, x in sources}
-        for syntax in MATRIX_UNIT_SYNTAXES:
-            options = {
-                "matmul_precision": "high",
-                "matrix_unit": syntax,
-                "staged_matrix_units": True,
-            }
-            try:
-                program = WebGPUProgram(self, graph, [o.id for o in outs], {}, options)
-                program.run(feeds)
-                gots = [program.read(o.id) for o in outs]
-            except Exception as error:
-                if DEBUG:
-                    print(f"matrix units, syntax {syntax!r}: {error}", file=sys.stderr)
-                continue
-            if all(
-                # f16 outputs round to 2^-11 relative
-                np.linalg.norm(got - want)
-                <= (1e-5 if got.dtype == np.float32 else 1e-3) * np.linalg.norm(want)
-                for got, want in zip(gots, wants, strict=True)
-            ):
-                return syntax
-            if DEBUG:
-                print(f"matrix units, syntax {syntax!r}: wrong results", file=sys.stderr)
-        return None
-
-    def _staged_matrix_units_pay(self) -> bool:
-        """Whether f32 matmuls run faster on matrix units (operands staged as f16 in
-        workgroup memory) than on the f32 kernels here: a 2048^3 product timed both ways."""
-        n, runs = 2048, 5
-        rng = np.random.default_rng(0)
-        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-        graph = Graph()
-        out = graph.input("a", a.shape) @ graph.input("b", b.shape)
-        feeds = {graph.inputs["a"]: a, graph.inputs["b"]: b}
-        seconds = {}
-        try:
-            for staged in (True, False):
-                options = {
-                    "matmul_precision": "high",
-                    "matrix_unit": self.matrix_unit,
-                    "staged_matrix_units": staged,
-                }
-                program = WebGPUProgram(self, graph, [out.id], {}, options)
-                program.run(feeds)
-                result = program.buffers[program.plan.buffer_of[out.id]]
-                self.device.queue.read_buffer(result, 0, 4)
-                start = time.perf_counter()
-                for _ in range(runs):
-                    program.run({})
-                self.device.queue.read_buffer(result, 0, 4)
-                seconds[staged] = time.perf_counter() - start
-        except Exception as error:
-            if DEBUG:
-                print(f"matrix units, staged timing: {error}", file=sys.stderr)
-            return False
-        if DEBUG:
-            print(
-                f"matrix units, {n}^3 staged {seconds[True]:.4f} s, f32 {seconds[False]:.4f} s",
-                file=sys.stderr,
-            )
-        return seconds[True] < seconds[False]
 
     def buffer(self, nbytes: int, label: str = ""):
         return self.device.create_buffer(
@@ -232,6 +148,16 @@ class WebGPUProgram:
             self.dispatches.append((pipeline, bind_group, source.grid))
             if DEBUG >= 2:
                 print(f"--- {source.label} grid={source.grid}\n{source.wgsl}", file=sys.stderr)
+        # Small roots are copied into mappable buffers in the step's own submission, so
+        # reading one is a map, not another submission and a temporary buffer.
+        map_usage = executor.wgpu.BufferUsage.MAP_READ | executor.wgpu.BufferUsage.COPY_DST
+        self.staging = {}
+        for nid in plan.roots:
+            nbytes = _padded_nbytes(graph.nodes[nid].type)
+            if nid in plan.buffer_of and nbytes <= STAGED_BYTES:
+                staging = device.create_buffer(size=nbytes, usage=map_usage, label=f"read%{nid}")
+                self.staging[nid] = (buffers[plan.buffer_of[nid]], staging, nbytes)
+        self._fresh: set[int] = set()
         self.copies = [
             (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
             for v, t in plan.copies
@@ -256,17 +182,33 @@ class WebGPUProgram:
             cpass.set_bind_group(0, bind_group)
             cpass.dispatch_workgroups(*grid)
         cpass.end()
+        for src, staging, nbytes in self.staging.values():
+            encoder.copy_buffer_to_buffer(src, 0, staging, 0, nbytes)
         for src, dst, nbytes in self.copies:
             encoder.copy_buffer_to_buffer(src, 0, dst, 0, (nbytes + 3) // 4 * 4)
         queue.submit([encoder.finish()])
+        self._fresh = set(self.staging)
 
     def read(self, nid: int) -> np.ndarray:
         ttype = self.graph.nodes[nid].type
+        if nid in self._fresh:
+            _, staging, nbytes = self.staging[nid]
+            promise = staging.map_async(self.executor.wgpu.MapMode.READ)
+            # wgpu-native resolves promises from a polling thread that sleeps up to 10 ms
+            # between polls; a blocking poll here waits for exactly the work submitted.
+            blocking_poll = getattr(self.executor.device, "_poll_wait", None)
+            if blocking_poll is not None:
+                blocking_poll()
+            promise.sync_wait()
+            try:
+                return _from_bytes(staging.read_mapped(0, nbytes), ttype)
+            finally:
+                staging.unmap()
         buf = self.buffers[self.plan.buffer_of[nid]]
-        nbytes = max(
-            4,
-            (ttype.size * (4 if ttype.dtype == "bool" else numpy_dtype(ttype.dtype).itemsize) + 3)
-            // 4
-            * 4,
-        )
-        return _from_bytes(self.executor.device.queue.read_buffer(buf, 0, nbytes), ttype)
+        data = self.executor.device.queue.read_buffer(buf, 0, _padded_nbytes(ttype))
+        return _from_bytes(data, ttype)
+
+
+def _padded_nbytes(ttype) -> int:
+    itemsize = 4 if ttype.dtype == "bool" else numpy_dtype(ttype.dtype).itemsize
+    return max(4, (ttype.size * itemsize + 3) // 4 * 4)

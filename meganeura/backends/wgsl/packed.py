@@ -1,10 +1,11 @@
-"""The gradient of a packed result's segment: the segment's values in a zero tensor."""
+"""Segments of packed results: their index map, and the kernel of their gradient (the
+segment's values in a zero tensor)."""
 
 from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import Emitter, literal
+from meganeura.backends.wgsl.emit import Emitter, literal, view_index_map
 from meganeura.backends.wgsl.kernels import (
     WG,
     KernelSource,
@@ -14,6 +15,12 @@ from meganeura.backends.wgsl.kernels import (
     archetype,
 )
 from meganeura.lower.plan import Kernel, Plan
+
+
+@view_index_map("segment")
+def segment_index(emitter: Emitter, node, src_shape, idx: str) -> str:
+    start = node.attrs["start"]
+    return emitter.index(f"({idx} + {start}u)") if start else idx
 
 
 @archetype("unsegment")
