@@ -139,13 +139,12 @@ def test_attention_matches_torch(device, case):
 # branch of the generators, at sizes past one 64-row block and not multiples of it.
 LAVAPIPE_CASES = {
     "gqa_causal_kv_cache_blocks": dict(B=1, Hq=4, Hkv=2, Tq=67, Tk=130, D=20, Dv=20, causal=True),
-    "mqa_cross_mask_trained": dict(
-        B=2, Hq=2, Hkv=1, Tq=5, Tk=70, D=8, Dv=12, mask_shape=(2, 1, 5, 70)
+    "mqa_decode_mask_trained": dict(
+        B=2, Hq=2, Hkv=1, Tq=1, Tk=70, D=8, Dv=12, mask_shape=(2, 1, 1, 70)
     ),
-    "window_softcap_decode": dict(
-        B=1, Hq=2, Hkv=1, Tq=1, Tk=9, D=8, Dv=8, causal=True, window=4, softcap=2.0
+    "window_symmetric_softcap_blocks": dict(
+        B=1, Hq=1, Hkv=1, Tq=70, Tk=70, D=8, Dv=8, window=40, softcap=2.0
     ),
-    "window_symmetric_blocks": dict(B=1, Hq=1, Hkv=1, Tq=70, Tk=70, D=8, Dv=8, window=40),
 }
 
 
