@@ -105,7 +105,7 @@ def rel_err(got: np.ndarray, want: torch.Tensor) -> float:
 
 def program_for(session, outputs):
     """A session's forward program for `outputs`, fed once; returns it and its outputs."""
-    return session._program(tuple(session.graph.outputs[n] for n in outputs), False)
+    return session._program(tuple(session.graph.outputs[n] for n in outputs), "forward")[0]
 
 
 def run(program, feeds: dict[str, np.ndarray], graph: Graph, outputs):

@@ -121,7 +121,7 @@ def test_sgd_update_runs_in_the_gradient_matmul_in_place(device):
         assert [k.core is not None for k in program.plan.kernels][-1]
         assert not program.plan.copies
     feeds = session._feeds(
-        {"x": x, **session._hyper(0)}, session._needed_inputs([loss.id, *updates.values()])
+        {"x": x, **session._rules.scalars(0)}, session._needed_inputs([loss.id, *updates.values()])
     )
     program.run(feeds)
     tw = torch.tensor(w0, requires_grad=True)
@@ -192,7 +192,7 @@ def test_high_precision_on_a_gpu(shape):
         ).relu(),
     )
     session = build(g, device="gpu", matmul_precision="high")
-    program = session._program((g.outputs["y"],), False)
+    program, _ = session._program((g.outputs["y"],), "forward")
     wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
     # Matrix units only where the executor found them correct and faster than f32 here.
     assert any("subgroupMatrix" in text for text in wgsl) == session.executor.staged_matrix_units
