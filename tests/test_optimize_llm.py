@@ -40,10 +40,13 @@ def test_decomposed_smollm2_training_graph():
     assert report.fusions["rms_norm"] == 2 * LAYERS + 1
     assert report.fusions["rope"] == 4 * LAYERS
     assert report.fusions["swiglu"] == 2 * LAYERS
-    assert report.fusions["softmax"] == LAYERS
+    assert report.fusions["attention"] == LAYERS
+    assert "softmax" not in report.fusions
     assert report.fusions["concat_matmul"] == 3 * LAYERS
     assert report.fusions["cross_entropy_rows"] == 1
-    assert report.kernels_after < report.kernels_before * 0.6
+    # 3213 -> 1668 when written; a third of what is left are AdamW's three updates per
+    # parameter (moments and weight), one kernel each.
+    assert report.kernels_after < report.kernels_before * 0.55
 
 
 def test_decomposed_smollm2_inference_graph():
@@ -58,9 +61,12 @@ def test_decomposed_smollm2_inference_graph():
     assert report.fusions["rms_norm"] == 2 * LAYERS + 1
     assert report.fusions["rope"] == 2 * LAYERS
     assert report.fusions["swiglu"] == LAYERS
-    assert report.fusions["softmax"] == LAYERS
+    assert report.fusions["attention"] == LAYERS
     assert report.fusions["concat_matmul"] == 3 * LAYERS
-    assert report.kernels_after < report.kernels_before * 0.7
+    # Per layer: q/k/v and gate/up matmuls, the o and down matmuls as epilogues of the
+    # residual adds, two norms, two rotations, attention, the copy of its output to token
+    # order, SwiGLU; then the final norm and the logits.
+    assert report.kernels_after == 11 * LAYERS + 2
 
 
 @pytest.mark.parametrize("optimizer", [optim.SGD(lr=0.05), optim.AdamW(lr=1e-2)])

@@ -62,9 +62,9 @@ def quote(text: str) -> str:
 def num(value: float) -> str:
     """An egglog f64 literal (egglog needs the decimal point; inf and nan are spelled out)."""
     if value != value:
-        return "(/ 0.0 0.0)"
+        return "NaN"
     if value in (float("inf"), float("-inf")):
-        return "(/ 1.0 0.0)" if value > 0 else "(/ -1.0 0.0)"
+        return "inf" if value > 0 else "-inf"
     text = repr(float(value))
     return text if ("." in text or "e" in text) else text + ".0"
 

@@ -180,18 +180,21 @@ rewrite(
     "sub-negation", "canon", P("sub", "?t", "?x", P("neg", "?t2", "?y")), P("add", "?t", "?x", "?y")
 )
 rewrite("negate-scalar", "canon", P("neg", "?t", S("?c", "?ts")), S("(* -1.0 ?c)", "?t"))
+# (egglog's f64 division by zero is an error, so divisions by 0 are left as they are.)
 for _op, _fn in (("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/")):
     rewrite(
         f"fold-{_op}",
         "canon",
         P(_op, "?t", S("?a", "?ta"), S("?b", "?tb")),
         S(f"({_fn} ?a ?b)", "?t"),
+        ["(!= ?b 0.0)"] if _op == "div" else [],
     )
 rewrite(
     "divide-by-scalar",
     "canon",
     P("div", "?t", "?x", S("?c", "?ts")),
     P("mul", "?t", "?x", S("(/ 1.0 ?c)", "?ts")),
+    ["(!= ?c 0.0)"],
 )
 rewrite(
     "scalar-product",
