@@ -68,7 +68,7 @@ def assert_same_values(a: dict, b: dict, rtol: float = RTOL, atol: float = ATOL)
         assert x.shape == y.shape, key
         finite = np.abs(x[np.isfinite(x)])
         scale = max(1.0, float(finite.max()) if finite.size else 1.0)
-        np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale, err_msg=key)
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale, err_msg=key, equal_nan=True)
 
 
 def check_optimized(

@@ -328,6 +328,15 @@ def test_ops_whose_attributes_cannot_be_encoded_stay_as_they_are():
     assert counts["pad"] == 1 and counts["softmax"] == 1, counts
 
 
+def test_infinities_and_divisions_by_zero_keep_their_values():
+    g = Graph()
+    x = g.input("x", (2, 3))
+    g.output("a", (x / 0.0) * 0.0 + x / 0.0)
+    g.output("b", (x + np.inf) * 2.0 - np.inf)
+    g.output("c", F.maximum(x, g.constant(np.float32(-np.inf))) / (g.constant(0.0) / 0.0))
+    check_optimized(g)
+
+
 def test_outputs_inputs_and_parameters_keep_their_names():
     g = Graph()
     x = g.input("x", (2, 3))
