@@ -159,3 +159,57 @@ def decomposed_llama(c: Config, batch: int, tokens: int, train: bool = True):
 
         loss = F.cross_entropy(logits, labels)
     return g, loss
+
+
+def fused_llama(c: Config, batch: int, tokens: int, train: bool = True):
+    """The same model written with the library's fused ops, as models/smollm2.py writes it:
+    rms_norm, rope, attention, swiglu, embedding and cross-entropy."""
+    from meganeura import functional as F
+    from meganeura.ops.attention import attention
+    from meganeura.ops.norm import rms_norm as fused_rms_norm
+    from meganeura.ops.rope import rope
+
+    g = Graph()
+    ids = g.input("input_ids", (batch, tokens), "i32")
+    embed = g.parameter("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), init="normal")
+    x = F.embedding(embed, ids)
+    positions = g.constant(np.arange(tokens, dtype=np.int32))
+    hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    def linear(h, w):
+        return g.apply("matmul", [h, w], trans_b=True)
+
+    def heads(t, count):
+        return t.reshape(batch, tokens, count, d).permute(0, 2, 1, 3)
+
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+
+        def param(name, shape, p=p):
+            return g.parameter(f"{p}.{name}", shape, init="normal")
+
+        ln1 = param("input_layernorm.weight", (c.hidden_size,))
+        wq = param("self_attn.q_proj.weight", (hq * d, c.hidden_size))
+        wk = param("self_attn.k_proj.weight", (hkv * d, c.hidden_size))
+        wv = param("self_attn.v_proj.weight", (hkv * d, c.hidden_size))
+        wo = param("self_attn.o_proj.weight", (c.hidden_size, hq * d))
+        ln2 = param("post_attention_layernorm.weight", (c.hidden_size,))
+        wg = param("mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size))
+        wu = param("mlp.up_proj.weight", (c.intermediate_size, c.hidden_size))
+        wd = param("mlp.down_proj.weight", (c.hidden_size, c.intermediate_size))
+
+        h = fused_rms_norm(x, ln1, c.rms_norm_eps)
+        q = rope(heads(linear(h, wq), hq), positions, c.rope_theta)
+        k = rope(heads(linear(h, wk), hkv), positions, c.rope_theta)
+        v = heads(linear(h, wv), hkv)
+        attn = attention(q, k, v, scale=1.0 / math.sqrt(d), causal=True)
+        attn = attn.permute(0, 2, 1, 3).reshape(batch, tokens, hq * d)
+        x = x + linear(attn, wo)
+        h = fused_rms_norm(x, ln2, c.rms_norm_eps)
+        x = x + linear(F.swiglu(linear(h, wg), linear(h, wu)), wd)
+    norm = g.parameter("model.norm.weight", (c.hidden_size,), init="normal")
+    logits = g.output("logits", linear(fused_rms_norm(x, norm, c.rms_norm_eps), embed))
+    if not train:
+        return g, None
+    labels = g.input("labels", (batch, tokens), "i32")
+    return g, F.cross_entropy(logits, labels)

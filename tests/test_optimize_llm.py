@@ -13,7 +13,7 @@ import pytest
 
 from meganeura import build, optim
 from meganeura.session import build_report
-from tests.llama_graphs import SMOLLM2_135M, TINY, decomposed_llama
+from tests.llama_graphs import SMOLLM2_135M, TINY, decomposed_llama, fused_llama
 from tests.optimize_check import assert_same_values
 
 LAYERS = SMOLLM2_135M.num_hidden_layers
@@ -103,3 +103,20 @@ def test_optimized_decomposed_llama_trains_on_lavapipe_like_the_plain_graph_on_n
         fused.step(feeds)
         np.testing.assert_allclose(fused.loss, plain.loss, rtol=1e-4)
     assert_same_values(plain.parameters(), fused.parameters(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+def test_decomposed_model_optimizes_to_the_kernels_of_the_hand_written_one(train):
+    optimizer = optim.AdamW(lr=1e-4) if train else None
+    decomposed, loss = decomposed_llama(SMOLLM2_135M, batch=1, tokens=32, train=train)
+    written = build_report(decomposed, loss, optimizer)
+    fused, fused_loss = fused_llama(SMOLLM2_135M, batch=1, tokens=32, train=train)
+    hand = build_report(fused, fused_loss, optimizer)
+    print(
+        f"\nSmolLM2-135M {'training step' if train else 'forward'}: decomposed "
+        f"{written.kernels_before} -> {written.kernels_after} kernels, hand-written "
+        f"{hand.kernels_before} -> {hand.kernels_after} (optimized in "
+        f"{written.optimize_seconds:.2f} s and {hand.optimize_seconds:.2f} s)"
+    )
+    assert abs(written.kernels_after - hand.kernels_after) <= 2
+    assert hand.optimize_seconds <= (5.0 if train else 2.0)
