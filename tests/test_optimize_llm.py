@@ -120,3 +120,48 @@ def test_decomposed_model_optimizes_to_the_kernels_of_the_hand_written_one(train
     )
     assert abs(written.kernels_after - hand.kernels_after) <= 2
     assert hand.optimize_seconds <= (5.0 if train else 2.0)
+
+
+def forward_kernels(graph, loss=None):
+    """The kernels of one forward run of the optimized graph, by what each computes."""
+    from collections import Counter
+
+    from meganeura.lower.plan import select_kernels
+    from meganeura.session import _step_graph
+
+    g, loss_id, _, _ = _step_graph(graph, loss, None, None, optimize=True)
+    roots = list(g.outputs.values()) + ([] if loss_id is None else [loss_id])
+    _, kernels = select_kernels(g, roots, {})
+    out = Counter()
+    for k in kernels:
+        node = g.nodes[k.node]
+        if k.core is not None:
+            out["matmul+" + node.op] += 1
+        elif node.op == "matmul":
+            out[f"matmul{list(g.nodes[node.inputs[1]].type.shape)}"] += 1
+        else:
+            out[node.op] += 1
+    return out
+
+
+@pytest.mark.parametrize("builder", [fused_llama, decomposed_llama], ids=["written", "decomposed"])
+def test_every_layer_is_fused(builder):
+    """Per layer: both RMSNorms, attention and SwiGLU one kernel each, q/k/v one matmul and
+    gate/up one, the o and down projections the matmuls of the residual adds (epilogues)."""
+    c = SMOLLM2_135M
+    graph, _ = builder(c, batch=1, tokens=32, train=False)
+    kernels = forward_kernels(graph)
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    assert kernels["rms_norm"] == 2 * LAYERS + 1
+    assert kernels["attention"] == LAYERS
+    assert kernels["swiglu"] == LAYERS
+    assert kernels["rope"] == 2 * LAYERS
+    # The last down projection's residual add is read by the final norm alone, which
+    # computes it as it reads (the matmul runs on its own: the same count).
+    assert kernels["matmul+add"] == 2 * LAYERS - 1
+    assert kernels[f"matmul{[c.hidden_size, c.intermediate_size]}"] == 1
+    assert kernels[f"matmul{[qkv, c.hidden_size]}"] == LAYERS
+    assert kernels[f"matmul{[2 * c.intermediate_size, c.hidden_size]}"] == LAYERS
+    assert kernels["matmul[49152, 576]"] == 1  # the logits (tied embedding)
+    assert kernels["reshape"] == LAYERS  # attention's output back to token order
+    assert sum(kernels.values()) == 11 * LAYERS + 2
