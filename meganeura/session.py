@@ -4,6 +4,10 @@
 to a device executor. `Session.step` runs one training step (forward, backward, update) as one
 submission and returns without waiting; `Session.run` runs the forward pass and returns
 NumPy arrays; reading the loss or an output waits for the device.
+
+Programs are compiled per set of requested outputs, on first use, so nodes appended to
+`session.graph` after the build (reading its parameters, adding none) run like the others:
+a language model adds the computation for a new prompt length this way.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def _copy_graph(graph: Graph) -> Graph:
         parameter_specs=dict(graph.parameter_specs),
         outputs=dict(graph.outputs),
         updates=dict(graph.updates),
+        write_backs={t: list(v) for t, v in graph.write_backs.items()},
     )
 
 
@@ -97,9 +102,26 @@ class Session:
     def _program(self, roots: tuple[int, ...], train: bool):
         key = (roots, train)
         if key not in self._programs:
-            updates = self.graph.updates if train else {}
+            updates = dict(self.graph.updates) if train else {}
+            updates.update(self._write_backs(roots, updates))
             self._programs[key] = self.executor.compile(self.graph, list(roots), updates)
         return self._programs[key]
+
+    def _write_backs(self, roots, updates: dict[int, int]) -> dict[int, int]:
+        """The write-backs whose values these roots depend on, one per target at most."""
+        live = set(self.graph.live_nodes(list(roots) + list(updates.values())))
+        out: dict[int, int] = {}
+        for target, values in self.graph.write_backs.items():
+            computed = [v for v in values if v in live]
+            name = self.graph.nodes[target].name
+            if len(computed) > 1 or (computed and target in updates):
+                raise ValueError(
+                    f"state {name!r} would be written twice by one program "
+                    f"(by {', '.join(self.graph.nodes[v].describe() for v in computed)})"
+                )
+            if computed:
+                out[target] = computed[0]
+        return out
 
     def _needed_inputs(self, roots) -> set[str]:
         live = set(self.graph.live_nodes(roots))
