@@ -19,6 +19,8 @@ from meganeura.backends.wgsl.kernels import generate
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
 
+STAGED_BYTES = 1 << 20
+
 # MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
 DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
 
@@ -129,6 +131,16 @@ class WebGPUProgram:
             self.dispatches.append((pipeline, bind_group, source.grid))
             if DEBUG >= 2:
                 print(f"--- {source.label} grid={source.grid}\n{source.wgsl}", file=sys.stderr)
+        # Small roots are copied into mappable buffers in the step's own submission, so
+        # reading one is a map, not another submission and a temporary buffer.
+        map_usage = executor.wgpu.BufferUsage.MAP_READ | executor.wgpu.BufferUsage.COPY_DST
+        self.staging = {}
+        for nid in plan.roots:
+            nbytes = _padded_nbytes(graph.nodes[nid].type)
+            if nid in plan.buffer_of and nbytes <= STAGED_BYTES:
+                staging = device.create_buffer(size=nbytes, usage=map_usage, label=f"read%{nid}")
+                self.staging[nid] = (buffers[plan.buffer_of[nid]], staging, nbytes)
+        self._fresh: set[int] = set()
         self.copies = [
             (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
             for v, t in plan.copies
@@ -153,17 +165,27 @@ class WebGPUProgram:
             cpass.set_bind_group(0, bind_group)
             cpass.dispatch_workgroups(*grid)
         cpass.end()
+        for src, staging, nbytes in self.staging.values():
+            encoder.copy_buffer_to_buffer(src, 0, staging, 0, nbytes)
         for src, dst, nbytes in self.copies:
             encoder.copy_buffer_to_buffer(src, 0, dst, 0, (nbytes + 3) // 4 * 4)
         queue.submit([encoder.finish()])
+        self._fresh = set(self.staging)
 
     def read(self, nid: int) -> np.ndarray:
         ttype = self.graph.nodes[nid].type
+        if nid in self._fresh:
+            _, staging, nbytes = self.staging[nid]
+            staging.map_sync(self.executor.wgpu.MapMode.READ)
+            try:
+                return _from_bytes(staging.read_mapped(0, nbytes), ttype)
+            finally:
+                staging.unmap()
         buf = self.buffers[self.plan.buffer_of[nid]]
-        nbytes = max(
-            4,
-            (ttype.size * (4 if ttype.dtype == "bool" else numpy_dtype(ttype.dtype).itemsize) + 3)
-            // 4
-            * 4,
-        )
-        return _from_bytes(self.executor.device.queue.read_buffer(buf, 0, nbytes), ttype)
+        data = self.executor.device.queue.read_buffer(buf, 0, _padded_nbytes(ttype))
+        return _from_bytes(data, ttype)
+
+
+def _padded_nbytes(ttype) -> int:
+    itemsize = 4 if ttype.dtype == "bool" else numpy_dtype(ttype.dtype).itemsize
+    return max(4, (ttype.size * itemsize + 3) // 4 * 4)
