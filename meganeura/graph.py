@@ -206,8 +206,13 @@ class Graph:
             if t.graph is not self:
                 raise ValueError(f"{op}: input tensor belongs to another graph")
         types = [self.nodes[t.id].type for t in inputs]
-        attrs = opdef.normalize(types, attrs) if opdef.normalize else attrs
-        ttype = opdef.infer(types, attrs)
+        try:
+            attrs = opdef.normalize(types, attrs) if opdef.normalize else attrs
+            ttype = opdef.infer(types, attrs)
+        except (ValueError, TypeError) as error:
+            # Shape rules only see types; name the tensors so the user can find them.
+            operands = ", ".join(_operand(t.node) for t in inputs)
+            raise type(error)(f"{error}; operands: {operands}") from None
         return Tensor(self, self._append(op, tuple(t.id for t in inputs), attrs, ttype).id)
 
     def _append(
@@ -265,6 +270,10 @@ class Graph:
         return "\n".join(lines)
 
 
+def _operand(node: Node) -> str:
+    return f"{node.name!r} {node.type}" if node.name else f"%{node.id} ({node.op}) {node.type}"
+
+
 def _check_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)
@@ -311,7 +320,14 @@ class Tensor:
         if isinstance(other, Tensor):
             return other
         array = np.asarray(other)
-        if array.dtype.kind in "fiub" and array.ndim == 0 and self.dtype in ("f32", "f16"):
+        if array.dtype.kind == "f" and self.dtype not in ("f32", "f16"):
+            if array.ndim or not float(array).is_integer():
+                raise TypeError(
+                    f"cannot combine {self.dtype} tensor {self!r} with float value {other!r}: "
+                    "there is no implicit promotion; use .astype('f32') first"
+                )
+            return self.graph.constant(array, self.dtype)
+        if array.dtype.kind in "fiub" and array.ndim == 0:
             return self.graph.constant(array, self.dtype)
         return self.graph.constant(array, self.dtype if array.dtype.kind == "f" else None)
 

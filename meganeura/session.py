@@ -132,10 +132,11 @@ class Session:
         if self.optimizer is None:
             raise RuntimeError("step: this session was built without an optimizer; use run()")
         g = self.graph
-        roots = (*g.outputs.values(), self._loss_id, *g.updates.values())
+        roots = (*g.outputs.values(), self._loss_id)
         values = {**inputs, **self._hyper(self.step_count)}
         program = self._program(roots, train=True)
-        program.run(self._feeds(values, self._needed_inputs(roots)))
+        needed = self._needed_inputs((*roots, *g.updates.values()))
+        program.run(self._feeds(values, needed))
         self._last = program
         self.step_count += 1
 

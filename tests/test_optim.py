@@ -10,8 +10,8 @@ import torch
 from meganeura import Graph, build, optim
 from meganeura import functional as F
 from meganeura.nn import MLP
+from tests.harness import DEVICES
 
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
 SIZES = [8, 16, 4]
 BATCH = 6
 STEPS = 20

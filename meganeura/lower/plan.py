@@ -58,30 +58,38 @@ def _is_scalar_constant(node) -> bool:
 def _pointwise_path_is_identity(
     graph: Graph, start: int, target: int, materialized: set[int]
 ) -> bool:
-    """True when every read of `target` reachable from `start` through inlined nodes uses the
-    output's own linear index (same-shape pointwise ops and reshapes only)."""
-    stack = [start]
+    """True when every read of `target` made while computing `start` (through inlined nodes)
+    uses the output's own linear index: each step on a path to `target` is a same-shape
+    pointwise op or a reshape. Paths that do not lead to `target` may broadcast freely."""
+    reaches: dict[int, bool] = {}
+
+    def leads_to_target(nid: int) -> bool:
+        if nid not in reaches:
+            node = graph.nodes[nid]
+            reaches[nid] = nid == target or (
+                nid not in materialized and any(leads_to_target(i) for i in node.inputs)
+            )
+        return reaches[nid]
+
+    def identity_step(parent, child) -> bool:
+        kind = get_op(parent.op).kind
+        if kind == "view":
+            return parent.op == "reshape"
+        return kind == "pointwise" and child.type.shape == parent.type.shape
+
+    stack, seen = [start], set()
     while stack:
         nid = stack.pop()
+        if nid in seen:
+            continue
+        seen.add(nid)
         node = graph.nodes[nid]
         for i in node.inputs:
-            child = graph.nodes[i]
-            if i == target:
-                if child.type.size != node.type.size or get_op(node.op).kind not in (
-                    "pointwise",
-                    "view",
-                ):
-                    return False
-                if node.op not in ("reshape",) and get_op(node.op).kind == "view":
-                    return False
-                if get_op(node.op).kind == "pointwise" and child.type.shape != node.type.shape:
-                    return False
-            elif i not in materialized:
-                kind = get_op(child.op).kind
-                if kind == "view" and child.op != "reshape":
-                    return False
-                if kind == "pointwise" and child.type.shape != node.type.shape:
-                    return False
+            if not leads_to_target(i):
+                continue
+            if not identity_step(node, graph.nodes[i]):
+                return False
+            if i != target:
                 stack.append(i)
     return True
 

@@ -162,7 +162,15 @@ def _pow_vjp(g, x, out, attrs):
     return [da, db]
 
 
-_binary("pow", np.power, _wgsl_fn("pow"), _pow_vjp, allowed=FLOATS)
+def _pow_wgsl(args, types, out, attrs):
+    # WGSL's pow is undefined for negative bases; NumPy and torch define integral exponents.
+    a, b = args
+    magnitude = f"pow(abs({a}), {b})"
+    signed = f"select({magnitude}, -{magnitude}, fract({b} * 0.5) != 0.0)"
+    return f"select(pow({a}, {b}), {signed}, {a} < 0.0 && {b} == round({b}))"
+
+
+_binary("pow", np.power, _pow_wgsl, _pow_vjp, allowed=FLOATS)
 
 
 def _minmax_vjp(pick_first):
@@ -215,7 +223,9 @@ _unary(
     "relu",
     _relu_ref,
     lambda a, t, o, at: f"max({a[0]}, {_literal(0.0, o.dtype)})",
-    lambda g, x, out, at: [where(x[0] > 0.0, g, 0.0)],
+    # The mask reads the output, not the input: relu(x) > 0 exactly when x > 0, and then the
+    # input is needed by relu alone and fuses into it instead of being stored.
+    lambda g, x, out, at: [where(out > 0.0, g, 0.0)],
 )
 
 

@@ -8,8 +8,8 @@ from meganeura.graph import TensorType, normalize_axis
 from meganeura.ops import OpDef, register
 
 
-def _axis_normalize(types, attrs):
-    return {"axis": normalize_axis(attrs.get("axis", -1), types[0].ndim, "softmax")}
+def _axis_normalize(op):
+    return lambda types, attrs: {"axis": normalize_axis(attrs.get("axis", -1), types[0].ndim, op)}
 
 
 def _float_same(op):
@@ -49,7 +49,7 @@ register(
         _float_same("softmax"),
         _softmax_ref,
         _softmax_vjp,
-        normalize=_axis_normalize,
+        normalize=_axis_normalize("softmax"),
     )
 )
 register(
@@ -59,7 +59,7 @@ register(
         _float_same("log_softmax"),
         _log_softmax_ref,
         _log_softmax_vjp,
-        normalize=_axis_normalize,
+        normalize=_axis_normalize("log_softmax"),
     )
 )
 

@@ -8,15 +8,18 @@ from meganeura.graph import TensorType, normalize_axis
 from meganeura.ops import OpDef, register
 
 
-def _normalize(types, attrs):
-    x = types[0]
-    axes = attrs.get("axes")
-    if axes is None:
-        axes = tuple(range(x.ndim))
-    elif isinstance(axes, int):
-        axes = (axes,)
-    axes = tuple(sorted({normalize_axis(a, x.ndim, "reduce") for a in axes}))
-    return {"axes": axes, "keepdims": bool(attrs.get("keepdims", False))}
+def _normalize(op):
+    def normalize(types, attrs):
+        x = types[0]
+        axes = attrs.get("axes")
+        if axes is None:
+            axes = tuple(range(x.ndim))
+        elif isinstance(axes, int):
+            axes = (axes,)
+        axes = tuple(sorted({normalize_axis(a, x.ndim, op) for a in axes}))
+        return {"axes": axes, "keepdims": bool(attrs.get("keepdims", False))}
+
+    return normalize
 
 
 def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
@@ -87,7 +90,9 @@ for _name, _fn, _vjp in (
     ("mean", _float_mean, _mean_vjp),
     ("max", np.max, _max_vjp),
 ):
-    register(OpDef(_name, "reduce", _infer(_name), _reference(_fn), _vjp, normalize=_normalize))
+    register(
+        OpDef(_name, "reduce", _infer(_name), _reference(_fn), _vjp, normalize=_normalize(_name))
+    )
 
 
 def sum_to(g, shape: tuple[int, ...]):

@@ -1,0 +1,89 @@
+"""Kernel selection and memory planning: what gets fused, what shares memory, what is in place."""
+
+import numpy as np
+import pytest
+
+import meganeura as mn
+import meganeura.functional as F
+from meganeura.autodiff import grad
+from meganeura.lower.plan import plan
+from meganeura.nn import MLP
+from meganeura.session import _copy_graph
+
+
+def _training_graph(optimizer):
+    g = mn.Graph()
+    x = g.input("x", (16, 128))
+    y = g.input("y", (16,), "i32")
+    logits = g.output("logits", MLP(g, "", [128, 64, 64, 10])(x))
+    loss = F.cross_entropy(logits, y)
+    g = _copy_graph(g)
+    params = {n: mn.Tensor(g, i) for n, i in g.parameters.items()}
+    grads = grad(mn.Tensor(g, loss.id), list(params.values()))
+    optimizer.attach(g, params, dict(zip(params, grads, strict=True)))
+    return g, [*g.outputs.values(), loss.id]
+
+
+@pytest.mark.parametrize(
+    "optimizer", [mn.optim.SGD(0.1), mn.optim.SGD(0.1, momentum=0.9), mn.optim.AdamW(1e-3)]
+)
+def test_parameter_updates_are_written_in_place(optimizer):
+    g, roots = _training_graph(optimizer)
+    p = plan(g, roots, g.updates)
+    assert p.copies == []
+    for target, value in g.updates.items():
+        assert p.buffer_of[value] == p.buffer_of[target]
+
+
+def test_mlp_training_step_kernel_count():
+    # 3 matmuls + 2 relus + logits bias forward; cross-entropy and its mean (3); backward:
+    # CE grad, 3 bias-grad sums, 5 matmuls, 2 relu masks; 6 fused SGD updates.
+    g, roots = _training_graph(mn.optim.SGD(0.1))
+    assert len(plan(g, roots, g.updates).kernels) == 27
+
+
+def test_elementwise_dag_is_one_kernel():
+    g = mn.Graph()
+    a, b = g.input("a", (7, 9)), g.input("b", (9,))
+    out = ((a * b + 1.0).exp() / (a - b).abs().sqrt() + a.tanh() * 3.0).sigmoid()
+    p = plan(g, [out.id], {})
+    assert [k.kind for k in p.kernels] == ["pointwise"]
+    assert sorted(p.kernels[0].reads) == sorted([a.id, b.id])
+
+
+def test_reduction_absorbs_its_elementwise_prologue_and_views():
+    g = mn.Graph()
+    a = g.input("a", (5, 6, 7))
+    out = (a.permute(2, 0, 1) * 2.0).exp().sum((1, 2))
+    p = plan(g, [out.id], {})
+    assert [k.kind for k in p.kernels] == ["reduce"]
+
+
+def test_transient_buffers_are_reused():
+    g = mn.Graph()
+    h = g.input("x", (64, 64))
+    ws = [g.parameter(f"w{i}", (64, 64)) for i in range(8)]
+    for w in ws:
+        h = (h @ w).relu() @ w  # matmul outputs are materialized, each read once
+    p = plan(g, [h.id], {})
+    transient = [b for b in p.buffers if b.kind == "transient"]
+    assert len(transient) <= 2
+    assert p.transient_bytes <= 2 * 64 * 64 * 4
+
+
+def test_planned_programs_match_the_numpy_executor_on_lavapipe():
+    pytest.importorskip("wgpudawn")
+    from meganeura.backends.webgpu.device import list_adapters
+
+    if not any(a.adapter_type == "CPU" and a.backend == "Vulkan" for a in list_adapters()):
+        pytest.skip("no CPU Vulkan adapter (lavapipe)")
+    g = mn.Graph()
+    h = g.input("x", (33, 20))
+    ws = [g.parameter(f"w{i}", (20, 20), init="normal") for i in range(4)]
+    for w in ws:
+        h = (h @ w).tanh() @ w * 0.1
+    g.output("h", h)
+    x = np.random.default_rng(0).standard_normal((33, 20)).astype(np.float32)
+    want = mn.build(g, device="cpu", seed=1).run({"x": x})["h"]
+    got = mn.build(g, device="vulkan-cpu", seed=1).run({"x": x})["h"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
