@@ -420,6 +420,24 @@ class Tensor:
     def gelu(self, approximate: str = "none") -> Tensor:
         return gelu(self, approximate)
 
+    def silu(self) -> Tensor:
+        return self.graph.apply("silu", [self])
+
+    def sin(self) -> Tensor:
+        return self.graph.apply("sin", [self])
+
+    def cos(self) -> Tensor:
+        return self.graph.apply("cos", [self])
+
+    def erf(self) -> Tensor:
+        return self.graph.apply("erf", [self])
+
+    def softplus(self, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+        return self.graph.apply("softplus", [self], beta=beta, threshold=threshold)
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> Tensor:
+        return self.graph.apply("clamp", [self], min=min, max=max)
+
     def astype(self, dtype: str) -> Tensor:
         return self.graph.apply("cast", [self], dtype=dtype)
 
@@ -458,11 +476,55 @@ class Tensor:
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         return self.graph.apply("broadcast_to", [self], shape=tuple(shape))
 
+    def expand(self, *sizes) -> Tensor:
+        """torch.Tensor.expand: broadcast to `sizes`; -1 keeps a dim."""
+        from meganeura.ops.views import expand
+
+        return expand(self, _sizes(sizes))
+
+    def repeat(self, *sizes) -> Tensor:
+        """torch.Tensor.repeat: tile the tensor `sizes[d]` times along each dim d."""
+        from meganeura.ops.views import repeat
+
+        return repeat(self, _sizes(sizes))
+
+    def flip(self, *axes) -> Tensor:
+        return self.graph.apply("flip", [self], axes=_sizes(axes))
+
+    def split(self, split_size_or_sections, axis: int = 0) -> list[Tensor]:
+        from meganeura.ops.views import split
+
+        return split(self, split_size_or_sections, axis)
+
+    def chunk(self, chunks: int, axis: int = 0) -> list[Tensor]:
+        from meganeura.ops.views import chunk
+
+        return chunk(self, chunks, axis)
+
+    def gather(self, axis: int, index: Tensor) -> Tensor:
+        return self.graph.apply("gather", [self, index], axis=axis)
+
+    def index_select(self, axis: int, index: Tensor) -> Tensor:
+        return self.graph.apply("index_select", [self, index], axis=axis)
+
+    def __getitem__(self, key) -> Tensor:
+        """Indexing with ints, slices (any step), None, ... and one integer index tensor."""
+        from meganeura.ops.views import getitem
+
+        return getitem(self, key)
+
     def softmax(self, axis: int = -1) -> Tensor:
         return self.graph.apply("softmax", [self], axis=axis)
 
     def log_softmax(self, axis: int = -1) -> Tensor:
         return self.graph.apply("log_softmax", [self], axis=axis)
+
+
+def _sizes(args: tuple) -> tuple:
+    """Sizes given either as separate arguments or as one sequence."""
+    if len(args) == 1 and not isinstance(args[0], int):
+        return tuple(args[0])
+    return tuple(args)
 
 
 def _axis(axis: int, ndim: int, op: str) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 from meganeura import init
-from meganeura.functional import relu
+from meganeura.functional import batch_norm, embedding, group_norm, layer_norm, relu, rms_norm
 from meganeura.graph import Graph, Tensor
 
 Layer = Callable[[Tensor], Tensor]
@@ -98,3 +98,154 @@ class MLP(Sequential):
             layers.append(Linear(graph, join(name, str(2 * i)), fan_in, fan_out, bias))
         super().__init__(*layers)
         self.sizes = list(sizes)
+
+
+def _check_graph(layer: str, name: str, graph: Graph, x: Tensor) -> None:
+    if x.graph is not graph:
+        raise ValueError(f"{layer} {name!r}: the input belongs to another graph")
+
+
+class Embedding:
+    """torch.nn.Embedding: rows of `weight` [num_embeddings, embedding_dim] at integer ids,
+    initialized N(0, 1)."""
+
+    def __init__(self, graph: Graph, name: str, num_embeddings: int, embedding_dim: int):
+        self.graph, self.name = graph, name
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = graph.parameter(
+            join(name, "weight"), (num_embeddings, embedding_dim), init=init.normal()
+        )
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        _check_graph("Embedding", self.name, self.graph, ids)
+        return embedding(self.weight, ids)
+
+
+class RMSNorm:
+    """RMSNorm over the last dim, `weight` initialized to ones (torch.nn.RMSNorm, HF Llama)."""
+
+    def __init__(
+        self, graph: Graph, name: str, dim: int, eps: float = 1e-6, elementwise_affine=True
+    ):
+        self.graph, self.name, self.eps = graph, name, eps
+        self.weight = (
+            graph.parameter(join(name, "weight"), (dim,), init=init.ones())
+            if elementwise_affine
+            else None
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_graph("RMSNorm", self.name, self.graph, x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm:
+    """torch.nn.LayerNorm over the last dim: `weight` ones, `bias` zeros."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        dim: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+    ):
+        self.graph, self.name, self.eps = graph, name, eps
+        self.weight = self.bias = None
+        if elementwise_affine:
+            self.weight = graph.parameter(join(name, "weight"), (dim,), init=init.ones())
+            if bias:
+                self.bias = graph.parameter(join(name, "bias"), (dim,), init=init.zeros())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_graph("LayerNorm", self.name, self.graph, x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class GroupNorm:
+    """torch.nn.GroupNorm over x [N, C, *]: per-channel `weight` ones and `bias` zeros."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+    ):
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm {name!r}: num_groups={num_groups} must be a positive divisor of "
+                f"num_channels={num_channels}"
+            )
+        self.graph, self.name, self.eps = graph, name, eps
+        self.num_groups = num_groups
+        self.weight = self.bias = None
+        if affine:
+            self.weight = graph.parameter(join(name, "weight"), (num_channels,), init=init.ones())
+            self.bias = graph.parameter(join(name, "bias"), (num_channels,), init=init.zeros())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_graph("GroupNorm", self.name, self.graph, x)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class BatchNorm2d:
+    """torch.nn.BatchNorm2d over x [N, C, H, W].
+
+    In training mode (the default; see `train` and `eval`) the layer normalizes with the
+    batch statistics and, with `track_running_stats`, `running_mean` and `running_var`
+    (non-trainable parameters, saved with the others) are updated after every training step.
+    In eval mode it normalizes with the running statistics. The mode is read when the layer
+    is called, as the graph is built.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
+        self.graph, self.name = graph, name
+        self.eps, self.momentum = eps, momentum
+        self.training = True
+        self.weight = self.bias = self.running_mean = self.running_var = None
+        if affine:
+            self.weight = graph.parameter(join(name, "weight"), (num_features,), init=init.ones())
+            self.bias = graph.parameter(join(name, "bias"), (num_features,), init=init.zeros())
+        if track_running_stats:
+            self.running_mean = graph.parameter(
+                join(name, "running_mean"), (num_features,), init=init.zeros(), trainable=False
+            )
+            self.running_var = graph.parameter(
+                join(name, "running_var"), (num_features,), init=init.ones(), trainable=False
+            )
+
+    def train(self, mode: bool = True) -> BatchNorm2d:
+        self.training = mode
+        return self
+
+    def eval(self) -> BatchNorm2d:
+        return self.train(False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_graph("BatchNorm2d", self.name, self.graph, x)
+        if x.ndim != 4:
+            raise ValueError(f"BatchNorm2d {self.name!r}: expects [N, C, H, W], got {x.type}")
+        training = self.training or self.running_mean is None
+        return batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )

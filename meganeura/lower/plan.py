@@ -165,7 +165,8 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
 
 def strided_view(graph: Graph, nid: int, materialized: set[int]):
     """(buffer node, strides, offset) if node `nid` is an affine view of a materialized node
-    (reshapes of contiguous data, permutes, broadcasts), else None."""
+    (reshapes of contiguous data, permutes, broadcasts, slices), else None. Element `c` of the
+    view is element `offset + sum(c[d] * strides[d])` of the buffer."""
     node = graph.nodes[nid]
     if nid in materialized:
         return nid, _contiguous_strides(node.type.shape), 0
@@ -187,6 +188,10 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
             for d in range(len(src_shape))
         ]
         return base, tuple(out), offset
+    if node.op == "slice":
+        starts, steps = node.attrs["starts"], node.attrs["steps"]
+        offset += sum(a * s for a, s in zip(starts, strides, strict=True))
+        return base, tuple(s * c for s, c in zip(strides, steps, strict=True)), offset
     if node.op == "reshape":
         if tuple(strides) == _contiguous_strides(src_shape):
             return base, _contiguous_strides(node.type.shape), offset

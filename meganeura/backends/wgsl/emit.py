@@ -12,10 +12,11 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
-from meganeura.graph import Graph
+from meganeura.graph import Graph, Node
 from meganeura.ops import get_op
 
 STORAGE_TYPE = {"f32": "f32", "f16": "f16", "i32": "i32", "u32": "u32", "bool": "u32"}
@@ -54,8 +55,38 @@ fn mn_gelu_tanh_grad(x: f32) -> f32 {
   let dinner = 0.7978845608028654 * (1.0 + 0.134145 * x * x);
   return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner;
 }""",
+    "mn_log1p": """
+fn mn_log1p(x: f32) -> f32 {
+  let u = 1.0 + x;
+  if (u == 1.0) { return x; }
+  return log(u) * (x / (u - 1.0));
+}""",
+    # sin and cos are only accurate near [-pi, pi] on some drivers: subtract the nearest
+    # multiple of 2*pi first. 2*pi is split into three parts with 8-bit mantissas (exact
+    # products for |k| < 2^16) and an f32 remainder (Cody and Waite's reduction).
+    "mn_wrap_angle": """
+fn mn_wrap_angle(x: f32) -> f32 {
+  let k = round(x * 0.15915494309189535);
+  return (((x - k * 6.28125) - k * 0.00193023681640625) - k * 5.066394805908203e-06) - k * 3.968374073792802e-09;
+}""",
 }
 PRELUDE_DEPS = {"mn_gelu": ["mn_erf"], "mn_gelu_grad": ["mn_erf"]}
+
+# Inlined ops whose value is more than one input read at a mapped index (pad, concat, gathers,
+# rope) register `(emitter, node, idx) -> WGSL expression` here, from a module of their own in
+# this package.
+INLINE_VALUES: dict[str, Callable[[Emitter, Node, str], str]] = {}
+
+
+def inline_value(*ops: str):
+    """Decorator: register the value emitter of inlined ops."""
+
+    def register(fn):
+        for op in ops:
+            INLINE_VALUES[op] = fn
+        return fn
+
+    return register
 
 
 def prelude_for(body: str) -> str:
@@ -127,7 +158,9 @@ class Emitter:
         key = ("idx", expr)
         if key not in self._cache:
             simple = expr.isidentifier() or (expr.endswith("u") and expr[:-1].isdigit())
-            self._cache[key] = expr if simple else self._let(expr, "i")
+            self._cache[key] = (
+                expr if simple else self._let(expr, "ix")
+            )  # "i32" would shadow the type
         return self._cache[key]
 
     def value(self, nid: int, idx: str) -> str:
@@ -139,6 +172,8 @@ class Emitter:
             expr = load(self.binding_of(nid), idx, node.type.dtype)
         elif node.op == "constant":
             expr = literal(np.asarray(node.attrs["value"]).reshape(-1)[0], node.type.dtype)
+        elif node.op in INLINE_VALUES:
+            expr = INLINE_VALUES[node.op](self, node, idx)
         else:
             opdef = get_op(node.op)
             if opdef.kind == "view":
@@ -155,6 +190,31 @@ class Emitter:
                 raise AssertionError(f"cannot inline {node.describe()}: it must be materialized")
         name = self._let(expr)
         self._cache[key] = name
+        return name
+
+    def branches(self, dtype: str, cases, default: str | None = None) -> str:
+        """A WGSL `var` set by the first case whose condition holds, else `default`.
+
+        `cases` are `(condition, build)` pairs; `build(emitter)` emits into a child emitter
+        (scoped to the branch, so the values it computes are not reused outside) and returns
+        the value. A condition of None is the final `else`. Only the taken branch runs, so
+        an input is read only where it is needed (concat, pad).
+        """
+        name = f"v{next(_names)}"
+        init = f" = {default}" if default is not None else ""
+        self.lines.append(f"{self.indent}var {name}: {VALUE_TYPE[dtype]}{init};")
+        for n, (condition, build) in enumerate(cases):
+            child = Emitter(self.graph, self.materialized, self.binding_of, self.indent + "  ")
+            child._cache = dict(self._cache)
+            value = build(child)
+            if condition is None:
+                head = "} else {" if n else "{"
+            else:
+                head = f"{'} else ' if n else ''}if ({condition}) {{"
+            self.lines.append(f"{self.indent}{head}")
+            self.lines.extend(child.lines)
+            self.lines.append(f"{self.indent}  {name} = {value};")
+        self.lines.append(f"{self.indent}}}")
         return name
 
     # -- index maps ---------------------------------------------------------------------------
@@ -202,4 +262,34 @@ class Emitter:
                 c = self.coord(idx, out_shape, d)
                 terms.append(c if src_strides[axis] == 1 else f"{c} * {src_strides[axis]}u")
             return self.index(" + ".join(terms) if terms else "0u")
+        if node.op in ("slice", "flip", "tile"):
+            return self.index(self._affine_source_index(node, src_shape, idx))
         raise AssertionError(f"no index map for view op {node.op!r}")
+
+    def _affine_source_index(self, node, src_shape, idx: str) -> str:
+        """Source index of slice (start + c * step), flip (n - 1 - c) and tile (c mod n)."""
+        out_shape = node.type.shape
+        strides = contiguous_strides(src_shape)
+        offset, added, subtracted = 0, [], []
+        for d, size in enumerate(out_shape):
+            stride = strides[d]
+            if node.op == "slice":
+                offset += node.attrs["starts"][d] * stride
+                stride *= node.attrs["steps"][d]
+            if size == 1 or stride == 0:
+                continue
+            c = self.coord(idx, out_shape, d)
+            if node.op == "tile" and src_shape[d] != size:
+                c = f"({c} % {src_shape[d]}u)"
+            term = c if stride == 1 else f"{c} * {stride}u"
+            if node.op == "flip" and d in node.attrs["axes"]:
+                offset += (size - 1) * stride
+                subtracted.append(term)
+            else:
+                added.append(term)
+        terms = list(added)
+        if subtracted:
+            terms.insert(0, f"({offset}u - ({' + '.join(subtracted)}))")
+        elif offset or not terms:
+            terms.insert(0, f"{offset}u")
+        return " + ".join(terms)

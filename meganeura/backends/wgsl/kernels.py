@@ -310,12 +310,15 @@ def _matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     out = f"buf{bind.out_buffer}"
 
     def operand(nid: int, trans: bool, rows_dim: str):
-        base, strides, _ = strided_view(graph, nid, plan.materialized)
+        base, strides, offset = strided_view(graph, nid, plan.materialized)
         shape = graph.nodes[nid].type.shape
         s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
         lead = len(batch) - (len(shape) - 2)
         bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
-        return bind.name_of(base), s_row, s_col, _batch_offset("bz", batch, bstrides)
+        start = _batch_offset("bz", batch, bstrides)
+        if offset:
+            start = f"{offset}u" if start == "0u" else f"{start} + {offset}u"
+        return bind.name_of(base), s_row, s_col, start
 
     a_buf, a_sm, a_sk, a_off = operand(node.inputs[0], ta, "m")
     b_buf, b_sk, b_sn, b_off = operand(node.inputs[1], tb, "k")
