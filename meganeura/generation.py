@@ -23,7 +23,7 @@ from meganeura.graph import Graph
 from meganeura.io.tokenizer import Tokenizer
 from meganeura.models.smollm2 import KVCache, Llama, LlamaConfig, chunk_outputs
 
-MIN_CAPACITY = 64
+MIN_CAPACITY = 256  # room for a few chat turns before the cache must grow
 
 
 class ContextLengthError(ValueError):

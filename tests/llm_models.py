@@ -109,7 +109,8 @@ def gguf_tokenizer_metadata(tokens, types) -> dict:
 
 def permute_for_llama_cpp(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's Q/K row order (its RoPE rotates adjacent pairs)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    pairs = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
 GGUF_NAMES = {

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from meganeura import functional as F
 from meganeura import init
 from meganeura.graph import Graph, Tensor
 from meganeura.io.gguf import QuantizedWeight
@@ -256,7 +257,7 @@ class Llama:
         return y
 
     def rms_norm(self, x: Tensor, name: str) -> Tensor:
-        return self.graph.apply("rms_norm", [x, self.params[name]], eps=self.config.rms_norm_eps)
+        return F.rms_norm(x, self.params[name], eps=self.config.rms_norm_eps)
 
     def attention(
         self,
@@ -273,13 +274,8 @@ class Llama:
         def heads(t: Tensor, count: int) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
             return t.reshape(batch, tokens, count, c.head_dim).permute(0, 2, 1, 3)
 
-        def rope(t: Tensor) -> Tensor:
-            return self.graph.apply(
-                "rope", [t, positions], theta=c.rope_theta, rotary_dim=c.head_dim
-            )
-
-        q = rope(heads(proj("q_proj"), c.num_attention_heads))
-        k = rope(heads(proj("k_proj"), c.num_key_value_heads))
+        q = F.rope(heads(proj("q_proj"), c.num_attention_heads), positions, c.rope_theta)
+        k = F.rope(heads(proj("k_proj"), c.num_key_value_heads), positions, c.rope_theta)
         v = heads(proj("v_proj"), c.num_key_value_heads)
         if cache is not None:
             k, v = cache.write(i, k, v)
@@ -292,7 +288,7 @@ class Llama:
     def mlp(self, i: int, x: Tensor) -> Tensor:
         gate = self.linear(x, projection_name(i, "gate_proj"))
         up = self.linear(x, projection_name(i, "up_proj"))
-        return self.linear(self.graph.apply("swiglu", [gate, up]), projection_name(i, "down_proj"))
+        return self.linear(F.swiglu(gate, up), projection_name(i, "down_proj"))
 
     def layer(self, i, x, positions, mask, cache) -> Tensor:
         p = f"model.layers.{i}"
@@ -312,7 +308,7 @@ class Llama:
         ([B, T] or [T]). Without a mask, attention is causal over the T tokens; with `cache`,
         the tokens are written into it and `mask` (additive, [B, 1, T, capacity]) says which
         cache rows each token sees."""
-        x = self.graph.apply("embedding", [self.params["model.embed_tokens.weight"], input_ids])
+        x = F.embedding(self.params["model.embed_tokens.weight"], input_ids)
         for i in range(self.config.num_hidden_layers):
             x = self.layer(i, x, positions, mask, cache)
         return self.rms_norm(x, "model.norm.weight")
@@ -360,20 +356,14 @@ def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str]:
     positions = g.input(f"positions.{tokens}", (b, tokens), "i32")
     mask = g.input(f"mask.{tokens}", (b, 1, tokens, cache.capacity))
     hidden = model.forward(ids, positions, mask, cache)
-    d = model.config.hidden_size
-    last = g.apply(
-        "slice", [hidden], starts=(0, tokens - 1, 0), stops=(b, tokens, d), steps=(1, 1, 1)
-    )
     g.output(f"logits.{tokens}", model.logits(hidden))
-    g.output(f"next_logits.{tokens}", model.logits(last.reshape(b, d)))
+    g.output(f"next_logits.{tokens}", model.logits(hidden[:, -1, :]))
     return f"logits.{tokens}", f"next_logits.{tokens}"
 
 
 def training_loss(model: Llama, batch: int, tokens: int) -> Tensor:
     """Mean next-token cross-entropy of inputs `input_ids` [B, T] against `labels` [B, T]
     (already shifted: labels[:, t] is the token after input_ids[:, t]; -100 is ignored)."""
-    from meganeura import functional as F
-
     g = model.graph
     ids = g.input("input_ids", (batch, tokens), "i32")
     labels = g.input("labels", (batch, tokens), "i32")
