@@ -26,6 +26,7 @@ from meganeura import functional as F
 from meganeura import init
 from meganeura.graph import Graph, Tensor
 from meganeura.io.gguf import QuantizedWeight
+from meganeura.ops.quant import QuantizedTensor, quantized_matmul, quantized_parameter
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -200,7 +201,7 @@ class Llama:
                 f"({c.num_hidden_layers} layers, tie_word_embeddings={c.tie_word_embeddings})"
             )
         std = init.normal(0.0, c.initializer_range)
-        self.params: dict[str, Tensor] = {}
+        self.params: dict[str, Tensor | QuantizedTensor] = {}
         for name, shape in parameter_shapes(self.config).items():
             self.params[name] = self._parameter(name, shape, std)
         self.adapters: dict[str, tuple[Tensor, Tensor]] = {}
@@ -218,8 +219,6 @@ class Llama:
             if tuple(value.shape) != shape:
                 raise ValueError(f"Llama: {name} is {list(value.shape)}, expected {list(shape)}")
             if self.keep_quantized:
-                from meganeura.ops.quant import quantized_parameter
-
                 return quantized_parameter(self.graph, name, value)
             value = value.dequantize()
         if value is None:
@@ -243,9 +242,7 @@ class Llama:
         """x @ W.T for the [out, in] weight `name` (read transposed in place), plus its LoRA
         adapter if it has one."""
         w = self.params[name]
-        if w.dtype == "u32":
-            from meganeura.ops.quant import quantized_matmul
-
+        if isinstance(w, QuantizedTensor):
             y = quantized_matmul(x, w)
         else:
             y = self.graph.apply("matmul", [x, w], trans_b=True)
@@ -308,7 +305,10 @@ class Llama:
         ([B, T] or [T]). Without a mask, attention is causal over the T tokens; with `cache`,
         the tokens are written into it and `mask` (additive, [B, 1, T, capacity]) says which
         cache rows each token sees."""
-        x = F.embedding(self.params["model.embed_tokens.weight"], input_ids)
+        table = self.params["model.embed_tokens.weight"]
+        if isinstance(table, QuantizedTensor):
+            table = table.dequantize()  # inlined: only the gathered rows are decoded
+        x = F.embedding(table, input_ids)
         for i in range(self.config.num_hidden_layers):
             x = self.layer(i, x, positions, mask, cache)
         return self.rms_norm(x, "model.norm.weight")
