@@ -41,6 +41,8 @@ test: setup
 
 demo: setup
 	$(TMP_XDG) $(VENV)/bin/meganeura demo
+	$(TMP_XDG) $(VENV)/bin/meganeura generate --chat --greedy --max-new-tokens 48 \
+		"What is the capital of France?"
 
 lint: setup
 	$(VENV)/bin/ruff check .
