@@ -435,8 +435,9 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def print_stream(pieces: Iterator[str], file=sys.stdout) -> str:
-    """Write pieces of text as they come; returns the whole text."""
+def print_stream(pieces: Iterator[str], file=None) -> str:
+    """Write pieces of text (to stdout by default) as they come; returns the whole text."""
+    file = file or sys.stdout
     text = []
     for piece in pieces:
         file.write(piece)

@@ -266,3 +266,39 @@ def test_full_fine_tuning_from_gguf_uses_f32_master_weights(tmp_path):
     np.testing.assert_array_equal(params[q], ours.weights[q].dequantize())
     losses = tuner.fit_texts(["the hat in the hat"], steps=8)
     assert losses[-1] < losses[0]
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_generate_command_streams_only_the_generated_text(tmp_path, capsys):
+    from meganeura.cli import main
+
+    directory = save_hf(random_llama(seed=10), tmp_path)
+    expected = load_pretrained(directory, device="cpu").generate("the hat", 8, greedy=True)
+    args = ["--model", str(directory), "--device", "cpu", "--greedy", "--max-new-tokens", "8"]
+    assert main(["generate", *args, "the hat"]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected + "\n"
+    assert "model:" in out.err
+    chat = load_pretrained(directory, device="cpu").chat("the hat", 8, greedy=True)
+    assert main(["generate", "--chat", *args, "the hat"]) == 0
+    assert capsys.readouterr().out == chat + "\n"
+    assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 2
+    assert "missing: no such model" in capsys.readouterr().err
+
+
+def test_chat_command_keeps_the_conversation(tmp_path, capsys, monkeypatch):
+    import io
+
+    from meganeura.cli import main
+
+    directory = save_hf(random_llama(seed=11), tmp_path)
+    model = load_pretrained(directory, device="cpu")
+    conversation = model.start_chat()
+    greedy = Sampling(greedy=True)
+    replies = ["".join(conversation.send(text, 6, greedy)) for text in ("the hat", "in a hat")]
+    monkeypatch.setattr("sys.stdin", io.StringIO("the hat\nin a hat\n\n"))
+    args = ["--model", str(directory), "--device", "cpu", "--greedy", "--max-new-tokens", "6"]
+    assert main(["chat", *args]) == 0
+    assert capsys.readouterr().out == "".join(r + "\n" for r in replies)
