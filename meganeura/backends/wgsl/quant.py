@@ -15,7 +15,6 @@ from meganeura.backends.wgsl.emit import Emitter, inline_value
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
-    _batch_offset,
     _Bindings,
     _pointwise,
     archetype,
@@ -67,6 +66,15 @@ def _dequantize(em: Emitter, node, idx: str) -> str:
     return _value(qtype, buf, base, j)
 
 
+def _row_offset(var: str, shape, strides, offset: int) -> str:
+    """Where row `var` (a linear index over the leading dims `shape`) of a strided x starts."""
+    terms = [f"{offset}u"] if offset else []
+    for d, (size, stride) in enumerate(zip(shape, strides, strict=True)):
+        if size > 1 and stride:
+            terms.append(f"{Emitter.coord(var, shape, d)} * {stride}u")
+    return " + ".join(terms) or "0u"
+
+
 @archetype("quantized_matmul")
 def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
@@ -81,10 +89,7 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     x_base, x_strides, x_offset = strided_view(graph, x_id, plan.materialized)
     xb = b.name_of(x_base)
     w = b.name_of(raw_id)
-    lead = [0 if d == 1 else s for d, s in zip(x_shape[:-1], x_strides[:-1], strict=True)]
-    row_offset = _batch_offset("m", x_shape[:-1], lead)
-    if x_offset:
-        row_offset = f"{row_offset} + {x_offset}u"
+    row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
     grid = (math.ceil(N / OUTPUTS), math.ceil(M / tile), 1)
     width = QUANT_LAYOUTS[qtype]
