@@ -10,6 +10,7 @@ from meganeura.finetune import FineTuner, next_token_batch
 from meganeura.generation import Sampling, sample
 from meganeura.graph import Graph
 from meganeura.models.smollm2 import Llama, LlamaConfig, LoraConfig, training_loss
+from meganeura.optim import AdamW
 from meganeura.pretrained import load_pretrained
 from meganeura.session import build
 from tests.llm_models import load_transformers, random_llama, save_hf, write_gguf
@@ -235,7 +236,7 @@ def test_lora_lowers_the_loss_and_saves_a_checkpoint_transformers_reads(tmp_path
     reference = random_llama(seed=8)
     ours = load_pretrained(save_hf(reference, tmp_path / "base"), device="cpu")
     text = "the hat in the hat in a hat"
-    tuner = ours.fine_tuner(2, 16, lora=LoraConfig(rank=4, alpha=16.0))
+    tuner = ours.fine_tuner(2, 16, optimizer=AdamW(lr=1e-2), lora=LoraConfig(rank=4, alpha=16.0))
     losses = tuner.fit_texts([text], steps=25)
     assert losses[-1] < 0.5 * losses[0], losses
     ids, labels = next_token_batch([ours.tokenizer.encode(text)] * 2, 16)
