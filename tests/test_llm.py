@@ -153,7 +153,7 @@ def torch_loss_and_grads(model, ids, labels_hf):
     out = model(ids, labels=labels_hf)
     out.loss.backward()
     grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
-    return float(out.loss), grads
+    return out.loss.item(), grads
 
 
 def training_data(vocab: int, batch: int = 2, tokens: int = 9, seed: int = 0):
