@@ -131,6 +131,43 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=cmd_demo)
 
 
+def cmd_ops(args: argparse.Namespace) -> int:
+    """List every registered op: kind, NumPy reference, VJP and WGSL lowering."""
+    import json
+
+    from meganeura.backends.wgsl.kernels import lowering_of
+    from meganeura.ops import all_ops
+
+    rows = [
+        {
+            "op": name,
+            "kind": op.kind,
+            "reference": op.reference is not None or op.kind == "source",
+            "vjp": op.vjp is not None,
+            "wgsl": lowering_of(op),
+        }
+        for name, op in sorted(all_ops().items())
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'op':24} {'kind':12} {'reference':10} {'vjp':5} wgsl")
+    for row in rows:
+        mark = {True: "yes", False: "-"}
+        print(
+            f"{row['op']:24} {row['kind']:12} {mark[row['reference']]:10} "
+            f"{mark[row['vjp']]:5} {row['wgsl'] or '-'}"
+        )
+    print(f"{len(rows)} ops")
+    return 0
+
+
+def _add_ops(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ops", help=cmd_ops.__doc__, description=cmd_ops.__doc__)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.set_defaults(run=cmd_ops)
+
+
 # -- language models -----------------------------------------------------------------------
 
 
@@ -269,6 +306,7 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_demo,
+    _add_ops,
     _add_generate,
     _add_chat,
 ]

@@ -8,12 +8,15 @@ nodes that compute it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
+from meganeura import functional as F
 from meganeura import init
 from meganeura.functional import batch_norm, embedding, group_norm, layer_norm, relu, rms_norm
 from meganeura.graph import Graph, Tensor
+from meganeura.ops.conv import spatial_tuple
 
 Layer = Callable[[Tensor], Tensor]
 
@@ -249,3 +252,236 @@ class BatchNorm2d:
             momentum=self.momentum,
             eps=self.eps,
         )
+
+
+class _ConvNd:
+    """Shared by the conv layers: torch's parameter layout and default initialization
+    (kaiming_uniform(a=sqrt(5)) for the weight, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the
+    bias, fan_in = weight.shape[1] * kernel area)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        kind: str,
+        weight_shape: tuple[int, ...],
+        channels: tuple[int, int],
+        groups: int,
+        bias: bool,
+        padding_mode: str,
+    ):
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"{kind} {name!r}: only padding_mode='zeros' is supported, got {padding_mode!r}"
+            )
+        for what, count in zip(("in_channels", "out_channels"), channels, strict=True):
+            if groups < 1 or count % groups:
+                raise ValueError(
+                    f"{kind} {name!r}: {what} ({count}) must be divisible by groups ({groups})"
+                )
+        self.graph = graph
+        self.name = name
+        self.in_channels, self.out_channels = channels
+        self.groups = groups
+        self.weight = graph.parameter(join(name, "weight"), weight_shape, init=init.linear_weight())
+        fan_in = weight_shape[1] * math.prod(weight_shape[2:])
+        self.bias = (
+            graph.parameter(join(name, "bias"), (self.out_channels,), init=init.linear_bias(fan_in))
+            if bias
+            else None
+        )
+
+    def _check(self, x: Tensor, kind: str) -> None:
+        if x.graph is not self.graph:
+            raise ValueError(f"{kind} {self.name!r}: the input belongs to another graph")
+
+
+class Conv2d(_ConvNd):
+    """torch.nn.Conv2d: weight [out_channels, in_channels / groups, kh, kw]."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ):
+        self.kernel_size = spatial_tuple("Conv2d", "kernel_size", kernel_size, 2, 1)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        shape = (out_channels, in_channels // max(groups, 1), *self.kernel_size)
+        super().__init__(
+            graph, name, "Conv2d", shape, (in_channels, out_channels), groups, bias, padding_mode
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._check(x, "Conv2d")
+        return F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class Conv1d(_ConvNd):
+    """torch.nn.Conv1d: weight [out_channels, in_channels / groups, k]."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ):
+        self.kernel_size = spatial_tuple("Conv1d", "kernel_size", kernel_size, 1, 1)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        shape = (out_channels, in_channels // max(groups, 1), *self.kernel_size)
+        super().__init__(
+            graph, name, "Conv1d", shape, (in_channels, out_channels), groups, bias, padding_mode
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._check(x, "Conv1d")
+        return F.conv1d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class ConvTranspose2d(_ConvNd):
+    """torch.nn.ConvTranspose2d: weight [in_channels, out_channels / groups, kh, kw]."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        padding_mode: str = "zeros",
+    ):
+        self.kernel_size = spatial_tuple("ConvTranspose2d", "kernel_size", kernel_size, 2, 1)
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation = dilation
+        shape = (in_channels, out_channels // max(groups, 1), *self.kernel_size)
+        super().__init__(
+            graph,
+            name,
+            "ConvTranspose2d",
+            shape,
+            (in_channels, out_channels),
+            groups,
+            bias,
+            padding_mode,
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._check(x, "ConvTranspose2d")
+        return F.conv_transpose2d(
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+class MaxPool2d:
+    """torch.nn.MaxPool2d (no parameters)."""
+
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        dilation=1,
+        return_indices: bool = False,
+        ceil_mode: bool = False,
+    ):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.return_indices, self.ceil_mode = dilation, return_indices, ceil_mode
+
+    def __call__(self, x: Tensor):
+        return F.max_pool2d(
+            x,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.ceil_mode,
+            self.return_indices,
+        )
+
+
+class AvgPool2d:
+    """torch.nn.AvgPool2d (no parameters)."""
+
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: int | None = None,
+    ):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.divisor_override = divisor_override
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(
+            x,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
+
+
+class AdaptiveAvgPool2d:
+    """torch.nn.AdaptiveAvgPool2d (no parameters)."""
+
+    def __init__(self, output_size):
+        self.output_size = output_size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+
+class Flatten:
+    """torch.nn.Flatten: merge dims start_dim..end_dim (by default all but the batch dim)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def __call__(self, x: Tensor) -> Tensor:
+        start, end = self.start_dim % x.ndim, self.end_dim % x.ndim
+        if start > end:
+            raise ValueError(
+                f"Flatten: start_dim {self.start_dim} comes after end_dim {self.end_dim} "
+                f"for shape {list(x.shape)}"
+            )
+        merged = math.prod(x.shape[start : end + 1])
+        return x.reshape(*x.shape[:start], merged, *x.shape[end + 1 :])

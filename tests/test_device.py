@@ -171,3 +171,17 @@ def test_info_reports_bad_implementation_cleanly(monkeypatch, capsys):
         main(["info"])
     assert exit_info.value.code == 2
     assert "MEGANEURA_WEBGPU='metal'" in capsys.readouterr().err
+
+
+def test_ops_command_lists_every_op_with_a_lowering(capsys):
+    import json
+
+    from meganeura.ops import all_ops
+
+    assert main(["ops", "--json"]) == 0
+    rows = {row["op"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(all_ops())
+    missing = [name for name, row in rows.items() if not row["wgsl"] or not row["reference"]]
+    assert missing == []
+    assert main(["ops"]) == 0
+    assert f"{len(rows)} ops" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def test_readme_leads_with_the_two_commands():
@@ -18,3 +19,11 @@ def test_readme_python_examples_run(capsys):
         exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "(32, 10)" in out
+
+
+def test_docs_python_examples_run(capsys):
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+            exec(compile(code, str(page), "exec"), {})
+    out = capsys.readouterr().out  # softsign and its derivative 1 / (1 + |x|)^2 at x = 3
+    assert "0.75" in out and "0.0625" in out

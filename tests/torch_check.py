@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import numpy as np
-import pytest
 import torch
 
 import meganeura as mn
 from meganeura.graph import dtype_of_array
-
-DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
+from tests.harness import DEVICES as DEVICES  # cpu, lavapipe and (marked) hardware GPU
 
 
 def normal(rng: np.random.Generator, *shape, scale: float = 1.0) -> np.ndarray:
@@ -114,58 +112,3 @@ def check(
             g, expected_grads[name], rtol=rtol, atol=atol, err_msg=f"gradient of {name!r}"
         )
     return outs, grads
-
-
-def _evaluate_float64(graph, roots, feeds):
-    """The NumPy executor's walk with float nodes held in float64 (references run in it)."""
-    from meganeura.ops import get_op
-
-    values = {}
-    for nid in graph.live_nodes(roots):
-        node = graph.nodes[nid]
-        if nid in feeds:
-            value = feeds[nid]
-        else:
-            args = [values[i] for i in node.inputs]
-            value = np.asarray(get_op(node.op).reference(args, node.attrs))
-            if node.type.dtype in ("f32", "f16"):
-                value = value.astype(np.float64)
-        values[nid] = value
-    return values
-
-
-def check_finite_differences(
-    fn: Callable, inputs: Mapping[str, np.ndarray], eps: float = 1e-6, tol: float = 1e-6
-) -> None:
-    """The VJP graph of `fn` against central differences of sum(fn(...) * upstream), every
-    element of every float input, all in float64 through the ops' references."""
-    graph = mn.Graph()
-    sources = {
-        name: graph.input(name, np.shape(a), dtype_of_array(np.asarray(a)))
-        for name, a in inputs.items()
-    }
-    out = fn(*sources.values())
-    upstream = graph.input("upstream", out.shape)
-    loss = (out * upstream).sum()
-    wrt = [name for name, a in inputs.items() if np.asarray(a).dtype.kind == "f"]
-    grads = mn.grad(loss, [sources[name] for name in wrt])
-    rng = np.random.default_rng(0)
-    feeds = {
-        sources[name].id: np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a
-        for name, a in inputs.items()
-    }
-    feeds[upstream.id] = rng.standard_normal(out.shape)
-    analytic = _evaluate_float64(graph, [g.id for g in grads], feeds)
-    for name, g in zip(wrt, grads, strict=True):
-        nid = sources[name].id
-        numeric = np.zeros_like(feeds[nid])
-        for index in np.ndindex(numeric.shape):
-            sides = []
-            for step in (eps, -eps):
-                moved = feeds[nid].copy()
-                moved[index] += step
-                sides.append(_evaluate_float64(graph, [loss.id], {**feeds, nid: moved})[loss.id])
-            numeric[index] = (sides[0] - sides[1]) / (2 * eps)
-        np.testing.assert_allclose(
-            analytic[g.id], numeric, rtol=tol, atol=tol, err_msg=f"gradient of {name!r}"
-        )

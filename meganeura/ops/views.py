@@ -370,7 +370,7 @@ def getitem(x: Tensor, key) -> Tensor:
         axis += 1
     out = x
     if any(
-        (a, b, c) != (0, n, 1) for a, b, c, n in zip(starts, stops, steps, x.shape, strict=False)
+        (a, b, c) != (0, n, 1) for a, b, c, n in zip(starts, stops, steps, x.shape, strict=True)
     ):
         out = x.graph.apply("slice", [out], starts=starts, stops=stops, steps=steps)
     if flips:

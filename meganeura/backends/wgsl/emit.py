@@ -89,6 +89,22 @@ def inline_value(*ops: str):
     return register
 
 
+# Index maps of view ops registered by other modules of this package:
+# op name -> fn(emitter, node, src_shape, idx) -> the source's linear index expression.
+VIEW_INDEX_MAPS: dict[str, Callable] = {}
+
+
+def view_index_map(*names: str):
+    """Decorator: register the index map of view ops, so a new view op edits no shared code."""
+
+    def register(fn):
+        for name in names:
+            VIEW_INDEX_MAPS[name] = fn
+        return fn
+
+    return register
+
+
 def prelude_for(body: str) -> str:
     names: list[str] = []
 
@@ -247,6 +263,9 @@ class Emitter:
             terms.append(c if strides[d] == 1 else f"{c} * {strides[d]}u")
         return self.index(" + ".join(terms))
 
+    # The view ops view_index maps; `meganeura ops` and the tests read this.
+    VIEW_OPS = frozenset({"reshape", "broadcast_to", "permute", "slice", "flip", "tile"})
+
     def view_index(self, node, src_shape, idx: str) -> str:
         if node.op == "reshape":
             return idx
@@ -264,6 +283,8 @@ class Emitter:
             return self.index(" + ".join(terms) if terms else "0u")
         if node.op in ("slice", "flip", "tile"):
             return self.index(self._affine_source_index(node, src_shape, idx))
+        if node.op in VIEW_INDEX_MAPS:
+            return VIEW_INDEX_MAPS[node.op](self, node, src_shape, idx)
         raise AssertionError(f"no index map for view op {node.op!r}")
 
     def _affine_source_index(self, node, src_shape, idx: str) -> str:

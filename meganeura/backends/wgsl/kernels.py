@@ -410,3 +410,23 @@ def archetype(*names: str):
         return fn
 
     return register
+
+
+def lowering_of(opdef) -> str | None:
+    """How an op reaches WGSL, in words, or None when it has no lowering."""
+    from meganeura.backends.wgsl.emit import INLINE_VALUES, VIEW_INDEX_MAPS
+
+    if opdef.kind == "source":
+        return "buffer"
+    if opdef.name in INLINE_VALUES:
+        return "inlined value"
+    if opdef.kind == "pointwise":
+        return "inlined expression" if opdef.wgsl else None
+    if opdef.kind == "view":
+        known = opdef.name in Emitter.VIEW_OPS or opdef.name in VIEW_INDEX_MAPS
+        return "index map" if known else None
+    if opdef.name in ARCHETYPES:
+        return f"kernel ({opdef.name})"
+    if opdef.kind in ARCHETYPES:
+        return f"kernel ({opdef.kind})"
+    return None
