@@ -1,6 +1,6 @@
 """meganeura: e-graph optimized neural network training and inference on any GPU (WebGPU)."""
 
-from meganeura import functional, init, optim
+from meganeura import amp, functional, init, optim, schedules
 from meganeura.autodiff import grad
 from meganeura.graph import Graph, Tensor, TensorType
 from meganeura.models.smollm2 import LlamaConfig, LoraConfig
@@ -16,10 +16,12 @@ __all__ = [
     "Session",
     "Tensor",
     "TensorType",
+    "amp",
     "build",
     "functional",
     "grad",
     "init",
     "load_pretrained",
     "optim",
+    "schedules",
 ]

@@ -4,10 +4,11 @@ parser builder is listed in SUBCOMMANDS."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 
-from meganeura import demo
+from meganeura import demo, recipes
 from meganeura.backends.webgpu.device import (
     DEVICE_NAMES,
     ENV_VAR,
@@ -19,6 +20,8 @@ from meganeura.backends.webgpu.device import (
     list_adapters,
     select_adapter,
 )
+from meganeura.checkpoint import CheckpointError
+from meganeura.train import NonFiniteLoss
 
 KEY_FEATURES = {
     "shader-f16": ("shader-f16",),
@@ -100,7 +103,7 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train an MLP on the digits dataset and print its held-out test accuracy."""
+    """Train a small CNN on the digits dataset and print its held-out test accuracy."""
     demo.run_demo(device=args.device, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     return 0
 
@@ -129,6 +132,121 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=cmd_demo)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a classifier on a dataset, evaluating on its test split after every epoch."""
+    config = recipes.TrainConfig(
+        dataset=args.dataset,
+        data=args.data,
+        model=args.model,
+        hidden=args.hidden,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        clip_grad_norm=args.clip_grad_norm,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+    )
+    if args.plot:
+        from meganeura.plot import require_matplotlib
+
+        require_matplotlib()  # fail before training, not after, when matplotlib is missing
+    result = recipes.train(config, progress=not args.quiet)
+    if args.plot:
+        from meganeura.plot import plot_history
+
+        plot_history(result.history, args.plot, title=f"{args.dataset}, {args.model}")
+        print(f"loss curve: {args.plot}")
+    if args.json:
+        print(json.dumps(result.summary()))
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    parser.add_argument("dataset", choices=recipes.DATASETS, help="what to train on")
+    parser.add_argument("--data", metavar="DIR", help="mnist: the directory of its IDX files")
+    parser.add_argument("--model", choices=recipes.MODELS, default="mlp", help="default: mlp")
+    parser.add_argument(
+        "--hidden", type=_positive_int, default=128, help="mlp hidden width (default: 128)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(recipes.optim.OPTIMIZERS),
+        default="adam",
+        help="default: adam",
+    )
+    parser.add_argument("--lr", type=_positive_float, default=3e-3, help="default: 0.003")
+    parser.add_argument(
+        "--weight-decay", type=_non_negative_float, help="default: the optimizer's own"
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=recipes.SCHEDULES,
+        default="constant",
+        help="learning-rate schedule over the whole run, --epochs in total, also when resuming "
+        "(default: constant)",
+    )
+    parser.add_argument(
+        "--warmup", type=_non_negative_int, default=0, help="warm-up steps of the schedule"
+    )
+    parser.add_argument(
+        "--clip-grad-norm", type=_positive_float, help="clip the global gradient norm to this"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        help="total epochs, counting those done before --resume (default: 10)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and split")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_NAMES,
+        help="where to run (default: auto, a hardware GPU if there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--amp", action="store_true", help="mixed precision (f16) with dynamic loss scaling"
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="save here after every epoch")
+    parser.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
+    parser.add_argument("--plot", metavar="PNG", help="write the loss curve here (matplotlib)")
+    parser.add_argument(
+        "--json", action="store_true", help="end stdout with one line of JSON with the results"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=cmd_train)
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -306,6 +424,7 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_demo,
+    _add_train,
     _add_ops,
     _add_generate,
     _add_chat,
@@ -328,5 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (DeviceError, ImplementationError) as error:
+    except (DeviceError, ImplementationError, CheckpointError, ImportError) as error:
         parser.exit(2, f"meganeura: error: {error}\n")
+    except (OSError, ValueError, NonFiniteLoss) as error:
+        # Files that cannot be read, settings that do not fit, a diverging run.
+        print(f"meganeura: error: {error}", file=sys.stderr)
+        return 1

@@ -2,6 +2,8 @@
 
 An initializer is a callable `(shape, rng) -> ndarray`. `Graph.parameter(init=...)` accepts
 one of these, its name as a string ("kaiming_uniform"), a number (a constant) or an array.
+The generator is the session's, seeded by `build(..., seed=)`, so a seed fixes every
+initial value.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 Initializer = Callable[[tuple[int, ...], np.random.Generator], np.ndarray]
 
@@ -23,21 +26,37 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+LINEAR_GAINS = (
+    "linear",
+    "identity",
+    "sigmoid",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
+
+
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
-    if nonlinearity in ("linear", "sigmoid", "conv1d", "conv2d", "conv_transpose2d"):
+    """torch.nn.init.calculate_gain: the factor that keeps activations' variance."""
+    if nonlinearity in LINEAR_GAINS:
         return 1.0
     if nonlinearity == "tanh":
         return 5.0 / 3
     if nonlinearity == "relu":
         return math.sqrt(2.0)
     if nonlinearity == "leaky_relu":
+        if param is not None and (isinstance(param, bool) or not isinstance(param, (int, float))):
+            raise ValueError(f"calculate_gain: negative_slope {param!r} is not a number")
         slope = 0.01 if param is None else param
         return math.sqrt(2.0 / (1 + slope**2))
     if nonlinearity == "selu":
         return 3.0 / 4
     raise ValueError(
-        f"calculate_gain: unknown nonlinearity {nonlinearity!r}; valid: linear, sigmoid, tanh, "
-        "relu, leaky_relu, selu"
+        f"calculate_gain: unknown nonlinearity {nonlinearity!r}; valid: "
+        f"{', '.join(LINEAR_GAINS)}, tanh, relu, leaky_relu, selu"
     )
 
 
@@ -51,6 +70,21 @@ def ones() -> Initializer:
 
 def constant(value: float) -> Initializer:
     return lambda shape, rng: np.full(shape, value, np.float32)
+
+
+def from_array(array: ArrayLike) -> Initializer:
+    """The values of `array` (copied now), checked against the parameter's shape."""
+    value = np.array(array, dtype=np.float32)
+
+    def init(shape, rng):
+        if value.shape != tuple(shape):
+            raise ValueError(
+                f"init.from_array: the array has shape {list(value.shape)}, "
+                f"the parameter {list(shape)}"
+            )
+        return value.copy()
+
+    return init
 
 
 def normal(mean: float = 0.0, std: float = 1.0) -> Initializer:

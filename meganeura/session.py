@@ -13,14 +13,21 @@ a language model adds the computation for a new prompt length this way.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from meganeura import checkpoint
+from meganeura.amp import LossScaler, check_device, to_mixed_precision
 from meganeura.autodiff import grad
+from meganeura.checkpoint import CheckpointError
+from meganeura.debug import check_sources, enabled_by_env
 from meganeura.graph import Graph, Tensor, numpy_dtype
 from meganeura.init import initial_value
+from meganeura.optim import ACCUMULATE_INPUT, UpdateRules
 
 
 def _copy_graph(graph: Graph) -> Graph:
@@ -36,55 +43,95 @@ def _copy_graph(graph: Graph) -> Graph:
     )
 
 
+@dataclass
+class LoadResult:
+    """What `Session.load` found: names it could not match, and the saved `extra` state."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def build(
     graph: Graph,
     loss: Tensor | None = None,
     optimizer: Any = None,
     device: str = "auto",
     seed: int = 0,
+    amp: bool | LossScaler = False,
+    check_finite: bool | None = None,
 ) -> Session:
     """Build `graph` for `device` ("auto", "gpu", "vulkan-cpu" or "cpu").
 
-    With `loss` and `optimizer`, `Session.step` trains every trainable parameter.
-    Parameters are initialized from their init specs with a generator seeded by `seed`.
+    With `loss` and `optimizer`, `Session.step` trains every trainable parameter that no
+    frozen group of the optimizer holds. Parameters are initialized from their init specs
+    with a generator seeded by `seed`. `amp=True` (or a `LossScaler`) computes in mixed
+    precision with dynamic loss scaling (see `meganeura.amp`); `check_finite=True` (default:
+    the environment variable MEGANEURA_DEBUG_NAN) runs kernels one by one and names the
+    first that produces an inf or NaN.
     """
     from meganeura.backends import open_executor
 
-    g = _copy_graph(graph)
-    loss_id = None
     if loss is not None:
         if loss.graph is not graph:
             raise ValueError("build: loss belongs to another graph")
         if loss.shape != ():
             raise ValueError(f"build: loss must be a scalar, got shape {list(loss.shape)}")
-        loss_id = loss.id
-    hyper = None
+    if optimizer is not None and loss is None:
+        raise ValueError("build: an optimizer needs a loss")
+    scaler = LossScaler() if amp is True else amp or None
+    if scaler is not None and not isinstance(scaler, LossScaler):
+        raise TypeError(f"build: amp must be a bool or an amp.LossScaler, got {amp!r}")
+    executor = open_executor(device)
+    if scaler is not None:
+        check_device(executor)
+        g, ids = to_mixed_precision(graph)
+    else:
+        g, ids = _copy_graph(graph), None
+    loss_id = None if loss is None else ids[loss.id] if ids else loss.id
+    rules = None
     if optimizer is not None:
-        if loss_id is None:
-            raise ValueError("build: an optimizer needs a loss")
-        trainable = {
-            name: Tensor(g, nid)
-            for name, nid in g.parameters.items()
-            if g.parameter_specs[name].trainable
-        }
+        trainable = [name for name, spec in g.parameter_specs.items() if spec.trainable]
         if not trainable:
             raise ValueError("build: the graph has no trainable parameters")
-        grads = grad(Tensor(g, loss_id), list(trainable.values()))
-        hyper = optimizer.attach(g, trainable, dict(zip(trainable, grads, strict=True)))
-    executor = open_executor(device)
-    return Session(g, executor, loss_id, optimizer, hyper, seed)
+        names = optimizer.trained(trainable)
+        if not names:
+            raise ValueError("build: every trainable parameter is in a frozen group")
+        params = {name: g.tensor(g.parameters[name]) for name in names}
+        seed_grad = scaler.attach(g) if scaler is not None else None
+        grads = grad(g.tensor(loss_id), list(params.values()), seed=seed_grad)
+        rules = optimizer.attach(g, params, dict(zip(names, grads, strict=True)), scaler)
+    if check_finite is None:
+        check_finite = enabled_by_env()
+    return Session(g, executor, loss_id, optimizer, rules, seed, bool(check_finite))
 
 
 class Session:
-    def __init__(self, graph: Graph, executor, loss_id, optimizer, hyper, seed: int):
+    """A graph built for one device: its parameters, optimizer state, step counters and
+    compiled programs (one per set of requested outputs, compiled on first use)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        executor,
+        loss_id: int | None,
+        optimizer,
+        rules: UpdateRules | None,
+        seed: int,
+        check_finite: bool = False,
+    ):
         self.graph = graph
         self.executor = executor
         self.optimizer = optimizer
-        self.step_count = 0
+        self.check_finite = check_finite
+        self.step_count = 0  # calls of step(): batches, micro-batches included
+        self.update_count = 0  # optimizer updates (one per `accumulate` steps)
         self._loss_id = loss_id
-        self._hyper = hyper  # step -> {input name: value}, from the optimizer
-        self._programs: dict[str, Any] = {}
+        self._rules = rules
+        self._programs: dict[Any, Any] = {}
+        self._norms: dict[str, dict[str, int]] = {}
         self._last: Any = None
+        self._last_update: Any = None
         rng = np.random.default_rng(seed)
         for name, nid in graph.parameters.items():
             node = graph.nodes[nid]
@@ -99,12 +146,24 @@ class Session:
         return self.executor.description
 
     # -- running ------------------------------------------------------------------------------
-    def _program(self, roots: tuple[int, ...], train: bool):
-        key = (roots, train)
+    def _updates(self, mode: str) -> dict[int, int]:
+        """The updates a program applies: none (forward), the optimizer step's (update), or
+        those of a micro-step that only accumulates gradients."""
+        if mode == "update":
+            return self.graph.updates
+        if mode == "accumulate":
+            return self._rules.accumulate_updates
+        return {}
+
+    def _program(self, roots: tuple[int, ...], mode: str) -> tuple[Any, set[str]]:
+        """The compiled program computing `roots` and applying `mode`'s updates, and the
+        inputs it needs; both are made once and cached (a step only looks them up)."""
+        key = (roots, mode)
         if key not in self._programs:
-            updates = dict(self.graph.updates) if train else {}
+            updates = dict(self._updates(mode))
             updates.update(self._write_backs(roots, updates))
-            self._programs[key] = self.executor.compile(self.graph, list(roots), updates)
+            program = self.executor.compile(self.graph, list(roots), updates)
+            self._programs[key] = (program, self._needed_inputs((*roots, *updates.values())))
         return self._programs[key]
 
     def _write_backs(self, roots, updates: dict[int, int]) -> dict[int, int]:
@@ -127,18 +186,46 @@ class Session:
         live = set(self.graph.live_nodes(roots))
         return {name for name, nid in self.graph.inputs.items() if nid in live}
 
+    def _run(self, roots: tuple[int, ...], mode: str, values) -> Any:
+        program, needed = self._program(roots, mode)
+        feeds = self._feeds(values, needed)
+        if self.check_finite:
+            live = set(self.graph.live_nodes((*roots, *self._updates(mode).values())))
+            params = {
+                nid: self.executor.get_value(nid)
+                for nid in self.graph.parameters.values()
+                if nid in live
+            }
+            check_sources(self.graph, {**params, **feeds})
+            program.run(feeds, check_finite=True)
+        else:
+            program.run(feeds)
+        self._last = program
+        return program
+
     def step(self, inputs: Mapping[str, Any]) -> None:
-        """One training step: forward, backward and optimizer update, in one submission."""
+        """One training step: forward, backward and optimizer update, in one submission.
+
+        With gradient accumulation over k micro-batches, k-1 of every k steps only add their
+        gradients to the running sums; the k-th adds its own and updates the parameters.
+        """
         if self.optimizer is None:
             raise RuntimeError("step: this session was built without an optimizer; use run()")
-        g = self.graph
-        roots = (*g.outputs.values(), self._loss_id)
-        values = {**inputs, **self._hyper(self.step_count)}
-        program = self._program(roots, train=True)
-        needed = self._needed_inputs((*roots, *g.updates.values()))
-        program.run(self._feeds(values, needed))
-        self._last = program
+        g, rules = self.graph, self._rules
+        values = dict(inputs)
+        every = rules.accumulate_every
+        applies = (self.step_count + 1) % every == 0
+        if every > 1:
+            values[ACCUMULATE_INPUT] = np.bool_(self.step_count % every != 0)
+        if applies:
+            values.update(rules.scalars(self.update_count))
+        extra = () if rules.grad_norm is None or not applies else (rules.grad_norm,)
+        roots = (*g.outputs.values(), self._loss_id, *extra)
+        program = self._run(roots, "update" if applies else "accumulate", values)
+        if applies:
+            self._last_update = program
         self.step_count += 1
+        self.update_count += applies
 
     def run(self, inputs: Mapping[str, Any] | None = None, outputs=None) -> dict[str, np.ndarray]:
         """Forward pass only (no update); returns the named outputs as NumPy arrays.
@@ -154,9 +241,7 @@ class Session:
         roots = tuple(g.outputs[n] for n in names)
         if self._loss_id is not None and self._needed_inputs([self._loss_id]) <= set(inputs):
             roots += (self._loss_id,)
-        program = self._program(roots, train=False)
-        program.run(self._feeds(inputs, self._needed_inputs(roots)))
-        self._last = program
+        program = self._run(roots, "forward", inputs)
         return {name: program.read(g.outputs[name]) for name in names}
 
     @property
@@ -168,6 +253,28 @@ class Session:
             raise RuntimeError("loss: nothing has run yet; call step() or run() first")
         return float(self._last.read(self._loss_id))
 
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm (before clipping) of the last update (waits)."""
+        rules = self._rules
+        if rules is None or rules.grad_norm is None:
+            raise RuntimeError("grad_norm: the optimizer has no clip_grad_norm")
+        if self._last_update is None:
+            raise RuntimeError("grad_norm: no update has run yet in this session")
+        return float(self._last_update.read(rules.grad_norm))
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether the session trains with dynamic loss scaling (amp)."""
+        return LossScaler.SCALE in self.graph.parameters
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale of mixed-precision training (waits)."""
+        if not self.loss_scaling:
+            raise RuntimeError("loss_scale: this session was built without amp")
+        return float(self.executor.get_value(self.graph.parameters[LossScaler.SCALE]))
+
     def read(self, name: str) -> np.ndarray:
         """An output of the last step or run, by name (waits for the device)."""
         if name not in self.graph.outputs:
@@ -177,6 +284,44 @@ class Session:
         if self._last is None:
             raise RuntimeError("read: nothing has run yet; call step() or run() first")
         return self._last.read(self.graph.outputs[name])
+
+    # -- inspection ---------------------------------------------------------------------------
+    def _norm_nodes(self, kind: str) -> dict[str, int]:
+        """Per-parameter L2 norms of the weights or gradients, added to the graph on first use."""
+        if kind not in self._norms:
+            g = self.graph
+            if kind == "weights":
+                tensors = {
+                    name: g.tensor(nid)
+                    for name, nid in g.parameters.items()
+                    if not g.parameter_specs[name].state
+                }
+            else:
+                if self._loss_id is None:
+                    raise RuntimeError("grad_norms: this session was built without a loss")
+                names = [n for n, spec in g.parameter_specs.items() if spec.trainable]
+                if self.optimizer is not None:
+                    names = self.optimizer.trained(names)
+                grads = grad(g.tensor(self._loss_id), [g.tensor(g.parameters[n]) for n in names])
+                tensors = dict(zip(names, grads, strict=True))
+            self._norms[kind] = {
+                name: (t.astype("f32") * t.astype("f32")).sum().sqrt().id
+                for name, t in tensors.items()
+            }
+        return self._norms[kind]
+
+    def grad_norms(self, inputs: Mapping[str, Any]) -> dict[str, float]:
+        """The L2 norm of each trained parameter's gradient of the loss on the batch
+        `inputs`, computed on the device; nothing is updated."""
+        nodes = self._norm_nodes("grads")
+        program = self._run(tuple(nodes.values()), "forward", inputs)
+        return {name: float(program.read(nid)) for name, nid in nodes.items()}
+
+    def weight_norms(self) -> dict[str, float]:
+        """The L2 norm of each parameter (optimizer state excluded), computed on the device."""
+        nodes = self._norm_nodes("weights")
+        program = self._run(tuple(nodes.values()), "forward", {})
+        return {name: float(program.read(nid)) for name, nid in nodes.items()}
 
     # -- parameters -------------------------------------------------------------------------
     def parameters(self, include_state: bool = False) -> dict[str, np.ndarray]:
@@ -201,6 +346,63 @@ class Session:
             self.executor.set_value(
                 node.id, np.asarray(array, numpy_dtype(node.type.dtype), order="C")
             )
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        """Save parameters, optimizer state, step counters, schedules and the JSON-able
+        `extra` to a safetensors file, atomically (see `meganeura.checkpoint`)."""
+        schedules = self.optimizer.schedules() if self.optimizer is not None else {}
+        state = {
+            "step_count": self.step_count,
+            "update_count": self.update_count,
+            "schedules": {name: s.state_dict() for name, s in schedules.items()},
+            "extra": dict(extra or {}),
+        }
+        checkpoint.save(path, self.parameters(include_state=True), state)
+
+    def load(
+        self, path: str | os.PathLike, strict: bool = True, restore_schedules: bool = True
+    ) -> LoadResult:
+        """Restore what `save` wrote. Tensors the graph lacks, tensors the checkpoint lacks
+        and tensors of another shape are reported by name: as a CheckpointError with
+        `strict`, else (shapes excepted) in the result, the rest being loaded.
+
+        The optimizer's schedules take the saved settings, as torch's schedulers do; pass
+        `restore_schedules=False` to keep the ones it was built with (a run lengthened on
+        resume, whose schedule spans the new total)."""
+        tensors, state = checkpoint.load(path)
+        g = self.graph
+        missing = [name for name in g.parameters if name not in tensors]
+        unexpected = sorted(name for name in tensors if name not in g.parameters)
+        shapes = {name: g.nodes[nid].type.shape for name, nid in g.parameters.items()}
+        wrong = [
+            f"{name} (checkpoint {list(tensors[name].shape)}, graph {list(shape)})"
+            for name, shape in shapes.items()
+            if name in tensors and tensors[name].shape != shape
+        ]
+        if wrong or (strict and (missing or unexpected)):
+            problems = [
+                f"{label}: {', '.join(names)}"
+                for label, names in (
+                    ("missing from the checkpoint", missing),
+                    ("not in the graph", unexpected),
+                    ("wrong shape", wrong),
+                )
+                if names
+            ]
+            raise CheckpointError(
+                f"checkpoint {os.fspath(path)} does not fit this graph; " + "; ".join(problems)
+            )
+        self.set_parameters({name: tensors[name] for name in tensors if name in g.parameters})
+        self.step_count = int(state.get("step_count", 0))
+        self.update_count = int(state.get("update_count", 0))
+        if self.optimizer is not None and restore_schedules:
+            current = self.optimizer.schedules()
+            for name, saved in state.get("schedules", {}).items():
+                if name in current:
+                    current[name].load_state_dict(saved)
+        self._last = self._last_update = None
+        return LoadResult(missing, unexpected, state.get("extra", {}))
 
     # -- feeding ------------------------------------------------------------------------------
     def _feeds(self, values: Mapping[str, Any], needed: set[str]) -> dict[int, np.ndarray]:

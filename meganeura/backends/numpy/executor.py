@@ -5,18 +5,24 @@ It is the oracle the generated kernels are tested against, and the CPU fallback 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from meganeura.debug import kernel_error
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.ops import get_op
 
 
 def evaluate(
-    graph: Graph, roots: Iterable[int], feeds: Mapping[int, np.ndarray]
+    graph: Graph,
+    roots: Iterable[int],
+    feeds: Mapping[int, np.ndarray],
+    check: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Values of `roots` (and every node they need), given arrays for the source nodes."""
+    """Values of `roots` (and every node they need), given arrays for the source nodes.
+
+    `check(node id, value)` is called on each computed value, in order."""
     values: dict[int, np.ndarray] = {}
     roots = list(roots)
     for nid in graph.live_nodes(roots):
@@ -36,6 +42,8 @@ def evaluate(
                 np.broadcast_to(out, node.type.shape), numpy_dtype(node.type.dtype), order="C"
             )
         values[nid] = out
+        if check is not None:
+            check(nid, out)
     return values
 
 
@@ -49,13 +57,21 @@ class NumpyProgram:
         self.updates = dict(updates)
         self.values: dict[int, np.ndarray] = {}
 
-    def run(self, feeds: Mapping[int, np.ndarray]) -> None:
+    def run(self, feeds: Mapping[int, np.ndarray], check_finite: bool = False) -> None:
+        """Run the graph; with `check_finite`, raise NonFiniteError at the first op whose
+        output holds an inf or NaN (before any update is applied)."""
         persistent = self.executor.values
         all_feeds = {**persistent, **feeds}
         wanted = self.roots + list(self.updates.values())
-        self.values = evaluate(self.graph, wanted, all_feeds)
+        check = self._check if check_finite else None
+        self.values = evaluate(self.graph, wanted, all_feeds, check)
         for target, source in self.updates.items():
             persistent[target] = self.values[source]
+
+    def _check(self, nid: int, value: np.ndarray) -> None:
+        error = kernel_error(self.graph, nid, value, list(self.graph.nodes[nid].inputs), [], None)
+        if error is not None:
+            raise error
 
     def read(self, nid: int) -> np.ndarray:
         return self.values[nid].copy()

@@ -17,6 +17,7 @@ import numpy as np
 
 from meganeura.backends.webgpu.device import GPUDevice
 from meganeura.backends.wgsl.kernels import generate
+from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
 
@@ -48,7 +49,9 @@ def canonical_wgsl(wgsl: str) -> str:
 def _storage_bytes(array: np.ndarray) -> bytes:
     if array.dtype == np.bool_:
         array = array.astype(np.uint32)
-    return np.ascontiguousarray(array).tobytes()
+    data = np.ascontiguousarray(array).tobytes()
+    # WebGPU writes whole 4-byte words: an odd count of f16 values needs a pad.
+    return data + bytes(-len(data) % 4)
 
 
 def _from_bytes(data, ttype) -> np.ndarray:
@@ -174,14 +177,20 @@ class WebGPUProgram:
                 file=sys.stderr,
             )
 
-    def run(self, feeds) -> None:
+    def run(self, feeds, check_finite: bool = False) -> None:
+        """Upload `feeds` and submit every kernel at once, without waiting. With
+        `check_finite`, submit the kernels one by one and raise NonFiniteError at the first
+        whose output holds an inf or NaN (this waits after every kernel)."""
         queue = self.executor.device.queue
         for nid, array in feeds.items():
             if nid in self.inputs:
                 queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
+        if check_finite:
+            self._fresh = set()  # the staged copies are of the previous run
+            self._run_checked()
         encoder = self.executor.device.create_command_encoder()
         cpass = encoder.begin_compute_pass()
-        for pipeline, bind_group, grid in self.dispatches:
+        for pipeline, bind_group, grid in [] if check_finite else self.dispatches:
             cpass.set_pipeline(pipeline)
             cpass.set_bind_group(0, bind_group)
             cpass.dispatch_workgroups(*grid)
@@ -192,6 +201,27 @@ class WebGPUProgram:
             encoder.copy_buffer_to_buffer(src, 0, dst, 0, (nbytes + 3) // 4 * 4)
         queue.submit([encoder.finish()])
         self._fresh = set(self.staging)
+
+    def _run_checked(self) -> None:
+        device = self.executor.device
+        for kernel, (pipeline, bind_group, grid) in zip(
+            self.plan.kernels, self.dispatches, strict=True
+        ):
+            encoder = device.create_command_encoder()
+            cpass = encoder.begin_compute_pass()
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
+            cpass.dispatch_workgroups(*grid)
+            cpass.end()
+            device.queue.submit([encoder.finish()])
+            node = self.graph.nodes[kernel.node]
+            fused = fused_nodes(self.graph, kernel.node, self.plan.materialized)
+            label = f"{node.op}%{node.id}"
+            error = kernel_error(
+                self.graph, kernel.node, self.read(kernel.node), kernel.reads, fused, label
+            )
+            if error is not None:
+                raise error
 
     def read(self, nid: int) -> np.ndarray:
         ttype = self.graph.nodes[nid].type

@@ -1,0 +1,99 @@
+"""Inspection: per-parameter norms on the device, and the debug mode that names the first
+kernel producing an inf or NaN."""
+
+import numpy as np
+import pytest
+import torch
+
+from meganeura import Graph, build, optim
+from meganeura.debug import NonFiniteError
+from tests.test_optim import DEVICES, batches, mlp_loss, mlp_session, torch_mlp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_and_weight_norms_match_torch(device):
+    session = mlp_session(optim.SGD(lr=0.1, groups=[optim.Group("0.bias", frozen=True)]), device)
+    params = session.parameters()
+    data = batches(1)[0]
+    model = torch_mlp()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    mlp_loss(model, {k: torch.from_numpy(v) for k, v in data.items()}).backward()
+    grads = session.grad_norms(data)
+    assert sorted(grads) == ["0.weight", "2.bias", "2.weight"]  # the frozen one has none
+    for name, value in model.named_parameters():
+        if name in grads:
+            assert grads[name] == pytest.approx(value.grad.norm().item(), rel=1e-5)
+    weights = session.weight_norms()
+    assert sorted(weights) == sorted(params)
+    for name, value in params.items():
+        assert weights[name] == pytest.approx(np.linalg.norm(value), rel=1e-5)
+    # nothing was updated
+    assert all(np.array_equal(session.parameters()[k], v) for k, v in params.items())
+
+
+def log_graph():
+    """y = log(x @ w - 3): NaN where x @ w < 3."""
+    graph = Graph()
+    x = graph.input("x", (4, 3))
+    w = graph.parameter("w", (3, 5), init="ones")
+    h = x @ w
+    z = (h - 3.0).log()
+    graph.output("y", z * 2.0)
+    return graph, z
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_finite_names_the_first_kernel_with_nan(device):
+    graph, z = log_graph()
+    session = build(graph, device=device, check_finite=True)
+    good = np.full((4, 3), 2.0, np.float32)
+    session.run({"x": good})  # finite: runs as usual
+    bad = good.copy()
+    bad[2] = 0.5
+    with pytest.raises(NonFiniteError) as caught:
+        session.run({"x": bad})
+    message = str(caught.value)
+    assert "nan at index [2, 0] (5 of 20 values are inf or nan)" in message
+    if device == "cpu":
+        assert caught.value.node == z.id and f"%{z.id} = log" in message
+    else:
+        # the log is fused into the kernel that writes the output
+        assert caught.value.kernel == f"mul%{graph.outputs['y']}"
+        assert f"fused: %{z.id - 1} = sub f32[4, 5]; %{z.id} = log f32[4, 5]" in message
+        assert "read (all finite):" in message and "%2 = matmul" in message
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_finite_finds_a_nan_born_in_the_backward_pass(device):
+    graph = Graph()
+    w = graph.parameter("w", (3,), init="ones")
+    x = graph.input("x", (3,))
+    loss = ((w - x) * (w - x)).sqrt().sum()  # sqrt'(0) = inf where w == x
+    session = build(graph, loss, optim.SGD(lr=0.1), device=device, check_finite=True)
+    session.step({"x": np.array([0.0, 2.0, 3.0], np.float32)})
+    with pytest.raises(NonFiniteError, match="inf or nan") as caught:
+        session.step({"x": np.array([0.9, 0.9, 0.9], np.float32)})  # w became 0.9 at [0]
+    failing = session.graph.nodes[caught.value.node]
+    assert failing.op in ("div", "mul") and caught.value.node > loss.id  # a gradient node
+
+
+def test_check_finite_names_a_bad_input():
+    graph, _ = log_graph()
+    session = build(graph, device="cpu", check_finite=True)
+    bad = np.full((4, 3), 5.0, np.float32)
+    bad[1, 2] = np.inf
+    with pytest.raises(
+        NonFiniteError, match=r"input 'x' \(f32\[4, 3\]\) holds inf at index \[1, 2\]"
+    ):
+        session.run({"x": bad})
+
+
+def test_debug_nan_environment_variable(monkeypatch):
+    graph, _ = log_graph()
+    monkeypatch.setenv("MEGANEURA_DEBUG_NAN", "1")
+    assert build(graph, device="cpu").check_finite
+    monkeypatch.setenv("MEGANEURA_DEBUG_NAN", "0")
+    session = build(graph, device="cpu")
+    assert not session.check_finite
+    y = session.run({"x": np.zeros((4, 3), np.float32)})["y"]  # no check: NaN comes out
+    assert np.isnan(y).all()
