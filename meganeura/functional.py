@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from meganeura.graph import Tensor, gelu, matmul
+from meganeura.ops.attention import attention
 from meganeura.ops.conv import conv_attrs, conv_shape, spatial_tuple
 from meganeura.ops.elementwise import where
 from meganeura.ops.norm import layer_norm, rms_norm
@@ -54,6 +55,7 @@ __all__ = [
     "repeat",
     "rms_norm",
     "rope",
+    "scaled_dot_product_attention",
     "sigmoid",
     "silu",
     "sin",
@@ -658,3 +660,50 @@ def pixel_shuffle(input: Tensor, upscale_factor: int) -> Tensor:
 def pixel_unshuffle(input: Tensor, downscale_factor: int) -> Tensor:
     """[..., C, H * r, W * r] -> [..., C * r * r, H, W] (space to depth), a view read in place."""
     return input.graph.apply("pixel_unshuffle", [input], factor=downscale_factor)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention over [..., heads, tokens, head_dim].
+
+    Grouped-query and multi-query layouts need no flag (query heads a multiple of key/value
+    heads). `attn_mask` is additive (float) or boolean (True = may attend), broadcastable to
+    [..., q heads, q tokens, k tokens]. Unlike torch, `is_causal` aligns the mask
+    bottom-right when there are fewer queries than keys (queries continuing a KV cache); the
+    two agree when the counts are equal. `window` (sliding-window attention) and `softcap`
+    (logit soft-capping, softcap * tanh(logits / softcap)) go beyond torch's arguments;
+    see meganeura.ops.attention for their exact meaning.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.ndim < 3:
+            raise ValueError(
+                f"scaled_dot_product_attention: {name} must be [..., heads, tokens, head_dim], "
+                f"got shape {list(t.shape)}"
+            )
+    mask = attn_mask
+    if mask is not None and mask.dtype == "bool":
+        mask = where(mask, 0.0, -np.inf).astype(query.dtype)
+    lead = query.shape[:-3]
+    if query.ndim == 4 or (query.ndim == 3 and key.ndim == 3 and value.ndim == 3):
+        q, k, v = (t if t.ndim == 4 else t.reshape(1, *t.shape) for t in (query, key, value))
+    else:
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
+            raise ValueError(
+                "scaled_dot_product_attention: query, key and value need the same leading "
+                f"dims, got {list(query.shape)}, {list(key.shape)}, {list(value.shape)}"
+            )
+        batch = math.prod(lead)
+        q, k, v = (t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
+        if mask is not None:
+            full = (*lead, query.shape[-3], query.shape[-2], key.shape[-2])
+            mask = mask.broadcast_to(full).reshape(batch, *full[-3:])
+    out = attention(q, k, v, mask, scale=scale, causal=is_causal, window=window, softcap=softcap)
+    return out.reshape(*lead, *out.shape[1:]) if query.ndim != 4 else out

@@ -43,6 +43,9 @@ def _copy_graph(graph: Graph) -> Graph:
     )
 
 
+MATMUL_PRECISIONS = ("highest", "high")
+
+
 @dataclass
 class LoadResult:
     """What `Session.load` found: names it could not match, and the saved `extra` state."""
@@ -60,6 +63,7 @@ def build(
     seed: int = 0,
     amp: bool | LossScaler = False,
     check_finite: bool | None = None,
+    matmul_precision: str = "highest",
 ) -> Session:
     """Build `graph` for `device` ("auto", "gpu", "vulkan-cpu" or "cpu").
 
@@ -68,9 +72,18 @@ def build(
     with a generator seeded by `seed`. `amp=True` (or a `LossScaler`) computes in mixed
     precision with dynamic loss scaling (see `meganeura.amp`); `check_finite=True` (default:
     the environment variable MEGANEURA_DEBUG_NAN) runs kernels one by one and names the
-    first that produces an inf or NaN.
+    first that produces an inf or NaN. `matmul_precision`, like
+    torch.set_float32_matmul_precision: "highest" keeps f32 matmuls in f32; "high" lets them
+    run on the GPU's matrix units with f16 operands and f32 accumulation where a start-up
+    check finds those correct and faster than the f32 kernels (f32 everywhere else). f16
+    matmuls use matrix units whenever they work.
     """
     from meganeura.backends import open_executor
+
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"build: matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}"
+        )
 
     if loss is not None:
         if loss.graph is not graph:
@@ -82,7 +95,7 @@ def build(
     scaler = LossScaler() if amp is True else amp or None
     if scaler is not None and not isinstance(scaler, LossScaler):
         raise TypeError(f"build: amp must be a bool or an amp.LossScaler, got {amp!r}")
-    executor = open_executor(device)
+    executor = open_executor(device, matmul_precision)
     if scaler is not None:
         check_device(executor)
         g, ids = to_mixed_precision(graph)

@@ -2,11 +2,17 @@ import os
 import tempfile
 
 import pytest
+from hypothesis import settings
+
+# CI draws the same examples every run, so a red build is reproducible from its log.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Mesa warns on every adapter request when XDG_RUNTIME_DIR is unset.
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="meganeura-xdg-"))
 
-from meganeura.backends.webgpu.device import list_adapters
+from meganeura.backends.webgpu.device import list_adapters  # noqa: E402 - after XDG_RUNTIME_DIR
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

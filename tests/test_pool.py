@@ -94,8 +94,12 @@ def test_max_pool2d_indices_match_torch(case, device):
     seed=st.integers(0, 2**16),
 )
 def test_max_pool2d_hypothesis(n, c, h, w, kernel, stride, padding, dilation, ceil_mode, seed):
-    for size, k, p, d in zip((h, w), kernel, padding, dilation, strict=True):
+    for size, k, p, d, s in zip((h, w), kernel, padding, dilation, stride, strict=True):
         assume(2 * p <= k and size + 2 * p >= d * (k - 1) + 1)
+        # PyTorch's gradient for a window wholly in the padding goes to a tap outside the
+        # window; that case has its own test above.
+        starts = range(0, size + 2 * p - d * (k - 1), s)
+        assume(all(any(0 <= o - p + j * d < size for j in range(k)) for o in starts))
     args = dict(
         kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
     )
@@ -359,3 +363,16 @@ def x_of(shape):
 def test_pool_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)])
+def test_max_pool2d_window_wholly_in_padding_passes_no_gradient(device):
+    # Dilation 2 over a height of 1 with padding 1: the window's taps are rows -1 and 1, so
+    # its maximum is -inf (exp makes it 0) and it gives the input no gradient.
+    attrs = dict(kernel_size=(2, 1), stride=(1, 1), padding=(1, 0), dilation=(2, 1))
+    check_op(
+        device,
+        image((1, 1, 1, 3)),
+        lambda x: F.max_pool2d(x, **attrs).exp(),
+        lambda x: TF.max_pool2d(x, **attrs).exp(),
+    )

@@ -4,8 +4,9 @@ programs: the nodes needed for some roots, plus the updates applied after each r
 from __future__ import annotations
 
 
-def open_executor(device: str):
-    """The executor for a device name ("auto", "gpu", "vulkan-cpu", "cpu")."""
+def open_executor(device: str, matmul_precision: str = "highest"):
+    """The executor for a device name ("auto", "gpu", "vulkan-cpu", "cpu"). The NumPy
+    executor computes matmuls in f32 whatever the precision asked for."""
     from meganeura.backends.webgpu.device import resolve_device
 
     resolved = resolve_device(device)
@@ -15,4 +16,4 @@ def open_executor(device: str):
         return NumpyExecutor()
     from meganeura.backends.webgpu.runtime import WebGPUExecutor
 
-    return WebGPUExecutor(resolved)
+    return WebGPUExecutor(resolved, matmul_precision)

@@ -24,6 +24,9 @@ class Kernel:
     kind: str  # the op's kind: the archetype that generates its kernel
     node: int  # the node whose value this kernel writes
     reads: list[int] = field(default_factory=list)  # materialized nodes read
+    # A matmul computed inside this kernel, whose only reader is the pointwise DAG rooted at
+    # `node`: that DAG runs in the matmul's store as an epilogue (bias, residual, activation).
+    core: int | None = None
 
 
 @dataclass
@@ -45,6 +48,9 @@ class Plan:
     buffers: list[Buffer]
     copies: list[tuple[int, int]]  # (source node, target parameter) after the kernels
     roots: list[int]
+    # Code generation choices of the executor that compiles the plan (matmul precision, the
+    # device's matrix units): archetypes read them, planning does not.
+    options: dict = field(default_factory=dict)
 
     @property
     def transient_bytes(self) -> int:
@@ -156,11 +162,47 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
                 materialized.add(widest)
                 changed = True
 
+    fused = _fuse_epilogues(graph, live, roots, updates, materialized, leaves, max_reads)
     kernels = []
     for nid in live:
         if nid in materialized and get_op(graph.nodes[nid].op).kind != "source":
-            kernels.append(Kernel(get_op(graph.nodes[nid].op).kind, nid, leaves(nid)))
+            core = fused.get(nid)
+            kind = "matmul" if core is not None else get_op(graph.nodes[nid].op).kind
+            kernels.append(Kernel(kind, nid, leaves(nid), core))
     return materialized, kernels
+
+
+def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, max_reads):
+    """Inline each matmul whose only reader is a pointwise kernel of its shape, reading it at
+    its own index: that kernel becomes the matmul, with the pointwise DAG in its store (bias,
+    residual, activation), saving a launch and a round trip through memory.
+    Returns {kernel node: the matmul it computes}."""
+    readers: dict[int, list[int]] = {}
+    for k in live:
+        if k in materialized and get_op(graph.nodes[k].op).kind != "source":
+            for i in set(leaves(k)):
+                readers.setdefault(i, []).append(k)
+    pinned = set(roots) | set(updates.values())
+    fused: dict[int, int] = {}
+    for nid in live:
+        node = graph.nodes[nid]
+        users = readers.get(nid, [])
+        if get_op(node.op).kind != "matmul" or nid in pinned or len(users) != 1:
+            continue
+        user = users[0]
+        if (
+            user in fused
+            or get_op(graph.nodes[user].op).kind not in ("pointwise", "view")
+            or graph.nodes[user].type.size != node.type.size
+            or not _pointwise_path_is_identity(graph, user, nid, materialized)
+        ):
+            continue
+        materialized.discard(nid)
+        if len(leaves(user)) > max_reads:
+            materialized.add(nid)
+        else:
+            fused[user] = nid
+    return fused
 
 
 def strided_view(graph: Graph, nid: int, materialized: set[int]):
@@ -192,9 +234,10 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
         starts, steps = node.attrs["starts"], node.attrs["steps"]
         offset += sum(a * s for a, s in zip(starts, strides, strict=True))
         return base, tuple(s * c for s, c in zip(strides, steps, strict=True)), offset
-    if node.op == "reshape":
+    if node.op in ("reshape", "segment"):
         if tuple(strides) == _contiguous_strides(src_shape):
-            return base, _contiguous_strides(node.type.shape), offset
+            start = node.attrs["start"] if node.op == "segment" else 0
+            return base, _contiguous_strides(node.type.shape), offset + start
         return None
     return None
 
@@ -265,9 +308,19 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
             readers = [n for n, kern in enumerate(kernels) if target in kern.reads]
             ok = all(n <= k for n in readers)
             if ok and target in kernels[k].reads:
+                # Safe when each output element reads the old value only at its own index:
+                # pointwise kernels, and matmul epilogues that are not also operands; or
+                # when the kernel writes over the old value in place (OpDef.in_place).
+                core = kernels[k].core
+                elementwise = kernels[k].kind == "pointwise" or (
+                    core is not None
+                    and all(
+                        strided_view(graph, i, materialized)[0] != target
+                        for i in graph.nodes[core].inputs
+                    )
+                )
                 ok = _writes_over(graph, value, target, materialized) or (
-                    kernels[k].kind == "pointwise"
-                    and _pointwise_path_is_identity(graph, value, target, materialized)
+                    elementwise and _pointwise_path_is_identity(graph, value, target, materialized)
                 )
             ok = ok and node.type == graph.nodes[target].type
         if ok:

@@ -175,7 +175,11 @@ def _max_grad_ref(arrays, attrs):
     n, c = g.shape[:2]
     h, w = attrs["input_size"]
     planes = np.arange(n * c).reshape(n, c, 1, 1) * (h * w)
-    dx = np.bincount((planes + indices).ravel(), weights=g.ravel(), minlength=n * c * h * w)
+    # A window lying wholly in the padding has no input tap (index -1): its maximum is -inf
+    # and, as in PyTorch, it passes no gradient.
+    taps = np.broadcast_to(planes + indices, g.shape)
+    hit = np.broadcast_to(indices >= 0, g.shape)
+    dx = np.bincount(taps[hit], weights=g[hit], minlength=n * c * h * w)
     return dx.reshape(n, c, h, w).astype(g.dtype)
 
 

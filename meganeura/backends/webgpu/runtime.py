@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from meganeura.backends.webgpu.device import GPUDevice
+from meganeura.backends.webgpu.matrix_units import probe_matrix_units, staged_matrix_units_pay
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
@@ -64,7 +65,7 @@ def _from_bytes(data, ttype) -> np.ndarray:
 class WebGPUExecutor:
     """Keeps persistent buffers (parameters, optimizer state) and compiles programs."""
 
-    def __init__(self, gpu: GPUDevice):
+    def __init__(self, gpu: GPUDevice, matmul_precision: str = "highest"):
         self.gpu = gpu
         self.wgpu = gpu.wgpu
         self.device = gpu.device
@@ -74,6 +75,21 @@ class WebGPUExecutor:
         self._pipelines: dict[str, object] = {}
         usage = self.wgpu.BufferUsage
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
+        self.matmul_precision = matmul_precision
+        self.matrix_unit = probe_matrix_units(self)
+        self.staged_matrix_units = (
+            matmul_precision == "high"
+            and self.matrix_unit is not None
+            and staged_matrix_units_pay(self)
+        )
+
+    @property
+    def codegen_options(self) -> dict:
+        return {
+            "matmul_precision": self.matmul_precision,
+            "matrix_unit": self.matrix_unit,
+            "staged_matrix_units": self.staged_matrix_units,
+        }
 
     def buffer(self, nbytes: int, label: str = ""):
         return self.device.create_buffer(
@@ -108,16 +124,17 @@ class WebGPUExecutor:
         return self._pipelines[wgsl]
 
     def compile(self, graph: Graph, roots: list[int], updates: dict[int, int]) -> WebGPUProgram:
-        return WebGPUProgram(self, graph, roots, updates)
+        return WebGPUProgram(self, graph, roots, updates, self.codegen_options)
 
 
 class WebGPUProgram:
-    def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates):
+    def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates, options: dict):
         start = time.perf_counter()
         self.executor = executor
         self.graph = graph
         limit = executor.gpu.max_storage_buffers
         self.plan = make_plan(graph, roots, updates, max_reads=limit - 1)
+        self.plan.options = dict(options)
         plan = self.plan
         buffers = {}
         for buf in plan.buffers:

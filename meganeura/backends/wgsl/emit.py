@@ -157,11 +157,21 @@ def contiguous_strides(shape) -> list[int]:
 class Emitter:
     """Emits statements into `lines`; `binding_of(node)` names the buffer of a materialized node."""
 
-    def __init__(self, graph: Graph, materialized: set[int], binding_of, indent: str = "  "):
+    def __init__(
+        self,
+        graph: Graph,
+        materialized: set[int],
+        binding_of,
+        indent: str = "  ",
+        bound: dict[int, str] | None = None,
+    ):
         self.graph = graph
         self.materialized = materialized
         self.binding_of = binding_of
         self.indent = indent
+        # Nodes whose value a kernel already holds (a matmul's accumulator under its
+        # epilogue), valid at the one index the kernel emits for.
+        self.bound = bound or {}
         self.lines: list[str] = []
         self._cache: dict[tuple, str] = {}
 
@@ -184,6 +194,8 @@ class Emitter:
         if key in self._cache:
             return self._cache[key]
         node = self.graph.nodes[nid]
+        if nid in self.bound:
+            return self.bound[nid]
         if nid in self.materialized:
             expr = load(self.binding_of(nid), idx, node.type.dtype)
         elif node.op == "constant":
@@ -220,7 +232,9 @@ class Emitter:
         init = f" = {default}" if default is not None else ""
         self.lines.append(f"{self.indent}var {name}: {VALUE_TYPE[dtype]}{init};")
         for n, (condition, build) in enumerate(cases):
-            child = Emitter(self.graph, self.materialized, self.binding_of, self.indent + "  ")
+            child = Emitter(
+                self.graph, self.materialized, self.binding_of, self.indent + "  ", self.bound
+            )
             child._cache = dict(self._cache)
             value = build(child)
             if condition is None:

@@ -19,8 +19,7 @@ from meganeura.backends.wgsl.emit import (
     prelude_for,
     store_value,
 )
-from meganeura.lower.plan import Kernel, Plan, strided_view
-from meganeura.ops.linalg import matmul_dims
+from meganeura.lower.plan import Kernel, Plan
 
 MAX_GROUPS = 65535
 
@@ -282,114 +281,6 @@ def _row(plan: Plan, kernel: Kernel) -> KernelSource:
     return KernelSource(_assemble(b, body), b.order, grid, f"{node.op}%{node.id}")
 
 
-# -- matmul ---------------------------------------------------------------------------------
-
-BM, BN, BK = 64, 64, 16
-
-
-def _batch_offset(var: str, batch_shape, batch_strides) -> str:
-    terms = []
-    for d, (size, st) in enumerate(zip(batch_shape, batch_strides, strict=True)):
-        if size == 1 or st == 0:
-            continue
-        inner = math.prod(batch_shape[d + 1 :])
-        c = f"({var} / {inner}u)" if inner > 1 else var
-        if d > 0:
-            c = f"({c} % {size}u)"
-        terms.append(f"{c} * {st}u")
-    return " + ".join(terms) if terms else "0u"
-
-
-def _matmul(plan: Plan, kernel: Kernel) -> KernelSource:
-    graph = plan.graph
-    node = graph.nodes[kernel.node]
-    a_node, b_node = (graph.nodes[i] for i in node.inputs)
-    ta, tb = node.attrs["trans_a"], node.attrs["trans_b"]
-    batch, M, K, N = matmul_dims(a_node.type, b_node.type, ta, tb)
-    bind = _Bindings(plan, kernel.node)
-    out = f"buf{bind.out_buffer}"
-
-    def operand(nid: int, trans: bool, rows_dim: str):
-        base, strides, offset = strided_view(graph, nid, plan.materialized)
-        shape = graph.nodes[nid].type.shape
-        s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
-        lead = len(batch) - (len(shape) - 2)
-        bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
-        start = _batch_offset("bz", batch, bstrides)
-        if offset:
-            start = f"{offset}u" if start == "0u" else f"{start} + {offset}u"
-        return bind.name_of(base), s_row, s_col, start
-
-    a_buf, a_sm, a_sk, a_off = operand(node.inputs[0], ta, "m")
-    b_buf, b_sk, b_sn, b_off = operand(node.inputs[1], tb, "k")
-    nbatch = math.prod(batch)
-    grid = (math.ceil(N / BN), math.ceil(M / BM), nbatch)
-    # Tile loads walk the operand's contiguous direction so neighbouring threads read
-    # neighbouring addresses.
-    a_k_fast = a_sk == 1
-    b_n_fast = b_sn == 1 or b_sk != 1
-    load_a = (
-        "      let kk = e % 16u; let mm = e / 16u;\n"
-        if a_k_fast
-        else "      let mm = e % 64u; let kk = e / 64u;\n"
-    )
-    load_b = (
-        "      let nn = e % 64u; let kk = e / 64u;\n"
-        if b_n_fast
-        else "      let kk = e % 16u; let nn = e / 16u;\n"
-    )
-    body = f"""var<workgroup> As: array<f32, {BK * BM}>;
-var<workgroup> Bs: array<f32, {BK * BN}>;
-@compute @workgroup_size(16, 16)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
-        @builtin(local_invocation_index) tid: u32) {{
-  let bz = wid.z;
-  let a0 = {a_off};
-  let b0 = {b_off};
-  let m0 = wid.y * {BM}u;
-  let n0 = wid.x * {BN}u;
-  var acc: array<f32, 16>;
-  for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
-    for (var l = 0u; l < 4u; l++) {{
-      let e = tid + l * 256u;
-{load_a}      let gm = m0 + mm; let gk = k0 + kk;
-      var v = 0.0f;
-      if (gm < {M}u && gk < {K}u) {{ v = f32({a_buf}[a0 + gm * {a_sm}u + gk * {a_sk}u]); }}
-      As[kk * {BM}u + mm] = v;
-    }}
-    for (var l = 0u; l < 4u; l++) {{
-      let e = tid + l * 256u;
-{load_b}      let gk = k0 + kk; let gn = n0 + nn;
-      var v = 0.0f;
-      if (gk < {K}u && gn < {N}u) {{ v = f32({b_buf}[b0 + gk * {b_sk}u + gn * {b_sn}u]); }}
-      Bs[kk * {BN}u + nn] = v;
-    }}
-    workgroupBarrier();
-    for (var kk = 0u; kk < {BK}u; kk++) {{
-      var ar: array<f32, 4>;
-      var br: array<f32, 4>;
-      for (var q = 0u; q < 4u; q++) {{
-        ar[q] = As[kk * {BM}u + lid3.y + 16u * q];
-        br[q] = Bs[kk * {BN}u + lid3.x + 16u * q];
-      }}
-      for (var p = 0u; p < 4u; p++) {{
-        for (var q = 0u; q < 4u; q++) {{ acc[p * 4u + q] += ar[p] * br[q]; }}
-      }}
-    }}
-    workgroupBarrier();
-  }}
-  for (var p = 0u; p < 4u; p++) {{
-    let gm = m0 + lid3.y + 16u * p;
-    for (var q = 0u; q < 4u; q++) {{
-      let gn = n0 + lid3.x + 16u * q;
-      if (gm < {M}u && gn < {N}u) {{ {out}[bz * {M * N}u + gm * {N}u + gn] = {_cast_out("acc[p * 4u + q]", node.type.dtype)}; }}
-    }}
-  }}
-}}
-"""
-    return KernelSource(_assemble(bind, body), bind.order, grid, f"matmul%{node.id}")
-
-
 # Kernel generators by op kind (or by op name, which wins). A new archetype lives in a module
 # of its own in this package and adds itself with `archetype(name)`.
 ARCHETYPES: dict[str, Callable[[Plan, Kernel], KernelSource]] = {
@@ -397,7 +288,6 @@ ARCHETYPES: dict[str, Callable[[Plan, Kernel], KernelSource]] = {
     "view": _pointwise,
     "reduce": _reduce,
     "row": _row,
-    "matmul": _matmul,
 }
 
 

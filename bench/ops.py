@@ -1,0 +1,367 @@
+"""Kernel benchmarks on a GPU: each generated kernel against PyTorch on the same card.
+
+    python bench/ops.py [--json results.json] [--only NAME ...]
+
+Our kernels are timed by recording N repetitions of a program's dispatches in one compute
+pass, submitting once and waiting on a 4-byte readback; N is chosen so one measurement takes
+about 50 ms, and the median of several measurements after a warm-up is reported. PyTorch is
+timed with CUDA events the same way. Inputs are random; each benchmark also reports the
+relative error of our result against PyTorch's (Frobenius norm). Rates: matmuls and attention
+in TFLOP/s (attention counts the causal half: fwd 2 B H T^2 D, bwd 2.5x that), GEMV and copies
+in GB/s (copies count bytes read plus written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from meganeura import Graph, build
+from meganeura.backends.wgsl.kernels import generate
+from meganeura.ops.attention import attention
+from meganeura.ops.packed import segment
+
+TARGET_SECONDS = 0.05
+REPEATS = 7
+GEMV_COPIES = 4  # 4 x 64 MiB of weights: more than an H100's or H200's L2
+# --smoke runs every benchmark at toy sizes on whatever devices there are, to check the
+# script itself before spending time on a GPU.
+SETTINGS = {"device": "gpu", "torch": "cuda", "size": 4096, "seq": 2048}
+
+
+def time_program(program, repeats: int = REPEATS) -> float:
+    """Seconds per run of a compiled program's dispatches (inputs already uploaded)."""
+    device = program.executor.device
+    probe = next(iter(program.buffers.values()))
+
+    def batch(n: int) -> float:
+        start = time.perf_counter()
+        encoder = device.create_command_encoder()
+        cpass = encoder.begin_compute_pass()
+        for _ in range(n):
+            for pipeline, bind_group, grid in program.dispatches:
+                cpass.set_pipeline(pipeline)
+                cpass.set_bind_group(0, bind_group)
+                cpass.dispatch_workgroups(*grid)
+        cpass.end()
+        device.queue.submit([encoder.finish()])
+        device.queue.read_buffer(probe, 0, 4)
+        return time.perf_counter() - start
+
+    batch(2)
+    n = max(3, int(TARGET_SECONDS / max(batch(1), 1e-6)))
+    return statistics.median(batch(n) / n for _ in range(repeats))
+
+
+def time_copy(executor, nbytes: int, repeats: int = REPEATS) -> float:
+    device = executor.device
+    src, dst = executor.buffer(nbytes, "src"), executor.buffer(nbytes, "dst")
+
+    def batch(n: int) -> float:
+        start = time.perf_counter()
+        encoder = device.create_command_encoder()
+        for _ in range(n):
+            encoder.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+        device.queue.submit([encoder.finish()])
+        device.queue.read_buffer(dst, 0, 4)
+        return time.perf_counter() - start
+
+    batch(2)
+    n = max(3, int(TARGET_SECONDS / max(batch(1), 1e-6)))
+    return statistics.median(batch(n) / n for _ in range(repeats))
+
+
+def time_torch(fn, repeats: int = REPEATS) -> float:
+    for _ in range(3):
+        fn()
+    if SETTINGS["torch"] == "cpu":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize()
+
+    def batch(n: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    n = max(3, int(TARGET_SECONDS / max(batch(1), 1e-6)))
+    return statistics.median(batch(n) / n for _ in range(repeats))
+
+
+def rel_err(got: np.ndarray, want: torch.Tensor) -> float:
+    want = want.detach().double().cpu().numpy()
+    return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
+
+
+def program_for(session, outputs):
+    """A session's forward program for `outputs`, fed once; returns it and its outputs."""
+    return session._program(tuple(session.graph.outputs[n] for n in outputs), "forward")[0]
+
+
+def run(program, feeds: dict[str, np.ndarray], graph: Graph, outputs):
+    program.run({graph.inputs[n]: np.ascontiguousarray(v) for n, v in feeds.items()})
+    return {n: program.read(graph.outputs[n]) for n in outputs}
+
+
+# -- benchmarks ---------------------------------------------------------------------------------
+
+
+def bench_copy(ctx):
+    """Device-to-device copies: PyTorch's (the ceiling GEMV is measured against), WebGPU's
+    copy_buffer_to_buffer, and a generated pointwise kernel (y = 2 x)."""
+    nbytes = 1 << 29 if SETTINGS["size"] >= 4096 else 1 << 20
+    src = torch.empty(nbytes // 4, device=SETTINGS["torch"])
+    dst = torch.empty_like(src)
+    theirs = time_torch(lambda: dst.copy_(src))
+    ctx["copy_gbs"] = 2 * nbytes / theirs / 1e9
+    g = Graph()
+    g.output("y", g.input("x", (nbytes // 4,)) * 2.0)
+    session = build(g, device=SETTINGS["device"])
+    program = program_for(session, ["y"])
+    run(program, {"x": np.ones(nbytes // 4, np.float32)}, g, ["y"])
+    pointwise = time_program(program)
+    ctx["copy_extra"] = {
+        "webgpu_copy_buffer_to_buffer_gbs": 2 * nbytes / time_copy(ctx["executor"], nbytes) / 1e9,
+        "pointwise_kernel_gbs": 2 * nbytes / pointwise / 1e9,
+    }
+    return dict(
+        name="copy (ours: y = 2x kernel)",
+        shape=f"{nbytes >> 20} MiB",
+        ours_s=pointwise,
+        torch_s=theirs,
+        work=2 * nbytes,
+        unit="GB/s",
+        target="(torch's is the ceiling)",
+        **ctx["copy_extra"],
+    )
+
+
+def _matmul_case(ctx, name, M, K, N, dtype, precision, trans_b=False, target=""):
+    """One matmul; a GEMV rotates over several weights, whose total is larger than the
+    card's L2, so that repeated runs read device memory rather than the cache."""
+    rng = np.random.default_rng(0)
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+    gemv = M <= 8
+    copies = GEMV_COPIES if gemv else 1
+    a = rng.standard_normal((M, K)).astype(np_dtype)
+    bs = [
+        rng.standard_normal((N, K) if trans_b else (K, N)).astype(np_dtype) for _ in range(copies)
+    ]
+    g = Graph()
+    ta = g.input("a", a.shape, dtype)
+    for i, b in enumerate(bs):
+        g.output(
+            f"y{i}", g.apply("matmul", [ta, g.input(f"b{i}", b.shape, dtype)], trans_b=trans_b)
+        )
+    outputs = [f"y{i}" for i in range(copies)]
+    session = build(g, device=SETTINGS["device"], matmul_precision=precision)
+    program = program_for(session, outputs)
+    got = run(program, {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}, g, outputs)
+    ours = time_program(program) / copies
+    tdt = torch.float16 if dtype == "f16" else torch.float32
+    xa = torch.tensor(a, device=SETTINGS["torch"], dtype=tdt)
+    xbs = [torch.tensor(b, device=SETTINGS["torch"], dtype=tdt) for b in bs]
+    xbs = [xb.T if trans_b else xb for xb in xbs]
+    theirs = time_torch(lambda: [xa @ xb for xb in xbs]) / copies
+    err = rel_err(got["y0"], xa.double() @ xbs[0].double())
+    work = (a.nbytes + bs[0].nbytes + M * N * a.itemsize) if gemv else 2 * M * N * K
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
+    return dict(
+        name=name,
+        shape=f"{M}x{K}x{N} {dtype}" + (" (B^T)" if trans_b else ""),
+        ours_s=ours,
+        torch_s=theirs,
+        work=work,
+        unit="GB/s" if gemv else "TFLOP/s",
+        err=err,
+        target=target,
+        matrix_units=any("subgroupMatrix" in text for text in wgsl),
+    )
+
+
+def bench_matmul_f32(ctx):
+    n = SETTINGS["size"]
+    return _matmul_case(ctx, "matmul f32", n, n, n, "f32", "highest", target=">= 20")
+
+
+def bench_matmul_high(ctx):
+    n = SETTINGS["size"]
+    return _matmul_case(ctx, "matmul f32 high (f16 units)", n, n, n, "f32", "high", target=">= 150")
+
+
+def bench_matmul_f16(ctx):
+    n = SETTINGS["size"]
+    return _matmul_case(ctx, "matmul f16->f32", n, n, n, "f16", "highest", target=">= 150")
+
+
+def bench_gemv(ctx):
+    n = SETTINGS["size"]
+    row = _matmul_case(ctx, "gemv f32 (x W^T)", 1, n, n, "f32", "highest", trans_b=True)
+    if "copy_gbs" in ctx:
+        row["target"] = f">= {0.7 * ctx['copy_gbs']:.0f} (70% torch copy)"
+        row["fraction_of_copy"] = row["work"] / row["ours_s"] / 1e9 / ctx["copy_gbs"]
+    return row
+
+
+def bench_gemv_columns(ctx):
+    n = SETTINGS["size"]
+    return _matmul_case(ctx, "gemv f32 (x W)", 1, n, n, "f32", "highest")
+
+
+def _attention_inputs(B, H, T, D):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4)]
+
+
+def _causal_flops(B, H, T, D):
+    return 4 * B * H * T * T * D / 2
+
+
+def bench_attention_fwd(ctx, B=1, H=16, D=64):
+    T = SETTINGS["seq"]
+    q, k, v, _ = _attention_inputs(B, H, T, D)
+    g = Graph()
+    tq, tk, tv = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v)))
+    g.output("o", attention(tq, tk, tv, causal=True))
+    session = build(g, device=SETTINGS["device"])
+    program = program_for(session, ["o"])
+    got = run(program, {"q": q, "k": k, "v": v}, g, ["o"])["o"]
+    ours = time_program(program)
+    xq, xk, xv = (torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    theirs = time_torch(lambda: sdpa(xq, xk, xv, is_causal=True))
+    err = rel_err(got, sdpa(xq.double(), xk.double(), xv.double(), is_causal=True))
+    return dict(
+        name="attention fwd f32",
+        shape=f"B{B} H{H} T{T} D{D} causal",
+        ours_s=ours,
+        torch_s=theirs,
+        work=_causal_flops(B, H, T, D),
+        unit="TFLOP/s",
+        err=err,
+        target="<= 2x torch",
+    )
+
+
+def bench_attention_bwd(ctx, B=1, H=16, D=64):
+    T = SETTINGS["seq"]
+    q, k, v, dout = _attention_inputs(B, H, T, D)
+    # The forward's packed output (and its log-sum-exp) is an input: only the backward runs.
+    g = Graph()
+    tq, tk, tv = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v)))
+    packed = g.apply("attention", [tq, tk, tv], causal=True)
+    g.output("packed", packed)
+    fwd = build(g, device=SETTINGS["device"])
+    packed_value = run(program_for(fwd, ["packed"]), {"q": q, "k": k, "v": v}, g, ["packed"])
+
+    g = Graph()
+    tq, tk, tv, tdo = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v), ("do", dout)))
+    tp = g.input("packed", packed_value["packed"].shape)
+    o = segment(tp, 0, (B, H, T, D))
+    lse = segment(tp, B * H * T * D, (B, H, T))
+    delta = (tdo * o).sum(-1)
+    inputs = [tq, tk, tv, tdo, lse, delta]
+    g.output("dq", g.apply("attention_grad_q", inputs, causal=True))
+    g.output("dkv", g.apply("attention_grad_kv", inputs, causal=True))
+    session = build(g, device=SETTINGS["device"])
+    program = program_for(session, ["dq", "dkv"])
+    feeds = {"q": q, "k": k, "v": v, "do": dout, "packed": packed_value["packed"]}
+    got = run(program, feeds, g, ["dq", "dkv"])
+    got["dk"], got["dv"] = (part.reshape(B, H, T, D) for part in np.split(got["dkv"], 2))
+    ours = time_program(program)
+
+    xs = [torch.tensor(a, device=SETTINGS["torch"], requires_grad=True) for a in (q, k, v)]
+    xdo = torch.tensor(dout, device=SETTINGS["torch"])
+    out = torch.nn.functional.scaled_dot_product_attention(*xs, is_causal=True)
+    theirs = time_torch(lambda: torch.autograd.grad(out, xs, xdo, retain_graph=True))
+    want = torch.autograd.grad(out, xs, xdo)
+    err = max(rel_err(got[n], w) for n, w in zip(("dq", "dk", "dv"), want, strict=True))
+    return dict(
+        name="attention bwd f32",
+        shape=f"B{B} H{H} T{T} D{D} causal",
+        ours_s=ours,
+        torch_s=theirs,
+        work=2.5 * _causal_flops(B, H, T, D),
+        unit="TFLOP/s",
+        err=err,
+        target="<= 3x torch",
+        kernels=[k.kind for k in program.plan.kernels],
+    )
+
+
+BENCHMARKS = {
+    "copy": bench_copy,
+    "matmul_f32": bench_matmul_f32,
+    "matmul_high": bench_matmul_high,
+    "matmul_f16": bench_matmul_f16,
+    "gemv": bench_gemv,
+    "gemv_columns": bench_gemv_columns,
+    "attention_fwd": bench_attention_fwd,
+    "attention_bwd": bench_attention_bwd,
+}
+
+
+def rate(work: float, seconds: float, unit: str) -> float:
+    return work / seconds / (1e12 if unit == "TFLOP/s" else 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, any devices")
+    args = parser.parse_args()
+    if args.smoke:
+        cuda = torch.cuda.is_available()
+        SETTINGS.update(device="auto" if cuda else "vulkan-cpu", size=136, seq=80)
+        SETTINGS["torch"] = "cuda" if cuda else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    probe = build(Graph(), device=SETTINGS["device"])
+    ctx = {"executor": probe.executor}
+    card = torch.cuda.get_device_name() if SETTINGS["torch"] == "cuda" else "cpu"
+    print(f"ours: {probe.device}; torch {torch.__version__}: {card}", flush=True)
+    rows = []
+    for name in args.only or list(BENCHMARKS):
+        try:
+            row = BENCHMARKS[name](ctx)
+        except Exception as error:  # one failing benchmark should not hide the others
+            row = dict(name=name, error=f"{type(error).__name__}: {error}")
+        if "ours_s" in row:
+            row["ours_rate"] = rate(row["work"], row["ours_s"], row["unit"])
+            row["torch_rate"] = rate(row["work"], row["torch_s"], row["unit"])
+            row["ours_over_torch_time"] = row["ours_s"] / row["torch_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    header = (
+        f"{'kernel':30} {'shape':28} {'ours ms':>9} {'ours':>9} {'torch ms':>9} {'torch':>9}"
+        f" {'unit':>8} {'t/t':>6} {'rel err':>8}  target"
+    )
+    print(f"\n{card} (ours through {probe.device})\n{header}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:30} ERROR {r['error'][:200]}")
+            continue
+        err = f"{r['err']:.1e}" if "err" in r else "-"
+        print(
+            f"{r['name']:30} {r['shape']:28} {r['ours_s'] * 1e3:9.3f} {r['ours_rate']:9.1f}"
+            f" {r['torch_s'] * 1e3:9.3f} {r['torch_rate']:9.1f} {r['unit']:>8}"
+            f" {r['ours_over_torch_time']:6.2f} {err:>8}  {r['target']}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "ours_device": probe.device, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Attention against PyTorch: forward and gradients of q, k, v (and a trained mask)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meganeura import Graph, build, grad
+from meganeura import functional as F
+from meganeura.lower.plan import plan as make_plan
+from meganeura.ops import all_ops
+from meganeura.ops.packed import segment
+from tests.harness import check_finite_differences, normal, op_graph
+
+LAVAPIPE = pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)
+GPU = pytest.param("gpu", marks=pytest.mark.gpu)
+
+
+def allowed(tq: int, tk: int, causal: bool, window: int) -> torch.Tensor:
+    """Bottom-right aligned causal and sliding-window masks, True where a key is visible."""
+    dist = torch.arange(tq)[:, None] + (tk - tq) - torch.arange(tk)[None, :]
+    ok = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        ok &= dist >= 0
+    if window:
+        ok &= dist.abs() < window
+    return ok
+
+
+def torch_attention(q, k, v, mask, causal, window, softcap, scale):
+    """torch's SDPA where it covers the case; explicit softmax for soft-capping."""
+    group = q.shape[1] // k.shape[1]
+    visible = allowed(q.shape[2], k.shape[2], causal, window)
+    if not softcap:
+        bias = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)
+        if mask is not None:
+            bias = bias + mask
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=scale, enable_gqa=group > 1
+        )
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = softcap * torch.tanh(q @ k.transpose(-1, -2) * scale / softcap)
+    if mask is not None:
+        s = s + mask
+    p = torch.softmax(s.masked_fill(~visible, -math.inf), dim=-1)
+    return p @ v
+
+
+def run_case(
+    device,
+    B,
+    Hq,
+    Hkv,
+    Tq,
+    Tk,
+    D,
+    Dv,
+    causal=False,
+    window=0,
+    softcap=0.0,
+    mask_shape=None,
+    scale=None,
+    seed=0,
+):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, Tk, Dv)).astype(np.float32)
+    mask = rng.standard_normal(mask_shape).astype(np.float32) if mask_shape else None
+    upstream = rng.standard_normal((B, Hq, Tq, Dv)).astype(np.float32)
+
+    g = Graph()
+    tq, tk, tv = (g.parameter(n, a.shape, init=a) for n, a in (("q", q), ("k", k), ("v", v)))
+    tm = g.parameter("mask", mask.shape, init=mask) if mask is not None else None
+    up = g.input("up", upstream.shape)
+    out = g.output(
+        "out",
+        F.scaled_dot_product_attention(
+            tq, tk, tv, tm, is_causal=causal, scale=scale, window=window, softcap=softcap
+        ),
+    )
+    wrt = [tq, tk, tv] + ([tm] if tm is not None else [])
+    for name, t in zip(("dq", "dk", "dv", "dmask"), grad((out * up).sum(), wrt), strict=False):
+        g.output(name, t)
+    got = build(g, device=device).run({"up": upstream})
+
+    ref = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    ref_mask = torch.tensor(mask, requires_grad=True) if mask is not None else None
+    ref_out = torch_attention(
+        *ref, ref_mask, causal, window, softcap, scale if scale is not None else 1 / math.sqrt(D)
+    )
+    ref_out.backward(torch.tensor(upstream))
+    want = {"out": ref_out, "dq": ref[0].grad, "dk": ref[1].grad, "dv": ref[2].grad}
+    if ref_mask is not None:
+        want["dmask"] = ref_mask.grad
+    for name, expected in want.items():
+        np.testing.assert_allclose(
+            got[name], expected.detach().numpy(), rtol=2e-4, atol=2e-5, err_msg=name
+        )
+
+
+CASES = {
+    "mha_full": dict(B=2, Hq=2, Hkv=2, Tq=7, Tk=7, D=8, Dv=8),
+    "mha_causal": dict(B=1, Hq=2, Hkv=2, Tq=9, Tk=9, D=16, Dv=16, causal=True),
+    "gqa_causal_kv_cache": dict(B=2, Hq=4, Hkv=2, Tq=3, Tk=11, D=8, Dv=8, causal=True),
+    "mqa_cross": dict(B=1, Hq=3, Hkv=1, Tq=5, Tk=13, D=4, Dv=12),
+    "window_causal": dict(B=1, Hq=2, Hkv=1, Tq=12, Tk=12, D=8, Dv=8, causal=True, window=4),
+    "window_symmetric": dict(B=1, Hq=2, Hkv=2, Tq=10, Tk=10, D=8, Dv=8, window=3),
+    "softcap": dict(B=1, Hq=2, Hkv=1, Tq=6, Tk=6, D=8, Dv=8, causal=True, softcap=2.0),
+    "mask_trained": dict(B=2, Hq=2, Hkv=1, Tq=5, Tk=6, D=8, Dv=8, mask_shape=(2, 1, 5, 6)),
+    "mask_2d_scale": dict(B=1, Hq=2, Hkv=2, Tq=4, Tk=6, D=8, Dv=8, mask_shape=(4, 6), scale=0.3),
+    "decode_one_query": dict(B=2, Hq=4, Hkv=1, Tq=1, Tk=9, D=8, Dv=8, causal=True),
+    "all_features": dict(
+        B=1,
+        Hq=4,
+        Hkv=2,
+        Tq=6,
+        Tk=10,
+        D=8,
+        Dv=8,
+        causal=True,
+        window=5,
+        softcap=3.0,
+        mask_shape=(1, 4, 1, 10),
+    ),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attention_matches_torch(device, case):
+    run_case(device, **CASES[case])
+
+
+# Each configuration compiles three large kernels on lavapipe: the cases that reach every
+# branch of the generators, at sizes past one 64-row block and not multiples of it.
+LAVAPIPE_CASES = {
+    "gqa_causal_kv_cache_blocks": dict(B=1, Hq=4, Hkv=2, Tq=67, Tk=130, D=20, Dv=20, causal=True),
+    "mqa_decode_mask_trained": dict(
+        B=2, Hq=2, Hkv=1, Tq=1, Tk=70, D=8, Dv=12, mask_shape=(2, 1, 1, 70)
+    ),
+    "window_symmetric_softcap_blocks": dict(
+        B=1, Hq=1, Hkv=1, Tq=70, Tk=70, D=8, Dv=8, window=40, softcap=2.0
+    ),
+}
+
+
+@pytest.mark.parametrize("device", [LAVAPIPE, GPU])
+@pytest.mark.parametrize("case", sorted(LAVAPIPE_CASES))
+def test_attention_blocks_match_torch(device, case):
+    run_case(device, **LAVAPIPE_CASES[case])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    tq=st.integers(1, 6),
+    extra=st.integers(0, 5),
+    d=st.sampled_from([1, 4, 8]),
+    causal=st.booleans(),
+    window=st.integers(0, 4),
+)
+def test_attention_shapes_cpu(b, hkv, group, tq, extra, d, causal, window):
+    run_case("cpu", b, hkv * group, hkv, tq, tq + extra, d, d, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("device", ["cpu", LAVAPIPE, GPU])
+def test_queries_with_no_visible_key_give_zeros(device):
+    # Causal with more queries than keys: the first Tq - Tk queries see no key at all.
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 1, 5, 4)).astype(np.float32)
+    kv = rng.standard_normal((1, 1, 3, 4)).astype(np.float32)
+    g = Graph()
+    tq, tk = g.parameter("q", q.shape, init=q), g.parameter("k", kv.shape, init=kv)
+    out = g.output("out", F.scaled_dot_product_attention(tq, tk, tk, is_causal=True))
+    dq, dk = grad(out.sum(), [tq, tk])
+    g.output("dq", dq)
+    g.output("dk", dk)
+    got = build(g, device=device).run()
+    np.testing.assert_array_equal(got["out"][0, 0, :2], 0.0)
+    np.testing.assert_array_equal(got["dq"][0, 0, :2], 0.0)
+    assert np.all(np.isfinite(got["dk"]))
+    ref = [torch.tensor(a, requires_grad=True) for a in (q[:, :, 2:], kv)]
+    want = torch_attention(ref[0], ref[1], ref[1], None, True, 0, 0.0, 0.5)
+    want.sum().backward()
+    np.testing.assert_allclose(got["out"][:, :, 2:], want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["dk"], ref[1].grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_boolean_mask_means_may_attend():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 2, 4, 8)).astype(np.float32) for _ in range(3))
+    keep = rng.random((4, 4)) > 0.3
+    keep[:, 0] = True
+    g = Graph()
+    ins = [g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v))]
+    m = g.input("m", keep.shape, "bool")
+    g.output("out", F.scaled_dot_product_attention(*ins, attn_mask=m))
+    got = build(g, device="cpu").run({"q": q, "k": k, "v": v, "m": keep})["out"]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.tensor(a) for a in (q, k, v)), attn_mask=torch.tensor(keep)
+    )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_three_dim_inputs_are_one_batch():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 5, 4)).astype(np.float32) for _ in range(3))
+    g = Graph()
+    ins = [g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v))]
+    out = g.output("out", F.scaled_dot_product_attention(*ins, is_causal=True))
+    assert out.shape == (2, 5, 4)
+    got = build(g, device="cpu").run({"q": q, "k": k, "v": v})["out"]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.tensor(a) for a in (q, k, v)), is_causal=True
+    )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "v", "mask", "message"),
+    [
+        ((1, 3, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8), None, "multiple of key/value heads"),
+        ((1, 2, 4, 8), (1, 2, 4, 6), (1, 2, 4, 8), None, "head dims differ"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 4, 8), None, "one number of heads and of tokens"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), (4, 4), "does not broadcast"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), (3, 1, 4, 5), "does not broadcast"),
+    ],
+)
+def test_shape_errors_at_build_time(q, k, v, mask, message):
+    g = Graph()
+    ins = [g.input(n, s) for n, s in (("q", q), ("k", k), ("v", v))]
+    m = g.input("m", mask) if mask else None
+    with pytest.raises(ValueError, match=message):
+        F.scaled_dot_product_attention(*ins, attn_mask=m)
+
+
+def test_training_memory_is_linear_in_sequence_length():
+    # No buffer of the forward or backward holds a [Tq, Tk] matrix per head.
+    B, H, T, D = 1, 2, 1024, 16
+    g = Graph()
+    q, k, v = (g.parameter(n, (B, H, T, D)) for n in "qkv")
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    loss = (out * out).sum()
+    roots = [loss.id] + [t.id for t in grad(loss, [q, k, v])]
+    program = make_plan(g, roots, {})
+    largest = max(b.nbytes for b in program.buffers)
+    assert largest <= 2 * B * H * T * (D + 1) * 4  # dk and dv packed
+    assert 16 * largest <= B * H * T * T * 4  # what one [T, T] matrix per head would take
+    kinds = {g.nodes[kern.node].op for kern in program.kernels}
+    assert {"attention", "attention_grad_q", "attention_grad_kv"} <= kinds
+
+
+# -- VJPs against finite differences (float64 through the NumPy references) ----------------------
+
+
+def _attention_case(**options):
+    def fn(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
+
+    return fn
+
+
+FD_CASES = {
+    "attention_gqa_causal_kv_cache": (
+        _attention_case(is_causal=True),
+        {"q": (1, 4, 2, 3), "k": (1, 2, 4, 3), "v": (1, 2, 4, 2)},
+    ),
+    "attention_mask_softcap_window": (
+        _attention_case(is_causal=True, softcap=1.5, window=2, scale=0.7),
+        {"q": (1, 2, 3, 3), "k": (1, 1, 3, 3), "v": (1, 1, 3, 3), "mask": (2, 1, 3)},
+    ),
+    "segment": (lambda x: segment(x, 2, (2, 3)) * 3.0, {"x": (3, 4)}),
+    "unsegment": (
+        lambda x: x.graph.apply("unsegment", [x], start=1, shape=(2, 5)),
+        {"x": (2, 3)},
+    ),
+}
+
+
+def _fd_arrays(name):
+    rng = np.random.default_rng(len(name))
+    return {key: normal(rng, shape) for key, shape in FD_CASES[name][1].items()}
+
+
+@pytest.mark.parametrize("name", FD_CASES)
+def test_vjp_matches_finite_differences(name):
+    check_finite_differences(FD_CASES[name][0], _fd_arrays(name))
+
+
+def test_finite_difference_cases_cover_every_vjp():
+    covered = set()
+    for name, (fn, _) in FD_CASES.items():
+        opg = op_graph(fn, _fd_arrays(name))
+        covered |= {node.op for node in opg.graph.nodes[: opg.out.id + 1]}
+    modules = ("meganeura.ops.attention", "meganeura.ops.packed")
+    with_vjp = {n for n, op in all_ops().items() if op.vjp and op.vjp.__module__ in modules}
+    assert with_vjp - covered == set()

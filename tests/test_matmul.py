@@ -1,0 +1,223 @@
+"""Matmul kernels against PyTorch: GEMV and tiled variants, strided operands, epilogue fusion,
+f16 storage and the matrix-unit path."""
+
+import numpy as np
+import pytest
+import torch
+
+from meganeura import Graph, build, grad, optim
+from meganeura import functional as F
+from meganeura.backends.wgsl.kernels import generate
+from meganeura.lower.plan import plan as make_plan
+from meganeura.nn import Linear
+from meganeura.ops.packed import segment
+
+DEVICES = [
+    "cpu",
+    pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe),
+    pytest.param("gpu", marks=pytest.mark.gpu),
+]
+
+# (a shape, b shape, trans_a, trans_b): GEMV rows (M <= 8) and tiles, K with and without
+# 16-byte rows, broadcast batch dims, sizes past and off the tile sizes.
+SHAPES = [
+    ((1, 12), (20, 12), False, True),  # GEMV, weights contiguous along k, vec4 loads
+    ((3, 13), (9, 13), False, True),  # GEMV, scalar loads
+    ((2, 8, 600), (600, 70), False, False),  # GEMV over columns, batched
+    ((2, 3, 64), (64, 36), False, False),  # GEMV over columns, vec4 loads
+    ((5, 3), (5, 7), True, False),  # GEMV with a transposed left operand
+    ((9, 17), (17, 65), False, False),  # tiled
+    ((2, 1, 70, 33), (3, 20, 33), False, True),  # tiled, broadcast batch
+    ((33, 66), (20, 33), True, True),  # tiled, both transposed
+    ((32, 130, 20), (20, 130), False, False),  # 128 x 128 tiles (enough of them)
+    ((16, 20, 260), (260, 20), True, True),  # 128 x 128 tiles, both transposed
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("a_shape", "b_shape", "ta", "tb"), SHAPES)
+def test_matmul_and_gradients_match_torch(device, a_shape, b_shape, ta, tb):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    g = Graph()
+    ta_, tb_ = g.parameter("a", a.shape, init=a), g.parameter("b", b.shape, init=b)
+    out = g.output("out", g.apply("matmul", [ta_, tb_], trans_a=ta, trans_b=tb))
+    up = rng.standard_normal(out.shape).astype(np.float32)
+    da, db = grad((out * g.input("up", up.shape)).sum(), [ta_, tb_])
+    g.output("da", da)
+    g.output("db", db)
+    got = build(g, device=device).run({"up": up})
+
+    ra, rb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    ref = (ra.transpose(-1, -2) if ta else ra) @ (rb.transpose(-1, -2) if tb else rb)
+    ref.backward(torch.tensor(up))
+    for name, want in (("out", ref), ("da", ra.grad), ("db", rb.grad)):
+        want = want.detach().numpy()
+        # f32 sums of up to a few thousand terms: errors scale with the largest values.
+        atol = 1e-5 * np.abs(want).max()
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=atol, err_msg=name)
+
+
+def kernels_of(g: Graph, names):
+    program = make_plan(g, [g.outputs[n] for n in names], {})
+    return program, [(g.nodes[k.node].op, k.core is not None) for k in program.kernels]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [4, 40])
+def test_linear_bias_activation_and_residual_run_in_the_matmul_store(device, rows):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, 24)).astype(np.float32)
+    g = Graph()
+    tx = g.input("x", x.shape)
+    hidden = F.gelu(Linear(g, "up", 24, 24)(tx))
+    g.output("y", tx + Linear(g, "down", 24, 24)(hidden))
+    _, kernels = kernels_of(g, ["y"])
+    assert kernels == [("gelu", True), ("add", True)]  # two matmuls, nothing else
+    session = build(g, device=device)
+    got = session.run({"x": x})["y"]
+    p = {k: torch.tensor(v) for k, v in session.parameters().items()}
+    tx_ = torch.tensor(x)
+    h = torch.nn.functional.gelu(tx_ @ p["up.weight"].T + p["up.bias"])
+    want = tx_ + h @ p["down.weight"].T + p["down.bias"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_product_read_twice_is_not_fused():
+    g = Graph()
+    x, w = g.input("x", (16, 8)), g.input("w", (8, 8))
+    y = x @ w
+    g.output("a", y.relu())
+    g.output("b", y.sigmoid())
+    _, kernels = kernels_of(g, ["a", "b"])
+    assert ("matmul", False) in kernels
+    assert not any(core for _, core in kernels)
+
+
+def test_a_product_broadcast_by_its_reader_is_not_fused():
+    g = Graph()
+    x, w = g.input("x", (1, 8)), g.input("w", (8, 8))
+    g.output("y", (x @ w) + g.input("z", (5, 8)))  # read at 5 output positions each
+    _, kernels = kernels_of(g, ["y"])
+    assert kernels == [("matmul", False), ("add", False)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sgd_update_runs_in_the_gradient_matmul_in_place(device):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    w0 = rng.standard_normal((3, 5)).astype(np.float32)
+    g = Graph()
+    tx = g.input("x", x.shape)
+    layer = Linear(g, "fc", 5, 3, bias=False)
+    loss = (layer(tx) * layer(tx)).mean()
+    session = build(g, loss, optim.SGD(lr=0.1), device=device)
+    session.set_parameters({"fc.weight": w0})
+    graph, updates = session.graph, session.graph.updates
+    # w - lr * (x^T dy)^T: the update is the gradient matmul's epilogue, written over w.
+    program = session.executor.compile(graph, [loss.id], updates)
+    if device != "cpu":
+        assert [k.core is not None for k in program.plan.kernels][-1]
+        assert not program.plan.copies
+    feeds = session._feeds(
+        {"x": x, **session._rules.scalars(0)}, session._needed_inputs([loss.id, *updates.values()])
+    )
+    program.run(feeds)
+    tw = torch.tensor(w0, requires_grad=True)
+    ((torch.tensor(x) @ tw.T) ** 2).mean().backward()
+    np.testing.assert_allclose(
+        session.parameters()["fc.weight"], (tw - 0.1 * tw.grad).detach().numpy(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operands_at_an_offset_inside_their_buffer(device):
+    rng = np.random.default_rng(3)
+    flat = rng.standard_normal(5 + 12 * 10).astype(np.float32)
+    w = rng.standard_normal((10, 6)).astype(np.float32)
+    g = Graph()
+    part = segment(g.input("flat", flat.shape), 5, (12, 10))
+    g.output("y", part @ g.input("w", w.shape))
+    got = build(g, device=device).run({"flat": flat, "w": w})["y"]
+    np.testing.assert_allclose(got, flat[5:].reshape(12, 10) @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [2, 37])
+def test_f16_storage_accumulates_in_f32(device, rows):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((rows, 300)).astype(np.float16)
+    b = rng.standard_normal((300, 20)).astype(np.float16)
+    g = Graph()
+    g.output("y", g.input("a", a.shape, "f16") @ g.input("b", b.shape, "f16"))
+    got = build(g, device=device).run({"a": a, "b": b})["y"]
+    assert got.dtype == np.float16
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    # f32 accumulation: the only error is the final rounding to f16.
+    np.testing.assert_allclose(got, exact.astype(np.float16), rtol=2e-3, atol=2e-3)
+
+
+def test_matmul_precision_is_checked():
+    g = Graph()
+    g.output("y", g.input("a", (2, 2)) @ g.input("b", (2, 2)))
+    with pytest.raises(ValueError, match="matmul_precision"):
+        build(g, device="cpu", matmul_precision="medium")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_high_precision_runs_where_there_are_no_matrix_units(device):
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((2, 40, 24)).astype(np.float32), rng.standard_normal((24, 30))
+    g = Graph()
+    g.output("y", g.input("a", a.shape) @ g.input("b", b.shape))
+    got = build(g, device=device, matmul_precision="high").run({"a": a, "b": b})["y"]
+    np.testing.assert_allclose(got, a @ b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(130, 70, 150), (256, 256, 256)])
+def test_high_precision_on_a_gpu(shape):
+    M, K, N = shape
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    g = Graph()
+    g.output(
+        "y",
+        (
+            g.apply("matmul", [g.input("a", a.shape), g.input("w", w.shape)], trans_b=True)
+            + g.input("bias", bias.shape)
+        ).relu(),
+    )
+    session = build(g, device="gpu", matmul_precision="high")
+    program, _ = session._program((g.outputs["y"],), "forward")
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
+    # Matrix units only where the executor found them correct and faster than f32 here.
+    assert any("subgroupMatrix" in text for text in wgsl) == session.executor.staged_matrix_units
+    got = session.run({"a": a, "w": w, "bias": bias})["y"]
+    if session.executor.staged_matrix_units:
+        a, w = a.astype(np.float16), w.astype(np.float16)
+    want = np.maximum(a.astype(np.float64) @ w.astype(np.float64).T + bias, 0)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_matrix_units_read_f16_operands_directly(trans_b):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2, 128, 96)).astype(np.float16)
+    b = rng.standard_normal((192, 96) if trans_b else (96, 192)).astype(np.float16)
+    g = Graph()
+    y = g.apply(
+        "matmul", [g.input("a", a.shape, "f16"), g.input("b", b.shape, "f16")], trans_b=trans_b
+    )
+    g.output("y", y.astype("f32") + 1.0)
+    session = build(g, device="gpu")
+    if not session.executor.matrix_unit:
+        pytest.skip(f"no working subgroup matrices on {session.device}")
+    got = session.run({"a": a, "b": b})["y"]
+    bb = b.astype(np.float64).T if trans_b else b.astype(np.float64)
+    want = (a.astype(np.float64) @ bb).astype(np.float16).astype(np.float64) + 1.0
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
