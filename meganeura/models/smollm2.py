@@ -26,6 +26,7 @@ from meganeura import functional as F
 from meganeura import init
 from meganeura.graph import Graph, Tensor
 from meganeura.io.gguf import QuantizedWeight
+from meganeura.ops.attention import attention
 from meganeura.ops.quant import QuantizedTensor, quantized_matmul, quantized_parameter
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -276,8 +277,6 @@ class Llama:
         v = heads(proj("v_proj"), c.num_key_value_heads)
         if cache is not None:
             k, v = cache.write(i, k, v)
-        from meganeura.ops.attention import attention
-
         out = attention(q, k, v, mask, scale=1.0 / math.sqrt(c.head_dim), causal=mask is None)
         out = out.permute(0, 2, 1, 3).reshape(batch, tokens, c.num_attention_heads * c.head_dim)
         return self.linear(out, projection_name(i, "o_proj"))
