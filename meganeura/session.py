@@ -6,8 +6,8 @@ submission and returns without waiting; `Session.run` runs the forward pass and 
 NumPy arrays; reading the loss or an output waits for the device.
 
 Programs are compiled per set of requested outputs, on first use, so nodes appended to
-`session.graph` after the build (reading its parameters, adding none) run like the others:
-a language model adds the computation for a new prompt length this way.
+`session.graph` after the build (reading its parameters, adding none; extra gradients, say)
+run like the others.
 """
 
 from __future__ import annotations
