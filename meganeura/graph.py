@@ -125,6 +125,8 @@ class Graph:
     updates: dict[int, int] = field(default_factory=dict)
     # Parameters that live inside another parameter's buffer, by name (see ParameterView).
     parameter_views: dict[str, ParameterView] = field(default_factory=dict)
+    # State written by whichever program computes the new value: node id -> candidate values.
+    write_backs: dict[int, list[int]] = field(default_factory=dict)
 
     # -- sources -------------------------------------------------------------------------
     def input(self, name: str, shape: Sequence[int], dtype: str = "f32") -> Tensor:
@@ -185,6 +187,27 @@ class Graph:
                 f"assign: {target.node.name!r} is {target.type}, value is {value.type}"
             )
         self.updates[target.id] = value.id
+
+    def write_back(self, target: Tensor, value: Tensor) -> None:
+        """Whenever a program computes `value`, state parameter `target` takes it afterwards.
+
+        Unlike `assign` (applied by training steps only), a write-back is applied by every run
+        or step whose outputs depend on `value`, and a target may have several, one per
+        computation that produces its next value: a KV cache is written back by the prefill
+        and by the decode computations of one graph. A program may compute at most one
+        write-back of a target. With in-place ops such as write_rows the new value is
+        written straight into the target's buffer.
+        """
+        if target.node.op != "parameter" or not self.parameter_specs[target.node.name].state:
+            raise ValueError(
+                f"write_back: target must be a state parameter (graph.parameter(..., "
+                f"state=True)), got {target.node.describe()}"
+            )
+        if value.type != target.type:
+            raise ValueError(
+                f"write_back: {target.node.name!r} is {target.type}, value is {value.type}"
+            )
+        self.write_backs.setdefault(target.id, []).append(value.id)
 
     # -- building ----------------------------------------------------------------------------
     def apply(self, op: str, inputs: Sequence[Tensor], **attrs: Any) -> Tensor:

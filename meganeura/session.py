@@ -4,6 +4,10 @@
 to a device executor. `Session.step` runs one training step (forward, backward, update) as one
 submission and returns without waiting; `Session.run` runs the forward pass and returns
 NumPy arrays; reading the loss or an output waits for the device.
+
+Programs are compiled per set of requested outputs, on first use, so nodes appended to
+`session.graph` after the build (reading its parameters, adding none; extra gradients, say)
+run like the others.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def _copy_graph(graph: Graph) -> Graph:
         outputs=dict(graph.outputs),
         updates=dict(graph.updates),
         parameter_views=dict(graph.parameter_views),
+        write_backs={t: list(v) for t, v in graph.write_backs.items()},
     )
 
 
@@ -270,13 +275,14 @@ class Session:
             return dataclasses.replace(storage, shape=tuple(shape))
         return g.nodes[g.parameters[name]].type
 
-    def _tensor(self, name: str) -> Tensor:
-        """Parameter `name` as a tensor of the graph (a slice of its storage for a view)."""
+    def _tensor(self, name: str, of: Tensor | None = None) -> Tensor:
+        """Parameter `name` as a tensor of the graph (a slice of its storage for a view), or
+        with `of` (a tensor shaped like the parameter's buffer) the same part of `of`."""
         g = self.graph
         if name not in g.parameter_views:
-            return g.tensor(g.parameters[name])
+            return of if of is not None else g.tensor(g.parameters[name])
         view = g.parameter_views[name]
-        storage = g.tensor(g.parameters[view.storage])
+        storage = of if of is not None else g.tensor(g.parameters[view.storage])
         starts = [0] * storage.ndim
         stops = list(storage.shape)
         starts[view.axis], stops[view.axis] = view.start, view.stop
@@ -301,10 +307,27 @@ class Session:
         inputs it needs; both are made once and cached (a step only looks them up)."""
         key = (roots, mode)
         if key not in self._programs:
-            updates = self._updates(mode)
+            updates = dict(self._updates(mode))
+            updates.update(self._write_backs(roots, updates))
             program = self.executor.compile(self.graph, list(roots), updates)
             self._programs[key] = (program, self._needed_inputs((*roots, *updates.values())))
         return self._programs[key]
+
+    def _write_backs(self, roots, updates: dict[int, int]) -> dict[int, int]:
+        """The write-backs whose values these roots depend on, one per target at most."""
+        live = set(self.graph.live_nodes(list(roots) + list(updates.values())))
+        out: dict[int, int] = {}
+        for target, values in self.graph.write_backs.items():
+            computed = [v for v in values if v in live]
+            name = self.graph.nodes[target].name
+            if len(computed) > 1 or (computed and target in updates):
+                raise ValueError(
+                    f"state {name!r} would be written twice by one program "
+                    f"(by {', '.join(self.graph.nodes[v].describe() for v in computed)})"
+                )
+            if computed:
+                out[target] = computed[0]
+        return out
 
     def _needed_inputs(self, roots) -> set[str]:
         live = set(self.graph.live_nodes(roots))
@@ -426,9 +449,15 @@ class Session:
                 names = [n for n in self._names() if g.parameter_specs[n].trainable]
                 if self.optimizer is not None:
                     names = self.optimizer.trained(names)
-                wrt = [self._tensor(n) for n in names]
-                grads = grad(g.tensor(self._loss_id), wrt)
-                tensors = dict(zip(names, grads, strict=True))
+                # A view's gradient is its part of its storage's gradient.
+                views = g.parameter_views
+                bases = list(dict.fromkeys(views[n].storage if n in views else n for n in names))
+                wrt = [g.tensor(g.parameters[b]) for b in bases]
+                by_base = dict(zip(bases, grad(g.tensor(self._loss_id), wrt), strict=True))
+                tensors = {
+                    n: self._tensor(n, by_base[views[n].storage if n in views else n])
+                    for n in names
+                }
             self._norms[kind] = {
                 name: (t.astype("f32") * t.astype("f32")).sum().sqrt().id
                 for name, t in tensors.items()

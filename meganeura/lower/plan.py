@@ -122,13 +122,16 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             # scalar: recomputing one value in each reader costs less than a launch.
             materialized.add(nid)
     # Some archetypes read their inputs as strided buffers: views of a buffer pass; anything
-    # else is computed into a buffer first.
+    # else is computed into a buffer first. An in-place input must be a buffer of its own.
     for nid in live:
         node = graph.nodes[nid]
-        if get_op(node.op).strided_inputs:
+        opdef = get_op(node.op)
+        if opdef.strided_inputs:
             for i in node.inputs:
                 if strided_view(graph, i, materialized) is None:
                     materialized.add(i)
+        if opdef.in_place is not None:
+            materialized.add(node.inputs[opdef.in_place])
 
     def leaves(nid: int) -> list[int]:
         out, stack, seen = [], list(graph.nodes[nid].inputs), set()
@@ -279,6 +282,34 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _in_place_input(graph: Graph, nid: int) -> int | None:
+    """The input whose buffer node `nid`'s kernel may write into (OpDef.in_place), if any."""
+    node = graph.nodes[nid]
+    index = get_op(node.op).in_place
+    return None if index is None else node.inputs[index]
+
+
+def _writes_over(graph: Graph, value: int, target: int, materialized: set[int]) -> bool:
+    """True when `value`'s kernel may write into `target`'s buffer: target is its in-place
+    input and none of its other inputs reads target (a thread could read a row another
+    thread already overwrote)."""
+    if _in_place_input(graph, value) != target:
+        return False
+    node = graph.nodes[value]
+    index = get_op(node.op).in_place
+    stack = [i for n, i in enumerate(node.inputs) if n != index]
+    seen = set()
+    while stack:
+        nid = stack.pop()
+        if nid == target:
+            return False
+        if nid in seen or nid in materialized:
+            continue
+        seen.add(nid)
+        stack.extend(graph.nodes[nid].inputs)
+    return True
+
+
 def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7) -> Plan:
     materialized, kernels = select_kernels(graph, roots, updates, max_reads)
     position = {k.node: n for n, k in enumerate(kernels)}
@@ -310,7 +341,8 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
             ok = all(n <= k for n in readers)
             if ok and target in kernels[k].reads:
                 # Safe when each output element reads the old value only at its own index:
-                # pointwise kernels, and matmul epilogues that are not also operands.
+                # pointwise kernels, and matmul epilogues that are not also operands; or
+                # when the kernel writes over the old value in place (OpDef.in_place).
                 core = kernels[k].core
                 elementwise = kernels[k].kind == "pointwise" or (
                     core is not None
@@ -319,7 +351,9 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                         for i in graph.nodes[core].inputs
                     )
                 )
-                ok = elementwise and _pointwise_path_is_identity(graph, value, target, materialized)
+                ok = _writes_over(graph, value, target, materialized) or (
+                    elementwise and _pointwise_path_is_identity(graph, value, target, materialized)
+                )
             ok = ok and node.type == graph.nodes[target].type
         if ok:
             in_place[value] = target
@@ -348,6 +382,17 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
     for nid, n in last_use.items():
         release.setdefault(n, []).append(nid)
     for n, k in enumerate(kernels):
+        over = _in_place_input(graph, k.node)
+        if (
+            k.node not in buffer_of
+            and over is not None
+            and buffers[buffer_of[over]].kind == "transient"
+            and _writes_over(graph, k.node, over, materialized)
+            and last_use.get(over) == n
+            and graph.nodes[over].type.nbytes == graph.nodes[k.node].type.nbytes
+        ):
+            buffer_of[k.node] = buffer_of[over]  # nothing reads the old value afterwards
+            buffers[buffer_of[over]].nodes.append(k.node)
         if k.node not in buffer_of:
             need = graph.nodes[k.node].type.nbytes
             fitting = [b for b in free if b.nbytes >= need]

@@ -35,6 +35,9 @@ class OpDef:
     # Archetypes that index their inputs' buffers directly (matmul, attention, conv) set this:
     # each input is then an affine view of a buffer, materialized first if it is not.
     strided_inputs: bool = False
+    # The kernel can write its output into this input's buffer, touching only what changes
+    # (write_rows); the planner shares the buffer when nothing reads the old value afterwards.
+    in_place: int | None = None
     doc: str = ""
 
 

@@ -53,7 +53,7 @@ def optimize(
     horizontal: bool = True,
     group_key: Callable[[str], Hashable] | None = None,
 ) -> Optimized:
-    """Optimize everything that `roots`, the graph's outputs and its updates need.
+    """Optimize everything that `roots`, the graph's outputs, updates and write-backs need.
 
     With `count`, the report gives nodes and kernels per run before and after. With
     `horizontal`, matmuls of one input by several weights share one matmul over the weights
@@ -65,7 +65,10 @@ def optimize(
     start = time.perf_counter()
     original = graph
     roots = list(roots)
-    all_roots = list(dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values()]))
+    written = [v for values in graph.write_backs.values() for v in values]
+    all_roots = list(
+        dict.fromkeys([*roots, *graph.outputs.values(), *graph.updates.values(), *written])
+    )
     graph, canon = deduplicated(graph, graph.live_nodes(all_roots))
     if horizontal:
         graph, moved, merged = concatenate_siblings(
@@ -120,6 +123,8 @@ def optimize(
         new.outputs[name] = ids[old]
     for target, value in original.updates.items():
         new.updates[ids[target]] = ids[value]
+    for target, values in original.write_backs.items():
+        new.write_backs[ids[target]] = [ids[v] for v in values]
     report.seconds["emit"] = time.perf_counter() - start - sum(report.seconds.values())
     if count:
         report.nodes_before, report.kernels_before = count_kernels(original, all_roots)

@@ -39,7 +39,7 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
     for nid in live:
         for i in graph.nodes[nid].inputs:
             users[i].append(nid)
-    updated = set(graph.updates)
+    updated = set(graph.updates) | set(graph.write_backs)
 
     def weight_of(m: int, b: int) -> tuple[int, bool, int | None] | None:
         """(weight parameter, whether the matmul reads it transposed, the transpose node)."""
@@ -144,6 +144,7 @@ def concatenate_siblings(
             new.parameters[node.name] = nid
     new.outputs = {name: ids[i] for name, i in graph.outputs.items()}
     new.updates = {ids[t]: ids[v] for t, v in graph.updates.items()}
+    new.write_backs = {ids[t]: [ids[v] for v in vs] for t, vs in graph.write_backs.items()}
     merged = sum((len(g.weights) - 1) * len(g.matmuls) for g in groups)
     return new, ids, merged
 

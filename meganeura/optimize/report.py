@@ -75,12 +75,17 @@ class StepStats:
 
 
 def step_stats(graph: Graph, roots: Iterable[int]) -> StepStats:
-    """What one run of `roots`, the outputs and the updates of `graph` computes and launches."""
+    """What one run of `roots`, the outputs and the updates of `graph` computes and launches
+    (write-backs of the computed values included)."""
     from meganeura.lower.plan import select_kernels
 
     wanted = list(dict.fromkeys([*roots, *graph.outputs.values()]))
-    _, kernels = select_kernels(graph, wanted, graph.updates)
-    live = graph.live_nodes([*wanted, *graph.updates.values()])
+    live = set(graph.live_nodes([*wanted, *graph.updates.values()]))
+    updates = dict(graph.updates)
+    for target, values in graph.write_backs.items():
+        updates.update((target, v) for v in values if v in live)
+    _, kernels = select_kernels(graph, wanted, updates)
+    live = graph.live_nodes([*wanted, *updates.values()])
     return StepStats(len(live), len(kernels), Counter(graph.nodes[n].op for n in live))
 
 

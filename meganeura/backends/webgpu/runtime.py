@@ -9,6 +9,7 @@ without waiting. Reading a value waits for the device.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -25,6 +26,25 @@ STAGED_BYTES = 1 << 20
 
 # MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
 DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
+
+
+# Names the generators number globally: buffers (by buffer id) and the emitter's values.
+_GENERATED_NAMES = re.compile(r"\b(buf|v|ix)(\d+)\b")
+
+
+def canonical_wgsl(wgsl: str) -> str:
+    """`wgsl` with generated names renumbered in order of appearance, so that kernels that
+    differ only in which buffers they bind or in name counters (the same kernel in every
+    layer of a transformer) are one pipeline, compiled once."""
+    names: dict[str, str] = {}
+
+    def rename(match: re.Match) -> str:
+        key = match.group(0)
+        if key not in names:
+            names[key] = f"{match.group(1)}{len(names)}"
+        return names[key]
+
+    return _GENERATED_NAMES.sub(rename, wgsl)
 
 
 def _storage_bytes(array: np.ndarray) -> bytes:
@@ -92,6 +112,7 @@ class WebGPUExecutor:
         return np.frombuffer(data, storage, count=int(np.prod(shape))).reshape(shape).astype(dtype)
 
     def pipeline(self, wgsl: str, label: str):
+        wgsl = canonical_wgsl(wgsl)
         if wgsl not in self._pipelines:
             try:
                 module = self.device.create_shader_module(code=wgsl, label=label)

@@ -1,0 +1,130 @@
+"""Kernels reading GGUF-quantized weights (meganeura.ops.quant) straight from their blocks.
+
+Bytes are read out of the u32 words holding them; an f16 scale sits at an even byte offset,
+so it is one half of a word. `dequantize` is inlined into its readers, one value per read.
+`quantized_matmul` gives each workgroup 8 output features (weight rows) and a tile of rows of
+x; its 32 lanes per feature take turns over the 32-value blocks of the weight row, decode a
+block once and dot it with every row of the tile, and a tree sum across the lanes finishes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from meganeura.backends.wgsl.emit import Emitter, inline_value
+from meganeura.backends.wgsl.kernels import (
+    KernelSource,
+    _assemble,
+    _Bindings,
+    _pointwise,
+    archetype,
+)
+from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
+
+OUTPUTS = 8  # weight rows per workgroup
+LANES = 32  # threads sharing one weight row
+MAX_TILE = 8  # rows of x per workgroup
+
+
+def _byte(buf: str, b: str) -> str:
+    return f"(({buf}[({b}) >> 2u] >> ((({b}) & 3u) * 8u)) & 0xffu)"
+
+
+def _half(buf: str, b: str) -> str:
+    return f"unpack2x16float({buf}[({b}) >> 2u])[(({b}) >> 1u) & 1u]"
+
+
+def _value(qtype: str, buf: str, base: str, j: str) -> str:
+    """Value `j` (0..31) of the block starting at byte `base`."""
+    if qtype == "Q8_0":
+        q = _byte(buf, f"{base} + 2u + {j}")
+        return f"({_half(buf, base)} * f32(bitcast<i32>({q} << 24u) >> 24u))"
+    start = 2 if qtype == "Q4_0" else 4
+    packed = _byte(buf, f"{base} + {start}u + ({j} & 15u)")
+    nibble = f"f32(select({packed} >> 4u, {packed} & 15u, {j} < 16u))"
+    if qtype == "Q4_0":
+        return f"(({nibble} - 8.0) * {_half(buf, base)})"
+    return f"({nibble} * {_half(buf, base)} + {_half(buf, f'{base} + 2u')})"
+
+
+# A dequantized weight that must be stored (a matmul operand, in a backward pass) is computed
+# by the pointwise kernel.
+archetype("dequantize")(_pointwise)
+
+
+@inline_value("dequantize")
+def _dequantize(em: Emitter, node, idx: str) -> str:
+    qtype = node.attrs["qtype"]
+    rows, cols = node.attrs["shape"]
+    buf = em.binding_of(node.inputs[0])
+    r = em.index(Emitter.coord(idx, (rows, cols), 0))
+    c = em.index(Emitter.coord(idx, (rows, cols), 1))
+    row_bytes = cols // BLOCK * QUANT_LAYOUTS[qtype]
+    base = em.index(f"{r} * {row_bytes}u + ({c} / {BLOCK}u) * {QUANT_LAYOUTS[qtype]}u")
+    j = em.index(f"{c} % {BLOCK}u")
+    return _value(qtype, buf, base, j)
+
+
+def _row_offset(var: str, shape, strides, offset: int) -> str:
+    """Where row `var` (a linear index over the leading dims `shape`) of a strided x starts."""
+    terms = [f"{offset}u"] if offset else []
+    for d, (size, stride) in enumerate(zip(shape, strides, strict=True)):
+        if size > 1 and stride:
+            terms.append(f"{Emitter.coord(var, shape, d)} * {stride}u")
+    return " + ".join(terms) or "0u"
+
+
+@archetype("quantized_matmul")
+def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
+    graph = plan.graph
+    node = graph.nodes[kernel.node]
+    x_id, raw_id = node.inputs
+    qtype = node.attrs["qtype"]
+    N, K = node.attrs["shape"]
+    x_shape = graph.nodes[x_id].type.shape
+    M = math.prod(x_shape[:-1])
+    b = _Bindings(plan, kernel.node)
+    out = f"buf{b.out_buffer}"
+    x_base, x_strides, x_offset = strided_view(graph, x_id, plan.materialized)
+    xb = b.name_of(x_base)
+    w = b.name_of(raw_id)
+    row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
+    tile = min(M, MAX_TILE)
+    grid = (math.ceil(N / OUTPUTS), math.ceil(M / tile), 1)
+    width = QUANT_LAYOUTS[qtype]
+    blocks = K // BLOCK
+    body = f"""var<workgroup> red: array<f32, {OUTPUTS * LANES}>;
+fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
+@compute @workgroup_size({LANES}, {OUTPUTS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
+  let lane = lid.x;
+  let slot = lid.y * {LANES}u + lane;
+  let n = wid.x * {OUTPUTS}u + lid.y;
+  let m0 = wid.y * {tile}u;
+  var rows: array<u32, {tile}>;
+  for (var t = 0u; t < {tile}u; t++) {{ rows[t] = x_row(min(m0 + t, {M - 1}u)); }}
+  var acc: array<f32, {tile}>;
+  if (n < {N}u) {{
+    for (var blk = lane; blk < {blocks}u; blk += {LANES}u) {{
+      let base = n * {blocks * width}u + blk * {width}u;
+      for (var j = 0u; j < {BLOCK}u; j++) {{
+        let v = {_value(qtype, w, "base", "j")};
+        let k = (blk * {BLOCK}u + j) * {x_strides[-1]}u;
+        for (var t = 0u; t < {tile}u; t++) {{ acc[t] += v * {xb}[rows[t] + k]; }}
+      }}
+    }}
+  }}
+  for (var t = 0u; t < {tile}u; t++) {{
+    red[slot] = acc[t];
+    workgroupBarrier();
+    for (var s = {LANES // 2}u; s > 0u; s = s >> 1u) {{
+      if (lane < s) {{ red[slot] += red[slot + s]; }}
+      workgroupBarrier();
+    }}
+    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{ {out}[(m0 + t) * {N}u + n] = red[slot]; }}
+    workgroupBarrier();
+  }}
+}}
+"""
+    return KernelSource(_assemble(b, body), b.order, grid, f"quantized_matmul%{node.id}")

@@ -1,0 +1,1 @@
+"""Model families, one file each, with their loaders beside them."""

@@ -1,0 +1,85 @@
+"""GGUF-quantized weights on the device: dequantize (inlined) and quantized_matmul, against
+the gguf package's own dequantization."""
+
+import gguf
+import numpy as np
+import pytest
+
+from meganeura import Graph, build
+from meganeura import functional as F
+from meganeura.autodiff import grad
+from meganeura.io.gguf import QuantizedWeight
+from meganeura.ops.quant import dequantize, quantized_matmul, quantized_parameter
+
+DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
+QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+def quantized(rows: int, cols: int, qtype: str, seed: int = 0) -> QuantizedWeight:
+    w = np.random.default_rng(seed).normal(0, 1, (rows, cols)).astype(np.float32)
+    blocks = gguf.quantize(w, gguf.GGMLQuantizationType[qtype])
+    return QuantizedWeight(qtype, (rows, cols), blocks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(
+    ("x_shape", "rows", "cols"),
+    [((1, 64), 13, 64), ((3, 5, 96), 9, 96), ((19, 32), 1, 32), ((32,), 40, 32)],
+)
+def test_quantized_matmul_matches_dequantized_weights(device, qtype, x_shape, rows, cols):
+    weight = quantized(rows, cols, qtype)
+    graph = Graph()
+    x = graph.input("x", x_shape)
+    w = quantized_parameter(graph, "w", weight)
+    graph.output("y", quantized_matmul(x, w))
+    graph.output("dx", grad((quantized_matmul(x, w) * x.sum()).sum(), [x])[0])
+    session = build(graph, device=device)
+    data = np.random.default_rng(1).normal(size=x_shape).astype(np.float32)
+    got = session.run({"x": data})
+    dense = weight.dequantize()
+    np.testing.assert_allclose(got["y"], data @ dense.T, rtol=1e-5, atol=1e-4)
+    y = data @ dense.T
+    dx = np.ones((*x_shape[:-1], rows), np.float32) * data.sum() @ dense + y.sum()
+    np.testing.assert_allclose(got["dx"], dx, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_matmul_reads_strided_rows(device, qtype):
+    weight = quantized(10, 64, qtype, seed=2)
+    graph = Graph()
+    x = graph.input("x", (2, 64, 3))
+    w = quantized_parameter(graph, "w", weight)
+    graph.output("y", quantized_matmul(x.permute(0, 2, 1), w))  # rows read with stride
+    session = build(graph, device=device)
+    data = np.random.default_rng(3).normal(size=(2, 64, 3)).astype(np.float32)
+    got = session.run({"x": data})["y"]
+    np.testing.assert_allclose(
+        got, data.transpose(0, 2, 1) @ weight.dequantize().T, rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_embedding_of_a_quantized_table_decodes_only_its_rows(device, qtype):
+    weight = quantized(50, 64, qtype, seed=4)
+    graph = Graph()
+    ids = graph.input("ids", (2, 3), "i32")
+    table = quantized_parameter(graph, "table", weight)
+    graph.output("rows", F.embedding(dequantize(table), ids) * 2.0)
+    session = build(graph, device=device)
+    chosen = np.array([[0, 49, 7], [7, 1, 30]], np.int32)
+    got = session.run({"ids": chosen})["rows"]
+    np.testing.assert_allclose(got, weight.dequantize()[chosen] * 2.0, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_quantized_arguments_are_named():
+    graph = Graph()
+    raw = graph.parameter("w", (10,), dtype="u32", trainable=False)
+    with pytest.raises(ValueError, match=r"needs u32\[40\] raw words"):
+        graph.apply("dequantize", [raw], qtype="Q4_1", shape=(4, 64))
+    with pytest.raises(ValueError, match="qtype 'Q5_K' is not one of"):
+        graph.apply("dequantize", [raw], qtype="Q5_K", shape=(4, 64))
+    with pytest.raises(ValueError, match="multiple of 32 columns"):
+        graph.apply("dequantize", [raw], qtype="Q8_0", shape=(1, 20))
