@@ -3,8 +3,10 @@
 Everything goes through `egglog.bindings`, one parsed command at a time: measured here,
 building through the high-level Python API is superlinear and parsing one large program runs
 out of memory. The saturated e-graph is read back with `freeze()` (every constructor's rows,
-with canonical e-class values) into plain Python `ENode`s; egglog's own extractor is never
-used (its tree cost overflows on deep residual DAGs and then silently keeps unfused forms).
+with canonical e-class values) into plain Python `ENode`s: the same information as
+`serialize()`'s JSON, at 50k e-nodes in 2 ms instead of 165 ms to serialize and parse.
+egglog's own extractor is never used (its tree cost overflows on deep residual DAGs and then
+silently keeps unfused forms); extraction is in extract.py.
 
 Schema. A tensor is a `T`. Leaves are `Ext` (anything the region reads from outside: inputs,
 parameters, values computed elsewhere; `k` indexes the region's boundary), `Scalar` (a
