@@ -89,7 +89,7 @@ class TorchBlock(torch.nn.Module):
 
         a = self.norm1(x)
         scores = heads(self.q(a)) @ heads(self.k(a)).transpose(-1, -2) / math.sqrt(d // h)
-        att = (scores + torch.from_numpy(causal_mask(t))).softmax(-1)
+        att = (scores + torch.from_numpy(causal_mask(t)).to(scores.device)).softmax(-1)
         out = (att @ heads(self.v(a))).permute(0, 2, 1, 3).reshape(b, t, d)
         x = x + self.proj(out)
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
