@@ -392,6 +392,12 @@ class Session:
         return {name: program.read(g.outputs[name]) for name in names}
 
     @property
+    def kernel_count(self) -> int | None:
+        """Kernels the last step or run launched; None on the NumPy executor, which has none."""
+        plan = getattr(self._last, "plan", None)
+        return None if plan is None else len(plan.kernels)
+
+    @property
     def loss(self) -> float:
         """The loss of the last step or run (waits for the device)."""
         if self._loss_id is None:

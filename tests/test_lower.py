@@ -127,3 +127,18 @@ def test_reshape_of_a_strided_view_reads_the_right_elements(data):
             * stride
         )
     np.testing.assert_array_equal(base.reshape(-1)[index], view.reshape(new_shape))
+
+
+def test_session_reports_the_kernels_of_its_last_program():
+    pytest.importorskip("wgpudawn")
+    from meganeura.backends.webgpu.device import list_adapters
+
+    if not any(a.adapter_type == "CPU" and a.backend == "Vulkan" for a in list_adapters()):
+        pytest.skip("no CPU Vulkan adapter (lavapipe)")
+    g = mn.Graph()
+    x = g.input("x", (4, 3))
+    g.output("y", (x @ g.parameter("w", (3, 5))).relu().sum())
+    assert mn.build(g, device="cpu").kernel_count is None
+    session = mn.build(g, device="vulkan-cpu")
+    session.run({"x": np.ones((4, 3), np.float32)})
+    assert session.kernel_count == len(session._last.plan.kernels) >= 1
