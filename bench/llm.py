@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import numpy as np
+from timing import median_ms
 
 from meganeura.generation import LanguageModel
 from meganeura.io.gguf import QuantizedWeight
@@ -25,17 +25,6 @@ from meganeura.models.smollm2 import SMOLLM2_135M, LlamaConfig, parameter_shapes
 
 PREFILL = 128
 CONTEXT = 512
-
-
-def median_ms(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def random_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:

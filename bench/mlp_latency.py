@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
 
 import numpy as np
+from timing import median_ms
 
 import meganeura as mn
 import meganeura.functional as F
@@ -24,17 +23,6 @@ from meganeura.nn import MLP
 SIZES = (128, 64, 64, 10)
 BATCH = 16
 LR = 0.01
-
-
-def median_ms(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def build_ours(device: str):

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import numpy as np
+from timing import median_ms
 
 import meganeura as mn
 from meganeura.graph import Graph
 from meganeura.models.smollm2 import SMOLLM2_135M, Llama, training_loss
-
-
-def median_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def batch_arrays(batch: int, seq: int) -> dict[str, np.ndarray]:

@@ -20,13 +20,11 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
+from timing import median_ms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,17 +41,6 @@ GPT_BATCH = 8
 QUICK_GPT = GPTConfig(vocab=32, dim=32, heads=2, layers=2, context=16)  # --quick: a smoke run
 GPT_LR, GPT_CLIP = 3e-4, 1.0
 PIPELINED_STEPS = 20
-
-
-def median_ms(fn: Callable[[], None], runs: int, warmup: int, per: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3 / per)
-    return statistics.median(times)
 
 
 # -- workloads: (build meganeura session, torch model and optimizer, batches) -----------------
