@@ -296,66 +296,53 @@ class _ConvNd:
             raise ValueError(f"{kind} {self.name!r}: the input belongs to another graph")
 
 
-class Conv2d(_ConvNd):
+class _Conv(_ConvNd):
+    """Conv1d and Conv2d: torch's constructor arguments, `dims` spatial dims, `conv` applies."""
+
+    dims: int
+    conv: Callable[..., Tensor]
+
+    def __init__(
+        self,
+        graph: Graph,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ):
+        kind = type(self).__name__
+        self.kernel_size = spatial_tuple(kind, "kernel_size", kernel_size, self.dims, 1)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        shape = (out_channels, in_channels // max(groups, 1), *self.kernel_size)
+        super().__init__(
+            graph, name, kind, shape, (in_channels, out_channels), groups, bias, padding_mode
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._check(x, type(self).__name__)
+        return type(self).conv(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class Conv2d(_Conv):
     """torch.nn.Conv2d: weight [out_channels, in_channels / groups, kh, kw]."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        name: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-    ):
-        self.kernel_size = spatial_tuple("Conv2d", "kernel_size", kernel_size, 2, 1)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        shape = (out_channels, in_channels // max(groups, 1), *self.kernel_size)
-        super().__init__(
-            graph, name, "Conv2d", shape, (in_channels, out_channels), groups, bias, padding_mode
-        )
-
-    def __call__(self, x: Tensor) -> Tensor:
-        self._check(x, "Conv2d")
-        return F.conv2d(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+    dims = 2
+    conv = staticmethod(F.conv2d)
 
 
-class Conv1d(_ConvNd):
+class Conv1d(_Conv):
     """torch.nn.Conv1d: weight [out_channels, in_channels / groups, k]."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        name: str,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-    ):
-        self.kernel_size = spatial_tuple("Conv1d", "kernel_size", kernel_size, 1, 1)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        shape = (out_channels, in_channels // max(groups, 1), *self.kernel_size)
-        super().__init__(
-            graph, name, "Conv1d", shape, (in_channels, out_channels), groups, bias, padding_mode
-        )
-
-    def __call__(self, x: Tensor) -> Tensor:
-        self._check(x, "Conv1d")
-        return F.conv1d(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+    dims = 1
+    conv = staticmethod(F.conv1d)
 
 
 class ConvTranspose2d(_ConvNd):
