@@ -244,13 +244,7 @@ class WebGPUProgram:
         ttype = self.graph.nodes[nid].type
         if nid in self._fresh:
             _, staging, nbytes = self.staging[nid]
-            promise = staging.map_async(self.executor.wgpu.MapMode.READ)
-            # wgpu-native resolves promises from a polling thread that sleeps up to 10 ms
-            # between polls; a blocking poll here waits for exactly the work submitted.
-            blocking_poll = getattr(self.executor.device, "_poll_wait", None)
-            if blocking_poll is not None:
-                blocking_poll()
-            promise.sync_wait()
+            staging.map_sync(self.executor.wgpu.MapMode.READ)
             try:
                 return _from_bytes(staging.read_mapped(0, nbytes), ttype)
             finally:
