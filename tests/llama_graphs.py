@@ -9,26 +9,12 @@ optimizer must turn it into the kernels of the hand-written model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from meganeura import Graph, Tensor
+from meganeura.models.smollm2 import LlamaConfig as Config
 from meganeura.ops import all_ops
-
-
-@dataclass
-class Config:
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    head_dim: int = 64
-    rope_theta: float = 100000.0
-    rms_norm_eps: float = 1e-5
-
 
 SMOLLM2_135M = Config()
 TINY = Config(
