@@ -140,6 +140,21 @@ class Engine:
     def _chunk(self, ids: np.ndarray, real: np.ndarray, every: bool) -> np.ndarray:
         b, t = ids.shape
         p = self.length
+        feeds, name = self.chunk_inputs(ids, real, every)
+        out = self.session.run(feeds, outputs=[name])[name]
+        for row in range(b):
+            self.tokens[row].extend(int(i) for i, r in zip(ids[row], real[row], strict=True) if r)
+        self.length = p + t
+        return out
+
+    def chunk_inputs(
+        self, ids: np.ndarray, real: np.ndarray, every: bool = False
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """The session inputs that feed one chunk of `ids` [B, T] (T one of `chunk_sizes`)
+        after the cache's current contents, and the output to read. Marks the chunk's slots
+        valid; `feed` uses it, and so can a profiler."""
+        b, t = ids.shape
+        p = self.length
         seen = self.valid[:, :p].sum(axis=1)
         positions = np.maximum(seen[:, None] + np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
         self.valid[:, p : p + t] = real
@@ -147,20 +162,13 @@ class Engine:
         visible = self.valid[:, None, :] & (slots[None, None, :] <= p + np.arange(t)[None, :, None])
         mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None]
         every_name, last_name = self.outputs[t]
-        name = every_name if every else last_name
-        out = self.session.run(
-            {
-                f"ids.{t}": ids,
-                f"positions.{t}": positions,
-                f"mask.{t}": mask,
-                "cache_position": np.array([p], np.int32),
-            },
-            outputs=[name],
-        )[name]
-        for row in range(b):
-            self.tokens[row].extend(int(i) for i, r in zip(ids[row], real[row], strict=True) if r)
-        self.length = p + t
-        return out
+        feeds = {
+            f"ids.{t}": ids,
+            f"positions.{t}": positions,
+            f"mask.{t}": mask,
+            "cache_position": np.array([p], np.int32),
+        }
+        return feeds, every_name if every else last_name
 
     def extend_to(self, ids: Sequence[int]) -> np.ndarray:
         """Make the cache (batch 1) hold `ids`, feeding only what it does not hold already;

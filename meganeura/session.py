@@ -391,6 +391,22 @@ class Session:
         program = self._run(roots, "forward", inputs)
         return {name: program.read(g.outputs[name]) for name in names}
 
+    def profile(self, inputs: Mapping[str, Any] | None = None, outputs=None) -> list:
+        """GPU time of every kernel of the forward program that `run(inputs, outputs)` uses,
+        measured with timestamp queries around each kernel: a list of (kernel label,
+        workgroup grid, microseconds) in launch order. Parameters are not changed and the
+        results are not kept. Needs a WebGPU adapter that offers timestamp-query."""
+        if not hasattr(self.executor, "gpu"):
+            raise RuntimeError("profile: the NumPy executor has no kernels to time")
+        g = self.graph
+        names = list(g.outputs) if outputs is None else list(outputs)
+        for name in names:
+            if name not in g.outputs:
+                raise KeyError(f"profile: no output named {name!r}; outputs are {sorted(g.outputs)}")
+        roots = tuple(g.outputs[n] for n in names)
+        program, needed = self._program(roots, "forward")
+        return program.profile(self._feeds(dict(inputs or {}), needed))
+
     @property
     def kernel_count(self) -> int | None:
         """Kernels the last step or run launched; None on the NumPy executor, which has none."""

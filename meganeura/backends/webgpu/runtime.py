@@ -155,6 +155,7 @@ class WebGPUProgram:
             if nid in plan.buffer_of
         }
         self.dispatches = []
+        self.labels: list[str] = []
         device = executor.device
         for kernel in plan.kernels:
             source = generate(plan, kernel)
@@ -170,6 +171,7 @@ class WebGPUProgram:
                 layout=pipeline.get_bind_group_layout(0), entries=entries
             )
             self.dispatches.append((pipeline, bind_group, source.grid))
+            self.labels.append(source.label)
             if DEBUG >= 2:
                 print(f"--- {source.label} grid={source.grid}\n{source.wgsl}", file=sys.stderr)
         # Small roots are copied into mappable buffers in the step's own submission, so
@@ -239,6 +241,47 @@ class WebGPUProgram:
             )
             if error is not None:
                 raise error
+
+    def profile(self, feeds) -> list[tuple[str, tuple, float]]:
+        """Run once with a GPU timestamp before and after every kernel, each in its own
+        compute pass; returns (kernel label, grid, microseconds) per kernel in launch order.
+        Needs the adapter's timestamp-query feature."""
+        gpu = self.executor.gpu
+        if "timestamp-query" not in gpu.features:
+            raise RuntimeError(
+                f"profile: {self.executor.description} does not offer timestamp-query"
+            )
+        device, wgpu = self.executor.device, self.executor.wgpu
+        count = 2 * len(self.dispatches)
+        queries = device.create_query_set(type="timestamp", count=count)
+        resolved = device.create_buffer(
+            size=8 * count, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
+        )
+        for nid, array in feeds.items():
+            if nid in self.inputs:
+                device.queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
+        encoder = device.create_command_encoder()
+        for n, (pipeline, bind_group, grid) in enumerate(self.dispatches):
+            cpass = encoder.begin_compute_pass(
+                timestamp_writes={
+                    "query_set": queries,
+                    "beginning_of_pass_write_index": 2 * n,
+                    "end_of_pass_write_index": 2 * n + 1,
+                }
+            )
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
+            cpass.dispatch_workgroups(*grid)
+            cpass.end()
+        encoder.resolve_query_set(queries, 0, count, resolved, 0)
+        device.queue.submit([encoder.finish()])
+        stamps = np.frombuffer(device.queue.read_buffer(resolved, 0, 8 * count), np.uint64)
+        micros = (stamps[1::2].astype(np.int64) - stamps[0::2].astype(np.int64)) / 1e3
+        self._fresh = set()
+        return [
+            (label, tuple(grid), float(us))
+            for label, (_, _, grid), us in zip(self.labels, self.dispatches, micros, strict=True)
+        ]
 
     def read(self, nid: int) -> np.ndarray:
         ttype = self.graph.nodes[nid].type
