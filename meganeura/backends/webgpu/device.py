@@ -22,6 +22,8 @@ HARDWARE_BACKENDS = ("Vulkan", "Metal", "D3D12")
 
 # Dawn only offers shader-f16 on NVIDIA and subgroup matrices (tensor cores) with these.
 DAWN_INSTANCE_TOGGLES = ["allow_unsafe_apis", "vulkan_enable_f16_on_nvidia"]
+# Dawn rounds timestamps to ~100 us unless told not to; kernel profiles need the real ones.
+DAWN_DISABLED_TOGGLES = ["timestamp_quantization"]
 
 # Limits a compute runtime wants as high as the adapter allows (the defaults are low).
 COMPUTE_LIMITS = (
@@ -79,7 +81,9 @@ def _load_module(implementation: str) -> ModuleType:
         from wgpudawn.backends.dawn import extras
 
         try:
-            extras.set_instance_extras(enable_toggles=DAWN_INSTANCE_TOGGLES)
+            extras.set_instance_extras(
+                enable_toggles=DAWN_INSTANCE_TOGGLES, disable_toggles=DAWN_DISABLED_TOGGLES
+            )
         except RuntimeError as error:
             raise RuntimeError(
                 "Dawn's instance was created before meganeura could set its toggles "

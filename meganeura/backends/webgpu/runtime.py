@@ -2,8 +2,9 @@
 
 Everything that can be prepared is prepared when a program is compiled: buffers, pipelines
 (cached by WGSL text), bind groups and dispatch sizes. Running a program uploads its inputs,
-records every dispatch into one compute pass, appends the update copies and submits once,
-without waiting. Reading a value waits for the device.
+submits one command buffer (every dispatch in one compute pass, then the update copies)
+without waiting, and encodes the next run's while the device works. Reading a value waits
+for the device.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class WebGPUProgram:
                 staging = device.create_buffer(size=nbytes, usage=map_usage, label=f"read%{nid}")
                 self.staging[nid] = (buffers[plan.buffer_of[nid]], staging, nbytes)
         self._fresh: set[int] = set()
+        self._next = None  # the next run's command buffer, encoded ahead
         self.copies = [
             (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
             for v, t in plan.copies
@@ -199,7 +201,11 @@ class WebGPUProgram:
     def run(self, feeds, check_finite: bool = False) -> None:
         """Upload `feeds` and submit every kernel at once, without waiting. With
         `check_finite`, submit the kernels one by one and raise NonFiniteError at the first
-        whose output holds an inf or NaN (this waits after every kernel)."""
+        whose output holds an inf or NaN (this waits after every kernel).
+
+        The commands do not depend on the inputs' values (those live in buffers), so after
+        each submission the next run's command buffer is encoded while the device works:
+        a program run again, a token of decoding or a training step, submits at once."""
         queue = self.executor.device.queue
         for nid, array in feeds.items():
             if nid in self.inputs:
@@ -207,19 +213,29 @@ class WebGPUProgram:
         if check_finite:
             self._fresh = set()  # the staged copies are of the previous run
             self._run_checked()
+            queue.submit([self._encode(dispatch=False)])
+        else:
+            commands, self._next = self._next or self._encode(), None
+            queue.submit([commands])
+            self._next = self._encode()
+        self._fresh = set(self.staging)
+
+    def _encode(self, dispatch: bool = True):
+        """A command buffer of every kernel (unless not `dispatch`), then the copies of the
+        staged roots and of the updates."""
         encoder = self.executor.device.create_command_encoder()
-        cpass = encoder.begin_compute_pass()
-        for pipeline, bind_group, grid in [] if check_finite else self.dispatches:
-            cpass.set_pipeline(pipeline)
-            cpass.set_bind_group(0, bind_group)
-            cpass.dispatch_workgroups(*grid)
-        cpass.end()
+        if dispatch:
+            cpass = encoder.begin_compute_pass()
+            for pipeline, bind_group, grid in self.dispatches:
+                cpass.set_pipeline(pipeline)
+                cpass.set_bind_group(0, bind_group)
+                cpass.dispatch_workgroups(*grid)
+            cpass.end()
         for src, staging, nbytes in self.staging.values():
             encoder.copy_buffer_to_buffer(src, 0, staging, 0, nbytes)
         for src, dst, nbytes in self.copies:
             encoder.copy_buffer_to_buffer(src, 0, dst, 0, (nbytes + 3) // 4 * 4)
-        queue.submit([encoder.finish()])
-        self._fresh = set(self.staging)
+        return encoder.finish()
 
     def _run_checked(self) -> None:
         device = self.executor.device
