@@ -28,8 +28,10 @@ def kind_of(label: str) -> str:
 
 def report(title: str, kernels, wall_ms: float, top: int) -> None:
     total = sum(us for _, _, us in kernels)
-    print(f"\n{title}: {len(kernels)} kernels, GPU {total / 1e3:.3f} ms (sum of kernels), "
-          f"wall {wall_ms:.3f} ms")
+    print(
+        f"\n{title}: {len(kernels)} kernels, GPU {total / 1e3:.3f} ms (sum of kernels), "
+        f"wall {wall_ms:.3f} ms"
+    )
     groups = collections.defaultdict(lambda: [0, 0.0, set()])
     for label, grid, us in kernels:
         g = groups[kind_of(label)]
@@ -86,8 +88,10 @@ def main() -> None:
         submit.append(t2 - t1)
         wait.append(t3 - t2)
     ms = lambda xs: 1e3 * float(np.median(xs))  # noqa: E731
-    print(f"decode {decode_ms:.3f} ms/token: inputs {ms(prepare):.3f} ms, encode+submit "
-          f"{ms(submit):.3f} ms, wait+read {ms(wait):.3f} ms")
+    print(
+        f"decode {decode_ms:.3f} ms/token: inputs {ms(prepare):.3f} ms, encode+submit "
+        f"{ms(submit):.3f} ms, wait+read {ms(wait):.3f} ms"
+    )
     # Back-to-back submissions without reading: the device's own rate.
     n = 20
     engine.rewind(PREFILL)
@@ -96,8 +100,9 @@ def main() -> None:
     for _ in range(n):
         program = session._run((session.graph.outputs[name],), "forward", feeds)
     program.read(session.graph.outputs[name])
-    print(f"decode, {n} submissions then one read: {1e3 * (time.perf_counter() - t0) / n:.3f} "
-          "ms each")
+    print(
+        f"decode, {n} submissions then one read: {1e3 * (time.perf_counter() - t0) / n:.3f} ms each"
+    )
     engine.rewind(PREFILL)
     feeds, name = engine.chunk_inputs(np.array([[7]], np.int32), one)
     report("decode", session.profile(feeds, [name]), decode_ms, args.top)

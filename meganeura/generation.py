@@ -153,7 +153,7 @@ class Engine:
         """The session inputs that feed one chunk of `ids` [B, T] (T one of `chunk_sizes`)
         after the cache's current contents, and the output to read. Marks the chunk's slots
         valid; `feed` uses it, and so can a profiler."""
-        b, t = ids.shape
+        t = ids.shape[1]
         p = self.length
         seen = self.valid[:, :p].sum(axis=1)
         positions = np.maximum(seen[:, None] + np.cumsum(real, axis=1) - 1, 0).astype(np.int32)

@@ -402,7 +402,9 @@ class Session:
         names = list(g.outputs) if outputs is None else list(outputs)
         for name in names:
             if name not in g.outputs:
-                raise KeyError(f"profile: no output named {name!r}; outputs are {sorted(g.outputs)}")
+                raise KeyError(
+                    f"profile: no output named {name!r}; outputs are {sorted(g.outputs)}"
+                )
         roots = tuple(g.outputs[n] for n in names)
         program, needed = self._program(roots, "forward")
         return program.profile(self._feeds(dict(inputs or {}), needed))

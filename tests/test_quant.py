@@ -9,7 +9,7 @@ from meganeura import Graph, build
 from meganeura import functional as F
 from meganeura.autodiff import grad
 from meganeura.io.gguf import QuantizedWeight
-from meganeura.ops.quant import dequantize, quantized_matmul, quantized_parameter
+from meganeura.ops.quant import dequantize, pack_words, quantized_matmul, quantized_parameter
 
 DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
@@ -83,3 +83,47 @@ def test_bad_quantized_arguments_are_named():
         graph.apply("dequantize", [raw], qtype="Q5_K", shape=(4, 64))
     with pytest.raises(ValueError, match="multiple of 32 columns"):
         graph.apply("dequantize", [raw], qtype="Q8_0", shape=(1, 20))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_siblings_share_one_product_and_keep_their_names(device, qtype):
+    # Projections of one input whose weight rows are whole u32 words (every Q4_1 row; Q8_0 and
+    # Q4_0 rows of an even block count) are stored side by side and computed by one product.
+    cols = 64 if qtype != "Q4_1" else 96
+    shapes = {"q": 7, "k": 5, "v": 12}
+    weights = {
+        n: quantized(rows, cols, qtype, seed=s) for s, (n, rows) in enumerate(shapes.items())
+    }
+    graph = Graph()
+    x = graph.input("x", (3, cols))
+    params = {n: quantized_parameter(graph, n, w) for n, w in weights.items()}
+    for n, p in params.items():
+        graph.output(n, quantized_matmul(x, p) * 2.0)
+    data = np.random.default_rng(5).normal(size=(3, cols)).astype(np.float32)
+    session = build(graph, device=device)
+    got = session.run({"x": data})
+    assert session.optimize_report.fusions.get("concat_matmul") == 2
+    stored = session.parameters()
+    for n, w in weights.items():
+        np.testing.assert_allclose(got[n], 2 * data @ w.dequantize().T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(stored[n], pack_words(w.blocks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantized_matmul_runs_its_residual_and_activation_in_its_store(device, qtype):
+    weight = quantized(9, 64, qtype, seed=6)
+    graph = Graph()
+    x = graph.input("x", (2, 64))
+    r = graph.input("r", (2, 9))
+    w = quantized_parameter(graph, "w", weight)
+    graph.output("y", F.silu(quantized_matmul(x, w) + r))
+    rng = np.random.default_rng(7)
+    data = {n: rng.normal(size=s).astype(np.float32) for n, s in (("x", (2, 64)), ("r", (2, 9)))}
+    session = build(graph, device=device)
+    got = session.run(data)["y"]
+    z = data["x"] @ weight.dequantize().T + data["r"]
+    np.testing.assert_allclose(got, z / (1 + np.exp(-z)), rtol=1e-5, atol=1e-5)
+    if device != "cpu":
+        assert session.kernel_count == 1

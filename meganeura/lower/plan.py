@@ -18,14 +18,18 @@ from dataclasses import dataclass, field
 from meganeura.graph import Graph
 from meganeura.ops import INLINED_KINDS, get_op
 
+# Kinds of product kernels that can run a pointwise epilogue in their store.
+PRODUCTS = ("matmul", "quantized_matmul")
+
 
 @dataclass
 class Kernel:
     kind: str  # the op's kind: the archetype that generates its kernel
     node: int  # the node whose value this kernel writes
     reads: list[int] = field(default_factory=list)  # materialized nodes read
-    # A matmul computed inside this kernel, whose only reader is the pointwise DAG rooted at
-    # `node`: that DAG runs in the matmul's store as an epilogue (bias, residual, activation).
+    # A product (matmul, quantized_matmul) computed inside this kernel, whose only reader is
+    # the pointwise DAG rooted at `node`: that DAG runs in the product's store as an epilogue
+    # (bias, residual, activation).
     core: int | None = None
 
 
@@ -169,7 +173,7 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
     for nid in live:
         if nid in materialized and get_op(graph.nodes[nid].op).kind != "source":
             core = fused.get(nid)
-            kind = "matmul" if core is not None else get_op(graph.nodes[nid].op).kind
+            kind = get_op(graph.nodes[nid if core is None else core].op).kind
             kernels.append(Kernel(kind, nid, leaves(nid), core))
     return materialized, kernels
 
@@ -189,7 +193,7 @@ def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, ma
     for nid in live:
         node = graph.nodes[nid]
         users = readers.get(nid, [])
-        if get_op(node.op).kind != "matmul" or nid in pinned or len(users) != 1:
+        if get_op(node.op).kind not in PRODUCTS or nid in pinned or len(users) != 1:
             continue
         user = users[0]
         if (

@@ -7,6 +7,9 @@ backward pass one matmul each for the input and the weight gradient. The concate
 is a parameter of its own (`storage`); the original parameters become `ParameterView`s of
 it, so sessions still load, read, save and train them by their names.
 
+GGUF-quantized weights ([out, in] rows of blocks, read by `quantized_matmul`) are stored
+side by side the same way: whole rows of blocks, one after the other.
+
 This runs before the e-graph because it creates a parameter, which no rewrite rule can.
 """
 
@@ -16,6 +19,7 @@ import dataclasses
 from collections import defaultdict
 
 from meganeura.graph import Graph, ParameterSpec, ParameterView, Tensor
+from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
 FLOATS = ("f32", "f16")
 
@@ -29,6 +33,8 @@ class Group:
     trans_b: bool  # whether the matmuls read the weights transposed
     matmuls: list[list[int]]  # per input multiplied: the matmul of each weight
     hidden: list[int]  # transposes of the weights, which go away
+    columns: list[int]  # output columns of each weight's matmul
+    quantized: tuple[str, int] | None = None  # (qtype, in features) of quantized weights
 
 
 def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]:
@@ -52,8 +58,16 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
         return b, trans, hidden
 
     uses: dict[int, list[tuple[tuple, int, int | None]]] = defaultdict(list)
+    columns: dict[int, int] = {}
     for nid in live:
         node = graph.nodes[nid]
+        if node.op == "quantized_matmul":
+            found = _quantized_weight(graph, node, updated)
+            if found is not None:
+                w, key = found
+                columns[w] = node.attrs["shape"][0]
+                uses[w].append(((node.inputs[0], *key), nid, None))
+            continue
         if node.op != "matmul" or node.attrs["trans_a"]:
             continue
         a, b = node.inputs
@@ -64,6 +78,7 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
         wn = graph.nodes[w]
         spec = graph.parameter_specs[wn.name]
         k = wn.type.shape[1] if trans_b else wn.type.shape[0]
+        columns[w] = wn.type.shape[0] if trans_b else wn.type.shape[1]
         key = (a, trans_b, k, wn.type.dtype, spec.trainable, spec.state)
         if group_key is not None:
             key += (group_key(wn.name),)
@@ -78,11 +93,26 @@ def sibling_groups(graph: Graph, live: list[int], group_key=None) -> list[Group]
     for keys, weights in together.items():
         if len(weights) < 2:
             continue
-        trans_b = keys[0][1]
+        quantized = keys[0][1:3] if keys[0][1] in QUANT_LAYOUTS else None
+        trans_b = quantized is not None or keys[0][1]
         matmuls = [[m for w in weights for key, m, _ in uses[w] if key == k] for k in keys]
         hidden = [h for w in weights for _, _, h in uses[w] if h is not None]
-        groups.append(Group(weights, 0 if trans_b else 1, trans_b, matmuls, hidden))
+        axis = 0 if trans_b else 1
+        sizes = [columns[w] for w in weights]
+        groups.append(Group(weights, axis, trans_b, matmuls, hidden, sizes, quantized))
     return groups
+
+
+def _quantized_weight(graph: Graph, node, updated) -> tuple[int, tuple] | None:
+    """(raw weight parameter, key) of a quantized_matmul whose weight rows are whole u32
+    words (so weights can be stored one after another), else None."""
+    raw = node.inputs[1]
+    wn = graph.nodes[raw]
+    qtype, (_, cols) = node.attrs["qtype"], node.attrs["shape"]
+    if wn.op != "parameter" or raw in updated or (cols // BLOCK * QUANT_LAYOUTS[qtype]) % 4:
+        return None
+    spec = graph.parameter_specs[wn.name]
+    return raw, (qtype, cols, spec.trainable, spec.state)
 
 
 def storage_name(names: list[str]) -> str:
@@ -131,7 +161,13 @@ def concatenate_siblings(
             if (id(group), k) not in shared:
                 a = Tensor(new, ids[node.inputs[0]])
                 w = Tensor(new, storage[id(group)])
-                shared[id(group), k] = new.apply("matmul", [a, w], trans_b=group.trans_b).id
+                if group.quantized:
+                    qtype, cols = group.quantized
+                    shape = (sum(group.columns), cols)
+                    product = new.apply("quantized_matmul", [a, w], qtype=qtype, shape=shape)
+                else:
+                    product = new.apply("matmul", [a, w], trans_b=group.trans_b)
+                shared[id(group), k] = product.id
             ids[node.id] = _columns(new, graph, group, member, shared[id(group), k])
             continue
         inputs = tuple(ids[i] for i in node.inputs)
@@ -178,7 +214,7 @@ def _add_storage(new: Graph, graph: Graph, group: Group) -> int:
 
 def _columns(new: Graph, graph: Graph, group: Group, index: int, shared: int) -> int:
     """The output of weight `index` of the group: its columns of the shared matmul's output."""
-    sizes = [graph.nodes[w].type.shape[group.axis] for w in group.weights]
+    sizes = group.columns
     start = sum(sizes[:index])
     out = new.nodes[shared].type
     starts = [0] * out.ndim

@@ -191,6 +191,27 @@ def _cast_out(expr: str, dtype: str) -> str:
     return f"f16({expr})" if dtype == "f16" else expr
 
 
+def product_store(
+    plan: Plan, kernel: Kernel, name_of, out: str, acc: str, idx: str, indent: str
+) -> str:
+    """Statements storing a product kernel's value `acc` (f32) for output index `idx`: the
+    value itself, or, when the planner fused the pointwise DAG reading the product into the
+    kernel (kernel.core is the product), that DAG evaluated there (bias, residual,
+    activation). `name_of` gives the WGSL name of a node's buffer."""
+    graph = plan.graph
+    out_type = graph.nodes[kernel.node].type
+    if kernel.core is None:
+        return f"{indent}{out}[{idx}] = {_cast_out(acc, out_type.dtype)};\n"
+    core_dtype = graph.nodes[kernel.core].type.dtype
+    em = Emitter(
+        graph, plan.materialized - {kernel.node}, name_of, indent, bound={kernel.core: f"mm_{idx}"}
+    )
+    value = em.value(kernel.node, idx)
+    lines = [f"{indent}let mm_{idx} = {_cast_out(acc, core_dtype)};", *em.lines]
+    lines.append(f"{indent}{out}[{idx}] = {store_value(value, out_type.dtype)};")
+    return "\n".join(lines) + "\n"
+
+
 # -- row ops: softmax, log_softmax, cross-entropy ----------------------------------------------
 
 # The lowest finite f32: exp(x - NEG_MAX) stays 0 for x = -inf, where -inf would give NaN.

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meganeura.backends.wgsl.emit import STORAGE_TYPE, Emitter, prelude_for, store_value
-from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, archetype
+from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
+from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, archetype, product_store
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.linalg import matmul_dims
 
@@ -145,23 +145,7 @@ class _Matmul:
     def store(self, acc: str, idx: str, indent: str) -> str:
         """Statements writing product value `acc` (f32) at output index `idx`, through the
         epilogue when the kernel has one."""
-        if self.kernel.core is None:
-            value = (
-                acc if self.out_node.type.dtype == "f32" else f"{self.out_node.type.dtype}({acc})"
-            )
-            return f"{indent}{self.out}[{idx}] = {value};\n"
-        product = acc if self.dtype == "f32" else f"{self.dtype}({acc})"
-        em = Emitter(
-            self.graph,
-            self.plan.materialized - {self.kernel.node},
-            self.bind.name_of,
-            indent,
-            bound={self.core: f"mm_{idx}"},
-        )
-        value = em.value(self.kernel.node, idx)
-        lines = [f"{indent}let mm_{idx} = {product};", *em.lines]
-        lines.append(f"{indent}{self.out}[{idx}] = {store_value(value, self.out_node.type.dtype)};")
-        return "\n".join(lines) + "\n"
+        return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
 
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
         decls = self.bind.declarations()

@@ -18,6 +18,7 @@ from meganeura.backends.wgsl.kernels import (
     _Bindings,
     _pointwise,
     archetype,
+    product_store,
 )
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
@@ -75,10 +76,52 @@ def _row_offset(var: str, shape, strides, offset: int) -> str:
     return " + ".join(terms) or "0u"
 
 
+def _dot_loop(qtype: str, w: str, xb: str, blocks: int, tile: int, x_step: int) -> str:
+    """The lanes' loop over weight row n, adding its dot products with the tile's rows of x
+    into acc. Q4_1 blocks are whole words (the f16 pair d, m, then four words of nibbles), so
+    a lane takes one nibble word at a time: values 4c..4c+3 (low nibbles) and 16+4c..19+4c
+    (high), summed as d * (q . x) + m * sum(x). Other types go a block per lane, value by
+    value."""
+    if qtype != "Q4_1":
+        return f"""    for (var blk = lane; blk < {blocks}u; blk += {LANES}u) {{
+      let base = n * {blocks * QUANT_LAYOUTS[qtype]}u + blk * {QUANT_LAYOUTS[qtype]}u;
+      for (var j = 0u; j < {BLOCK}u; j++) {{
+        let v = {_value(qtype, w, "base", "j")};
+        let k = (blk * {BLOCK}u + j) * {x_step}u;
+        for (var t = 0u; t < {tile}u; t++) {{ acc[t] += v * {xb}[rows[t] + k]; }}
+      }}
+    }}
+"""
+    words = QUANT_LAYOUTS[qtype] // 4
+
+    def x4(k: str) -> str:
+        return (
+            "vec4<f32>("
+            + ", ".join(f"{xb}[rows[t] + ({k} + {c}u) * {x_step}u]" for c in range(4))
+            + ")"
+        )
+
+    return f"""    for (var u = lane; u < {blocks * 4}u; u += {LANES}u) {{
+      let blk = u / 4u; let c = u % 4u;
+      let base = n * {blocks * words}u + blk * {words}u;
+      let dm = unpack2x16float({w}[base]);
+      let q = {w}[base + 1u + c];
+      let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
+      let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
+      let k = blk * {BLOCK}u + 4u * c;
+      for (var t = 0u; t < {tile}u; t++) {{
+        let xl = {x4("k")};
+        let xh = {x4("k + 16u")};
+        acc[t] += dm.x * (dot(lo, xl) + dot(hi, xh)) + dm.y * dot(xl + xh, vec4<f32>(1.0));
+      }}
+    }}
+"""
+
+
 @archetype("quantized_matmul")
 def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
-    node = graph.nodes[kernel.node]
+    node = graph.nodes[kernel.node if kernel.core is None else kernel.core]
     x_id, raw_id = node.inputs
     qtype = node.attrs["qtype"]
     N, K = node.attrs["shape"]
@@ -92,7 +135,6 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
     grid = (math.ceil(N / OUTPUTS), math.ceil(M / tile), 1)
-    width = QUANT_LAYOUTS[qtype]
     blocks = K // BLOCK
     body = f"""var<workgroup> red: array<f32, {OUTPUTS * LANES}>;
 fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
@@ -106,15 +148,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   for (var t = 0u; t < {tile}u; t++) {{ rows[t] = x_row(min(m0 + t, {M - 1}u)); }}
   var acc: array<f32, {tile}>;
   if (n < {N}u) {{
-    for (var blk = lane; blk < {blocks}u; blk += {LANES}u) {{
-      let base = n * {blocks * width}u + blk * {width}u;
-      for (var j = 0u; j < {BLOCK}u; j++) {{
-        let v = {_value(qtype, w, "base", "j")};
-        let k = (blk * {BLOCK}u + j) * {x_strides[-1]}u;
-        for (var t = 0u; t < {tile}u; t++) {{ acc[t] += v * {xb}[rows[t] + k]; }}
-      }}
-    }}
-  }}
+{_dot_loop(qtype, w, xb, blocks, tile, x_strides[-1])}  }}
   for (var t = 0u; t < {tile}u; t++) {{
     red[slot] = acc[t];
     workgroupBarrier();
@@ -122,9 +156,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
       if (lane < s) {{ red[slot] += red[slot + s]; }}
       workgroupBarrier();
     }}
-    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{ {out}[(m0 + t) * {N}u + n] = red[slot]; }}
+    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{
+      let idx = (m0 + t) * {N}u + n;
+{product_store(plan, kernel, b.name_of, out, "red[slot]", "idx", "      ")}    }}
     workgroupBarrier();
   }}
 }}
 """
-    return KernelSource(_assemble(b, body), b.order, grid, f"quantized_matmul%{node.id}")
+    label = f"quantized_matmul%{node.id}"
+    if kernel.core is not None:
+        label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
+    return KernelSource(_assemble(b, body), b.order, grid, label)
