@@ -71,6 +71,14 @@ def main() -> None:
         engine.feed(np.array([[7]]))
 
     decode_ms = median_ms(decode, args.runs)
+    feeds, name = engine.chunk_inputs(np.array([[7]], np.int32), one)
+    program = session._run((session.graph.outputs[name],), "forward", feeds)
+    default = program.first_chunk
+    for chunk in (None, 4, 8, 16, 32):
+        program.first_chunk, program._next = chunk, None
+        chunked = median_ms(decode, args.runs)
+        print(f"decode, first command buffer of {chunk or 'all'} kernels: {chunked:.3f} ms")
+    program.first_chunk, program._next = default, None
     # The host's part: preparing inputs, encoding and submitting, then waiting for the read.
     prepare, submit, wait = [], [], []
     for _ in range(args.runs):
@@ -91,6 +99,26 @@ def main() -> None:
     print(
         f"decode {decode_ms:.3f} ms/token: inputs {ms(prepare):.3f} ms, encode+submit "
         f"{ms(submit):.3f} ms, wait+read {ms(wait):.3f} ms"
+    )
+    # The host's share of a run: encoding the commands (done ahead, while the device works)
+    # and submitting them (where Dawn records the backend's command buffer).
+    encode, submit_only, latency = [], [], []
+    queue = session.executor.device.queue
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        commands = program._encode()
+        t1 = time.perf_counter()
+        queue.submit(commands)
+        t2 = time.perf_counter()
+        program._fresh = set(program.staging)
+        program.read(session.graph.outputs[name])
+        t3 = time.perf_counter()
+        encode.append(t1 - t0)
+        submit_only.append(t2 - t1)
+        latency.append(t3 - t1)
+    print(
+        f"encode {ms(encode):.3f} ms, submit {ms(submit_only):.3f} ms, submit to logits read "
+        f"{ms(latency):.3f} ms ({len(program.dispatches)} kernels)"
     )
     # Back-to-back submissions without reading: the device's own rate.
     n = 20
