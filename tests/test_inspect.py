@@ -99,3 +99,25 @@ def test_debug_nan_environment_variable(monkeypatch):
     assert not session.check_finite
     y = session.run({"x": np.zeros((4, 3), np.float32)})["y"]  # no check: NaN comes out
     assert np.isnan(y).all()
+
+
+@pytest.mark.lavapipe
+def test_profile_times_every_kernel_of_the_forward_program():
+    session = build(log_graph()[0], device="vulkan-cpu")
+    data = {"x": np.full((4, 3), 2.0, np.float32)}
+    before = session.parameters()
+    kernels = session.profile(data, ["y"])
+    session.run(data)
+    assert len(kernels) == session.kernel_count
+    for label, grid, micros in kernels:
+        assert "matmul" in label or "log" in label
+        assert len(grid) == 3 and all(g >= 1 for g in grid)
+        assert micros >= 0.0
+    assert all(np.array_equal(session.parameters()[k], v) for k, v in before.items())
+    with pytest.raises(KeyError, match="no output named 'z'"):
+        session.profile(data, ["z"])
+
+
+def test_profile_needs_a_webgpu_device():
+    with pytest.raises(RuntimeError, match="NumPy executor has no kernels"):
+        build(log_graph()[0], device="cpu").profile({"x": np.ones((4, 3), np.float32)})
