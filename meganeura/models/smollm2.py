@@ -318,31 +318,27 @@ class Llama:
 
 
 class KVCache:
-    """Keys and values of every layer, [B, kv heads, capacity, head_dim] state parameters,
-    written at the run-time slot `position` (one i32) by whichever chunk computation runs."""
+    """Keys and values of every layer: per layer one [2, B, kv heads, capacity, head_dim] state
+    parameter (keys, then values), written at the run-time slot `position` (one i32) by
+    whichever chunk computation runs. Keys and values side by side are written by one kernel."""
 
     def __init__(self, graph: Graph, config: LlamaConfig, batch: int, capacity: int):
         self.graph = graph
         self.batch, self.capacity = batch, capacity
-        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (2, batch, config.num_key_value_heads, capacity, config.head_dim)
         self.position = graph.input("cache_position", (1,), "i32")
-        self.keys = [
-            graph.parameter(f"cache.{i}.key", shape, state=True)
-            for i in range(config.num_hidden_layers)
-        ]
-        self.values = [
-            graph.parameter(f"cache.{i}.value", shape, state=True)
+        self.layers = [
+            graph.parameter(f"cache.{i}", shape, state=True)
             for i in range(config.num_hidden_layers)
         ]
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The caches of `layer` with k and v [B, kv heads, T, D] written at `position`."""
-        out = []
-        for cache, new in ((self.keys[layer], k), (self.values[layer], v)):
-            written = self.graph.apply("write_rows", [cache, new, self.position], axis=2)
-            self.graph.write_back(cache, written)
-            out.append(written)
-        return out[0], out[1]
+        """The keys and values of `layer` with k and v [B, kv heads, T, D] written at
+        `position`."""
+        cache = self.layers[layer]
+        written = self.graph.apply("write_rows", [cache, F.stack([k, v]), self.position], axis=3)
+        self.graph.write_back(cache, written)
+        return written[0], written[1]
 
 
 def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str]:
