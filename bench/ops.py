@@ -108,7 +108,10 @@ def program_for(session, outputs):
     return session._program(tuple(session.graph.outputs[n] for n in outputs), "forward")[0]
 
 
-def run(program, feeds: dict[str, np.ndarray], graph: Graph, outputs):
+def run(program, feeds: dict[str, np.ndarray], outputs):
+    """Run `program` on `feeds` and read `outputs`, by the names of the program's graph (the
+    session's, which the optimizer rewrote: its node ids are not the user graph's)."""
+    graph = program.graph
     program.run({graph.inputs[n]: np.ascontiguousarray(v) for n, v in feeds.items()})
     return {n: program.read(graph.outputs[n]) for n in outputs}
 
@@ -128,7 +131,7 @@ def bench_copy(ctx):
     g.output("y", g.input("x", (nbytes // 4,)) * 2.0)
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["y"])
-    run(program, {"x": np.ones(nbytes // 4, np.float32)}, g, ["y"])
+    run(program, {"x": np.ones(nbytes // 4, np.float32)}, ["y"])
     pointwise = time_program(program)
     ctx["copy_extra"] = {
         "webgpu_copy_buffer_to_buffer_gbs": 2 * nbytes / time_copy(ctx["executor"], nbytes) / 1e9,
@@ -166,7 +169,7 @@ def _matmul_case(ctx, name, M, K, N, dtype, precision, trans_b=False, target="")
     outputs = [f"y{i}" for i in range(copies)]
     session = build(g, device=SETTINGS["device"], matmul_precision=precision)
     program = program_for(session, outputs)
-    got = run(program, {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}, g, outputs)
+    got = run(program, {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}, outputs)
     ours = time_program(program) / copies
     tdt = torch.float16 if dtype == "f16" else torch.float32
     xa = torch.tensor(a, device=SETTINGS["torch"], dtype=tdt)
@@ -235,7 +238,7 @@ def bench_attention_fwd(ctx, B=1, H=16, D=64):
     g.output("o", attention(tq, tk, tv, causal=True))
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["o"])
-    got = run(program, {"q": q, "k": k, "v": v}, g, ["o"])["o"]
+    got = run(program, {"q": q, "k": k, "v": v}, ["o"])["o"]
     ours = time_program(program)
     xq, xk, xv = (torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -262,7 +265,7 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     packed = g.apply("attention", [tq, tk, tv], causal=True)
     g.output("packed", packed)
     fwd = build(g, device=SETTINGS["device"])
-    packed_value = run(program_for(fwd, ["packed"]), {"q": q, "k": k, "v": v}, g, ["packed"])
+    packed_value = run(program_for(fwd, ["packed"]), {"q": q, "k": k, "v": v}, ["packed"])
 
     g = Graph()
     tq, tk, tv, tdo = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v), ("do", dout)))
@@ -276,7 +279,7 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["dq", "dkv"])
     feeds = {"q": q, "k": k, "v": v, "do": dout, "packed": packed_value["packed"]}
-    got = run(program, feeds, g, ["dq", "dkv"])
+    got = run(program, feeds, ["dq", "dkv"])
     got["dk"], got["dv"] = (part.reshape(B, H, T, D) for part in np.split(got["dkv"], 2))
     ours = time_program(program)
 
