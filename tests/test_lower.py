@@ -142,3 +142,64 @@ def test_session_reports_the_kernels_of_its_last_program():
     session = mn.build(g, device="vulkan-cpu")
     session.run({"x": np.ones((4, 3), np.float32)})
     assert session.kernel_count == len(session._last.plan.kernels) >= 1
+
+
+def test_adamw_moments_are_side_outputs_of_the_parameter_update():
+    # Per parameter, AdamW's first and second moments and the new parameter are one kernel
+    # (the moments stored as side outputs), every update in place, when the device binds
+    # enough buffers per kernel (a GPU's 16 or more; WebGPU's default of 8 leaves 7 reads).
+    g, roots = _training_graph(mn.optim.AdamW(1e-3))
+    assert all(k.also == [] for k in plan(g, roots, g.updates, max_reads=7).kernels)
+    p = plan(g, roots, g.updates, max_reads=15)
+    assert p.copies == []
+    params = [i for i in g.parameters.values() if not g.parameter_specs[g.nodes[i].name].state]
+    for pid in params:
+        (kernel,) = [k for k in p.kernels if k.node == g.updates[pid]]
+        assert len(kernel.also) == 2
+        for side in kernel.also:
+            target = next(t for t, v in g.updates.items() if v == side)
+            assert p.buffer_of[side] == p.buffer_of[target]
+
+
+def test_a_value_read_before_the_kernel_that_needs_it_is_not_a_side_output():
+    g = mn.Graph()
+    x = g.input("x", (5, 6))
+    a = (x * 2.0).exp()  # read by the reduction first, then by the last pointwise kernel
+    s = g.output("s", a.sum(axis=1, keepdims=True))
+    out = g.output("out", a * x + s)
+    p = plan(g, [s.id, out.id], {})
+    assert all(k.also == [] for k in p.kernels)
+    # ...but when only later pointwise kernels read it, the first of them stores it.
+    g = mn.Graph()
+    x = g.input("x", (5, 6))
+    a = (x * 2.0).exp()
+    b = g.output("b", a + 1.0)
+    c = g.output("c", a * b)
+    p = plan(g, [b.id, c.id], {})
+    assert len(p.kernels) == 1 and sorted(p.kernels[0].also) == sorted([a.id, b.id])
+
+
+@pytest.mark.lavapipe
+@settings(max_examples=15, deadline=None)
+@given(st.data())
+def test_side_outputs_match_the_numpy_executor(data):
+    # Chains of same-shape pointwise values, each stored (a root or read by several kernels),
+    # optionally broadcast against a row vector, and a training step with AdamW.
+    rows, cols = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 40))
+    g = mn.Graph()
+    x = g.input("x", (rows, cols))
+    r = g.input("r", (1, cols))
+    values = [x]
+    for n in range(data.draw(st.integers(2, 5))):
+        left = values[data.draw(st.integers(0, len(values) - 1))]
+        right = values[data.draw(st.integers(0, len(values) - 1))]
+        v = (left * 0.5 + right.tanh()) if data.draw(st.booleans()) else (left - r).sigmoid()
+        values.append(g.output(f"v{n}", v))
+    feeds = {
+        "x": np.random.default_rng(0).normal(size=(rows, cols)).astype(np.float32),
+        "r": np.random.default_rng(1).normal(size=(1, cols)).astype(np.float32),
+    }
+    want = mn.build(g, device="cpu", optimize=False).run(feeds)
+    got = mn.build(g, device="vulkan-cpu", optimize=False).run(feeds)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)

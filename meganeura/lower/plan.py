@@ -31,6 +31,10 @@ class Kernel:
     # the pointwise DAG rooted at `node`: that DAG runs in the product's store as an epilogue
     # (bias, residual, activation).
     core: int | None = None
+    # Pointwise values of the kernel's shape that it also stores (each a materialized node
+    # computed inside the kernel, read at the kernel's own index): an optimizer's new moments
+    # stored by the kernel that computes the new parameter from them.
+    also: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -175,7 +179,43 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             core = fused.get(nid)
             kind = get_op(graph.nodes[nid if core is None else core].op).kind
             kernels.append(Kernel(kind, nid, leaves(nid), core))
-    return materialized, kernels
+    return materialized, _merge_side_outputs(graph, kernels, materialized, max_reads)
+
+
+def _merge_side_outputs(graph: Graph, kernels: list[Kernel], materialized, max_reads: int):
+    """Pointwise kernels that read the value of an earlier pointwise kernel of their shape at
+    their own index compute that value themselves and store it as a side output, when no
+    other kernel reads it before them: one launch instead of two, and the value is not read
+    back from memory. AdamW's new moments and new parameter become one kernel."""
+
+    def simple(k: Kernel) -> bool:
+        return k.kind == "pointwise" and k.core is None
+
+    by_node = {k.node: k for k in kernels}
+    merged: set[int] = set()
+    for n, k in enumerate(kernels):
+        if not simple(k):
+            continue
+        size = graph.nodes[k.node].type.size
+        for a in list(k.reads):
+            src = by_node.get(a)
+            if (
+                src is None
+                or a in merged
+                or not simple(src)
+                or graph.nodes[a].type.size != size
+                or not _pointwise_path_is_identity(graph, k.node, a, materialized - set(k.also))
+            ):
+                continue
+            reads = sorted((set(k.reads) - {a}) | set(src.reads))
+            outputs = len(k.also) + len(src.also) + 2
+            early = [m for m, r in enumerate(kernels) if a in r.reads and m < n]
+            if len(reads) + outputs > max_reads + 1 or early:
+                continue
+            k.reads = reads
+            k.also = [*k.also, *src.also, a]
+            merged.add(a)
+    return [k for k in kernels if k.node not in merged]
 
 
 def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, max_reads):
@@ -316,7 +356,7 @@ def _writes_over(graph: Graph, value: int, target: int, materialized: set[int]) 
 
 def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7) -> Plan:
     materialized, kernels = select_kernels(graph, roots, updates, max_reads)
-    position = {k.node: n for n, k in enumerate(kernels)}
+    position = {out: n for n, k in enumerate(kernels) for out in (k.node, *k.also)}
     last_use: dict[int, int] = {}
     for n, k in enumerate(kernels):
         for i in k.reads:
@@ -347,16 +387,21 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                 # Safe when each output element reads the old value only at its own index:
                 # pointwise kernels, and matmul epilogues that are not also operands; or
                 # when the kernel writes over the old value in place (OpDef.in_place).
-                core = kernels[k].core
-                elementwise = kernels[k].kind == "pointwise" or (
+                # A kernel with side outputs computes them inside: check all it reads.
+                kern = kernels[k]
+                core = kern.core
+                elementwise = kern.kind == "pointwise" or (
                     core is not None
                     and all(
                         strided_view(graph, i, materialized)[0] != target
                         for i in graph.nodes[core].inputs
                     )
                 )
+                inside = materialized - set(kern.also)
                 ok = _writes_over(graph, value, target, materialized) or (
-                    elementwise and _pointwise_path_is_identity(graph, value, target, materialized)
+                    elementwise
+                    and _pointwise_path_is_identity(graph, kern.node, target, inside)
+                    and _pointwise_path_is_identity(graph, value, target, inside)
                 )
             ok = ok and node.type == graph.nodes[target].type
         if ok:
@@ -397,8 +442,10 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
         ):
             buffer_of[k.node] = buffer_of[over]  # nothing reads the old value afterwards
             buffers[buffer_of[over]].nodes.append(k.node)
-        if k.node not in buffer_of:
-            need = graph.nodes[k.node].type.nbytes
+        for out in (k.node, *k.also):
+            if out in buffer_of:
+                continue
+            need = graph.nodes[out].type.nbytes
             fitting = [b for b in free if b.nbytes >= need]
             if fitting:
                 buf = min(fitting, key=lambda b: b.nbytes)
@@ -408,10 +455,10 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                 free.remove(buf)
                 buf.nbytes = max(buf.nbytes, (need + 15) // 16 * 16)
             else:
-                buf = new_buffer("transient", [k.node])
-            if k.node not in buf.nodes:
-                buf.nodes.append(k.node)
-            buffer_of[k.node] = buf.id
+                buf = new_buffer("transient", [out])
+            if out not in buf.nodes:
+                buf.nodes.append(out)
+            buffer_of[out] = buf.id
         for nid in release.get(n, []):
             buf = buffers[buffer_of[nid]]
             if (
@@ -421,6 +468,7 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
             ):
                 free.append(buf)
         # A transient written but never read is free at once.
-        if buffers[buffer_of[k.node]].kind == "transient" and k.node not in last_use:
-            free.append(buffers[buffer_of[k.node]])
+        for out in (k.node, *k.also):
+            if buffers[buffer_of[out]].kind == "transient" and out not in last_use:
+                free.append(buffers[buffer_of[out]])
     return Plan(graph, kernels, materialized, buffer_of, buffers, copies, list(roots))

@@ -271,14 +271,13 @@ class WebGPUProgram:
             cpass.dispatch_workgroups(*grid)
             cpass.end()
             device.queue.submit([encoder.finish()])
-            node = self.graph.nodes[kernel.node]
-            fused = fused_nodes(self.graph, kernel.node, self.plan.materialized)
-            label = f"{node.op}%{node.id}"
-            error = kernel_error(
-                self.graph, kernel.node, self.read(kernel.node), kernel.reads, fused, label
-            )
-            if error is not None:
-                raise error
+            # Side outputs are values the kernel computes on the way to its own.
+            for nid in (*sorted(kernel.also), kernel.node):
+                fused = fused_nodes(self.graph, nid, self.plan.materialized)
+                label = f"{self.graph.nodes[nid].op}%{nid}"
+                error = kernel_error(self.graph, nid, self.read(nid), kernel.reads, fused, label)
+                if error is not None:
+                    raise error
 
     def profile(self, feeds) -> list[tuple[str, tuple, float]]:
         """Run once with a GPU timestamp before and after every kernel, each in its own

@@ -45,6 +45,13 @@ class _Bindings:
         self.out_buffer = plan.buffer_of[out_node]
         self.order = [self.out_buffer]
         self.dtypes = {self.out_buffer: plan.graph.nodes[out_node].type.dtype}
+        self.written = {self.out_buffer}
+
+    def output(self, nid: int) -> str:
+        """The name of the buffer of `nid`, which the kernel writes (a side output)."""
+        name = self.name_of(nid)
+        self.written.add(self.plan.buffer_of[nid])
+        return name
 
     def name_of(self, nid: int) -> str:
         buf = self.plan.buffer_of[nid]
@@ -56,7 +63,7 @@ class _Bindings:
     def declarations(self) -> str:
         lines = []
         for n, buf in enumerate(self.order):
-            access = "read_write" if n == 0 else "read"
+            access = "read_write" if buf in self.written else "read"
             ty = STORAGE_TYPE[self.dtypes[buf]]
             lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
         return "\n".join(lines)
@@ -87,18 +94,22 @@ def _pointwise(plan: Plan, kernel: Kernel) -> KernelSource:
     node = graph.nodes[kernel.node]
     b = _Bindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
-    em = Emitter(graph, plan.materialized - {kernel.node}, b.name_of, "  ")
+    em = Emitter(graph, plan.materialized - {kernel.node, *kernel.also}, b.name_of, "  ")
     value = em.value(kernel.node, "i")
+    stores = [f"  {out}[i] = {store_value(value, node.type.dtype)};"]
+    for side in kernel.also:  # computed inside this kernel's DAG; stored as well
+        dtype = graph.nodes[side].type.dtype
+        stores.append(f"  {b.output(side)}[i] = {store_value(em.value(side, 'i'), dtype)};")
     n = node.type.size
     grid = _grid_1d(math.ceil(n / WG))
     body = (
         f"@compute @workgroup_size({WG})\n"
         "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
         f"  let i = (wid.y * {grid[0]}u + wid.x) * {WG}u + lid;\n"
-        f"  if (i >= {n}u) {{ return; }}\n" + "\n".join(em.lines) + "\n"
-        f"  {out}[i] = {store_value(value, node.type.dtype)};\n}}\n"
+        f"  if (i >= {n}u) {{ return; }}\n" + "\n".join([*em.lines, *stores]) + "\n}\n"
     )
-    return KernelSource(_assemble(b, body), b.order, grid, f"{node.op}%{node.id}")
+    label = "+".join(f"{graph.nodes[i].op}%{i}" for i in (kernel.node, *kernel.also))
+    return KernelSource(_assemble(b, body), b.order, grid, label)
 
 
 # -- reductions ---------------------------------------------------------------------------
