@@ -13,7 +13,8 @@ Variants, chosen per kernel:
   used only where the executor measured that staging beats the f32 kernels: on an H200
   through Dawn it did not (9.5 TFLOP/s against 32).
 - tiled SIMT f32 otherwise: 128 x 128 tiles with 8 x 8 outputs per invocation for large
-  products (32 TFLOP/s at 4096^3 on an H200), 64 x 64 tiles with 4 x 4 for the rest.
+  products (32 TFLOP/s at 4096^3 on an H200); for the rest, tiles from 64 x 64 down to
+  16 x 16 chosen by the number of workgroups they make, k split inside the workgroup.
 """
 
 from __future__ import annotations
