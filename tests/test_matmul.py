@@ -15,6 +15,7 @@ from meganeura import Graph, build, grad, optim
 from meganeura import functional as F
 from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.kernels import generate
+from meganeura.backends.wgsl.matmul import GEMV_ROWS, GEMV_WORKGROUPS
 from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, TILED_WORKGROUPS, Tile, choose_tile
 from meganeura.lower.plan import plan as make_plan
 from meganeura.nn import Linear
@@ -235,7 +236,8 @@ def test_matrix_units_read_f16_operands_directly(trans_b):
 
 
 # -- tile and GEMV shapes -----------------------------------------------------------------------
-# The tile follows the product's size; these tests force each tile on small products.
+# The tile and the GEMV workgroup shape follow the product's size; these tests force each tile
+# on small products, and draw GEMV sizes on both sides of every workgroup-shape threshold.
 
 
 def kernel_shapes(M, K, N, trans_b=True):
@@ -264,6 +266,14 @@ def test_small_products_get_small_tiles_with_k_split_inside_the_workgroup():
         assert size == 256 and math.prod(grid) >= TILED_WORKGROUPS, (M, K, N, grid)
     # Large products keep 128 x 128 tiles.
     assert kernel_shapes(2048, 576, 2048)[1] == (16, 16, 1)
+
+
+def test_short_gemvs_spread_over_many_workgroups():
+    # Decoding one token: every projection makes at least GEMV_WORKGROUPS workgroups.
+    for K, N in ((576, 960), (576, 576), (576, 3072), (1536, 576)):
+        assert math.prod(kernel_shapes(1, K, N)[1]) >= GEMV_WORKGROUPS, (K, N)
+    assert kernel_shapes(1, 576, 49152) == (256, (6144, 1, 1))  # tied lm_head: 8 columns each
+    assert kernel_shapes(1, 576, 576, trans_b=False) == (256, (144, 1, 1))  # x @ W, W [K, N]
 
 
 ALL_TILES = [Tile(*shape) for shape in sorted({s for t in TILE_SHAPES for s in (t, t[::-1])})]
@@ -329,3 +339,31 @@ def test_every_tile_on_lavapipe(tile, batches, m, k, n, ta, tb, epilogue, seed):
     # Every matmul of the graph (forward and both gradients) runs with this tile.
     with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
         check_matmul("vulkan-cpu", batches, m, k, n, ta, tb, epilogue, seed)
+
+
+# GEMV sizes (m, k, n) on each side of every threshold: 2, 4 or 8 columns per workgroup
+# (contiguous k) and 4 or 8 (columns), rows read in straight-line code or in a loop. Many
+# rows only where the sizes are small: lavapipe runs each row's reduction in turn.
+GEMV_SIZES = {
+    "short": (st.integers(1, GEMV_ROWS), st.integers(1, 40), st.integers(1, 40)),
+    "2 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(511, 1020)),
+    "4 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(1021, 2040)),
+    "8 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(2041, 2100)),
+    "long rows": (st.integers(1, 2), st.integers(2049, 2100), st.integers(1, 40)),
+}
+GEMV_ARGS = (st.booleans(), st.booleans(), st.sampled_from(EPILOGUES), seeds)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(sorted(GEMV_SIZES)).flatmap(lambda r: st.tuples(*GEMV_SIZES[r])), *GEMV_ARGS)
+def test_gemv_random_shapes_on_the_numpy_executor(mkn, ta, tb, epilogue, seed):
+    check_matmul("cpu", ((), ()), *mkn, ta, tb, epilogue, seed)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("sizes", sorted(GEMV_SIZES))
+@settings(max_examples=2, deadline=None)
+@given(st.data(), *GEMV_ARGS)
+def test_every_gemv_shape_on_lavapipe(sizes, data, ta, tb, epilogue, seed):
+    mkn = data.draw(st.tuples(*GEMV_SIZES[sizes]), label="m, k, n")
+    check_matmul("vulkan-cpu", ((), ()), *mkn, ta, tb, epilogue, seed)

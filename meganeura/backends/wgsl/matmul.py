@@ -5,7 +5,9 @@ variant shares is in matmul_operands; the tiled SIMT kernels are in matmul_simt.
 Variants, chosen per kernel:
 - GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by invocations that read
   it contiguously (vec4 loads when the layout allows) and reduce in workgroup memory.
-  Decoding, small-batch training and their backward passes land here.
+  Decoding, small-batch training and their backward passes land here. Few columns make
+  narrow workgroups (enough of them for every SM), and a short row is read in straight-line
+  code: a decoding step's small products are one memory round trip each.
 - matrix units (subgroup matrices, f16 operands, f32 accumulation), when the executor's
   start-up check found them correct: f16 operands that tile exactly are loaded by the
   matrix loads themselves (73 TFLOP/s at 4096^3 on an H200). Operands staged through
@@ -27,7 +29,9 @@ from meganeura.backends.wgsl.matmul_simt import tiled
 from meganeura.lower.plan import Kernel, Plan
 
 GEMV_ROWS = 8
-GEMV_UNROLL = 4  # weight loads in flight per invocation
+GEMV_UNROLL = 4  # weight loads in flight per invocation, in a loop over a long row
+GEMV_PIECES = 16  # rows of up to this many pieces per invocation are read without a loop
+GEMV_WORKGROUPS = 256  # two workgroups for each SM of a large GPU (132 on an H200)
 # Matrix-unit tiles: one subgroup of 32 per workgroup (subgroup-matrix offsets must be
 # uniform), computing a grid of 16 x 16 result matrices (rows, columns) over k steps of MU_BK.
 MU_TILES = (4, 4)
@@ -57,58 +61,81 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
 # -- GEMV -----------------------------------------------------------------------------------
 
 
+def _gemv_teams(N: int, nbatch: int, widths=(8, 4, 2)) -> int:
+    """Output columns per workgroup: the most that still make GEMV_WORKGROUPS workgroups
+    (else the fewest), so a short GEMV reaches every SM and a long one keeps large groups."""
+    return next((w for w in widths if math.ceil(N / w) * nbatch >= GEMV_WORKGROUPS), widths[-1])
+
+
+def _k_pieces(step: int, K: int, first: str, piece) -> str:
+    """Statements running `piece(k, name)` at k = first, first + step, ... < K. Up to
+    GEMV_PIECES pieces are written out in straight-line code, the loads of every whole piece
+    first: one memory round trip, whatever the compiler makes of loops. Longer rows loop,
+    GEMV_UNROLL pieces at a time."""
+    pieces = math.ceil(K / step)
+    if pieces > GEMV_PIECES:
+        lets = "".join(f"      let k{u} = k + {u * step}u;\n" for u in range(GEMV_UNROLL))
+        main = lets + "".join(
+            load + use for load, use in (piece(f"k{u}", f"w{u}") for u in range(GEMV_UNROLL))
+        )
+        last = (GEMV_UNROLL - 1) * step
+        load, use = piece("k", "w")
+        return (
+            f"    var k = {first};\n"
+            f"    for (; k + {last}u < {K}u; k += {GEMV_UNROLL * step}u) {{\n{main}    }}\n"
+            f"    for (; k < {K}u; k += {step}u) {{\n{load}{use}    }}\n"
+        )
+    whole = K // step  # pieces every invocation reads; the rest may run past K
+    lets = "".join(f"    let k{p} = {first} + {p * step}u;\n" for p in range(pieces))
+    parts = [piece(f"k{p}", f"w{p}") for p in range(pieces)]
+    loads = "".join(load for load, _ in parts[:whole])
+    uses = "".join(use for _, use in parts[:whole])
+    tail = "".join(
+        f"    if (k{p} < {K}u) {{\n{load}{use}    }}\n"
+        for p, (load, use) in enumerate(parts)
+        if p >= whole
+    )
+    return lets + loads + uses + tail
+
+
 def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
     """Weights contiguous along k (x @ W^T with W [N, K], nn.Linear's layout): a team of 32
-    invocations per output column reads its weight row in 16-byte pieces."""
+    invocations per output column reads its weight row in 16-byte pieces, and the teams of a
+    workgroup reduce their sums in workgroup memory."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     vec = K % 4 == 0 and mm.use_vec4(b, False) and mm.use_vec4(a, True)
     if vec:
         mm.bind.vector |= {mm.plan.buffer_of[a.base], mm.plan.buffer_of[b.base]}
     step = 128 if vec else 32
-    unroll = 4 if 4 * step <= K else 1
+    teams = _gemv_teams(N, mm.nbatch)
+    size = 32 * teams
 
-    def piece(k: str) -> str:
+    def piece(k: str, w: str) -> tuple[str, str]:
         if vec:
-            w = f"{b.buf}[(brow + {k}) / 4u]"
-            lines = [f"      let w_{k} = vec4<f32>({w});"]
-            lines += [
-                f"      acc{m} += dot(vec4<f32>({a.buf}[(a0 + {m * a.s_row}u + {k}) / 4u]), w_{k});"
-                for m in range(M)
-            ]
+            load = f"      let {w} = vec4<f32>({b.buf}[(brow + {k}) / 4u]);\n"
+            x = f"vec4<f32>({a.buf}[(a0 + {{}}u + {k}) / 4u])"
+            uses = [f"      acc{m} += dot({x.format(m * a.s_row)}, {w});" for m in range(M)]
         else:
-            lines = [f"      let w_{k} = f32({b.buf}[brow + {k} * {b.s_row}u]);"]
-            lines += [
-                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * w_{k};"
+            load = f"      let {w} = f32({b.buf}[brow + {k} * {b.s_row}u]);\n"
+            uses = [
+                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};"
                 for m in range(M)
             ]
-        return "\n".join(lines) + "\n"
+        return load, "\n".join(uses) + "\n"
 
-    ks = [f"k{u}" for u in range(unroll)]
-    main = "".join(f"      let k{u} = k + {u * step}u;\n" for u in range(unroll)) + "".join(
-        piece(k) for k in ks
-    )
-    main_loop = (
-        f"    for (; k + {(unroll - 1) * step}u < {K}u; k += {unroll * step}u) {{\n{main}    }}\n"
-        if unroll > 1
-        else ""
-    )
-    reduce_rows = "".join(f"  red[{m * 256}u + tid] = acc{m};\n" for m in range(M))
+    reduce_rows = "".join(f"  red[{m * size}u + tid] = acc{m};\n" for m in range(M))
     tree = "".join(
-        f"        red[{m * 256}u + tid] += red[{m * 256}u + tid + s];\n" for m in range(M)
+        f"        red[{m * size}u + tid] += red[{m * size}u + tid + s];\n" for m in range(M)
     )
-    grid_x = math.ceil(N / 8)
-    body = f"""@compute @workgroup_size(256)
+    body = f"""@compute @workgroup_size({size})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
   let team = tid / 32u; let lane = tid % 32u;
-  let n = wid.x * 8u + team; let bz = wid.z;
+  let n = wid.x * {teams}u + team; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
 {"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
-    var k = lane * {step // 32}u;
-{main_loop}    for (; k < {K}u; k += {step}u) {{
-{piece("k")}    }}
-  }}
+{_k_pieces(step, K, f"lane * {step // 32}u", piece)}  }}
 {reduce_rows}  workgroupBarrier();
   for (var s = 16u; s > 0u; s = s >> 1u) {{
     if (lane < s) {{
@@ -116,13 +143,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
   }}
   if (lane < {M}u && n < {N}u) {{
-    let acc = red[lane * 256u + team * 32u];
+    let acc = red[lane * {size}u + team * 32u];
     let idx = bz * {M * N}u + lane * {N}u + n;
 {mm.store("acc", "idx", "    ")}  }}
 }}
 """
-    shared = f"var<workgroup> red: array<f32, {256 * M}>;\n"
-    return kernel_source(mm, body, (grid_x, 1, mm.nbatch), shared)
+    shared = f"var<workgroup> red: array<f32, {size * M}>;\n"
+    return kernel_source(mm, body, (math.ceil(N / teams), 1, mm.nbatch), shared)
 
 
 def _gemv_columns(mm: Matmul) -> KernelSource:
@@ -135,18 +162,26 @@ def _gemv_columns(mm: Matmul) -> KernelSource:
     if vec:
         mm.bind.vector.add(mm.plan.buffer_of[b.base])
     width = 4 if vec else 1
-    lanes = GEMV_COLUMN_LANES if vec else 8  # 32 bytes of a weight row: one memory sector
+    # 32 bytes of a weight row per workgroup (one memory sector), or 16 where that leaves
+    # too few workgroups.
+    lanes = 8
+    if vec:
+        lanes = _gemv_teams(N, mm.nbatch, (4 * GEMV_COLUMN_LANES, 4)) // 4
     slices = 256 // lanes
     cols = lanes * width
     vt = "vec4<f32>" if vec else "f32"
-    if vec:
-        weight = f"vec4<f32>({b.buf}[(b0 + k * {b.s_row}u) / 4u])"
-    else:
-        weight = f"f32({b.buf}[b0 + k * {b.s_row}u])"
-    fmas = "".join(
-        f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u]) * w;\n"
-        for m in range(M)
-    )
+
+    def piece(k: str, w: str) -> tuple[str, str]:
+        if vec:
+            load = f"      let {w} = vec4<f32>({b.buf}[(b0 + {k} * {b.s_row}u) / 4u]);\n"
+        else:
+            load = f"      let {w} = f32({b.buf}[b0 + {k} * {b.s_row}u]);\n"
+        uses = "".join(
+            f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};\n"
+            for m in range(M)
+        )
+        return load, uses
+
     reductions = []
     for m in range(M):
         reductions.append(
@@ -176,10 +211,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)} + min(n0, {N - width}u) * {b.s_col}u;
 {"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
-    for (var k = ks; k < {K}u; k += {slices}u) {{
-      let w = {weight};
-{fmas}    }}
-  }}
+{_k_pieces(slices, K, "ks", piece)}  }}
 {"".join(reductions)}}}
 """
     shared = f"var<workgroup> red: array<{vt}, 256>;\n"
