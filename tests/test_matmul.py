@@ -144,15 +144,20 @@ def test_sgd_update_runs_in_the_gradient_matmul_in_place(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_operands_at_an_offset_inside_their_buffer(device):
+@pytest.mark.parametrize("rows", [3, 12])  # GEMV, tiled
+@pytest.mark.parametrize("offset", [5, 8])  # scalar loads, 16-byte loads
+def test_operands_at_an_offset_inside_their_buffer(device, rows, offset):
     rng = np.random.default_rng(3)
-    flat = rng.standard_normal(5 + 12 * 10).astype(np.float32)
-    w = rng.standard_normal((10, 6)).astype(np.float32)
+    flat = rng.standard_normal(offset + rows * 12).astype(np.float32)
+    w = rng.standard_normal((12, 6)).astype(np.float32)
     g = Graph()
-    part = segment(g.input("flat", flat.shape), 5, (12, 10))
+    part = segment(g.input("flat", flat.shape), offset, (rows, 12))
     g.output("y", part @ g.input("w", w.shape))
-    got = build(g, device=device).run({"flat": flat, "w": w})["y"]
-    np.testing.assert_allclose(got, flat[5:].reshape(12, 10) @ w, rtol=1e-5, atol=1e-5)
+    g.output("z", g.apply("matmul", [part, g.input("v", w.T.shape)], trans_b=True))
+    got = build(g, device=device).run({"flat": flat, "w": w, "v": np.ascontiguousarray(w.T)})
+    want = flat[offset:].reshape(rows, 12) @ w
+    np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["z"], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
