@@ -1,6 +1,7 @@
 """Kernel benchmarks on a GPU: each generated kernel against PyTorch on the same card.
 
     python bench/ops.py [--json results.json] [--only NAME ...]
+    python bench/ops.py --prefill [--sweep]    # SmolLM2-135M's products: prefill and decode
 
 Our kernels are timed by recording N repetitions of a program's dispatches in one compute
 pass, submitting once and waiting on a 4-byte readback; N is chosen so one measurement takes
@@ -9,19 +10,32 @@ timed with CUDA events the same way. Inputs are random; each benchmark also repo
 relative error of our result against PyTorch's (Frobenius norm). Rates: matmuls and attention
 in TFLOP/s (attention counts the causal half: fwd 2 B H T^2 D, bwd 2.5x that), GEMV and copies
 in GB/s (copies count bytes read plus written).
+
+--prefill times the f32 products of SmolLM2-135M (nn.Linear weights, x @ W^T): a 128-token
+prefill (M = 128) and a decoding step (M = 1, plus the tied lm_head), with the residual add
+fused where the model has one (torch: addmm). As in a model, every product reads its own
+weights from device memory: a run rotates over copies of the weights worth more than the
+card's L2, and each product depends on the one before (outputs are rewritten, so WebGPU puts
+a barrier between dispatches; CUDA runs a stream in order). --sweep adds every tile shape of
+the SIMT kernel for the prefill products and every GEMV workgroup width for the decoding ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import torch
 
 from meganeura import Graph, build
+from meganeura.backends.wgsl import matmul as wgsl_matmul
+from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.ops.attention import attention
 from meganeura.ops.packed import segment
@@ -29,9 +43,19 @@ from meganeura.ops.packed import segment
 TARGET_SECONDS = 0.05
 REPEATS = 7
 GEMV_COPIES = 4  # 4 x 64 MiB of weights: more than an H100's or H200's L2
+ROTATED_BYTES = 256 << 20  # weights an LLM benchmark rotates over: several times the L2
+# SmolLM2-135M's products (N, K, residual added in the store), hidden size 576.
+LLM_PRODUCTS = {
+    "qkv": (960, 576, False),
+    "o_proj + residual": (576, 576, True),
+    "gate_up": (3072, 576, False),
+    "down + residual": (576, 1536, True),
+}
+LLM_HEAD = (49152, 576)
+PREFILL_ROWS = 128
 # --smoke runs every benchmark at toy sizes on whatever devices there are, to check the
 # script itself before spending time on a GPU.
-SETTINGS = {"device": "gpu", "torch": "cuda", "size": 4096, "seq": 2048}
+SETTINGS = {"device": "gpu", "torch": "cuda", "size": 4096, "seq": 2048, "llm_scale": 1}
 
 
 def time_program(program, repeats: int = REPEATS) -> float:
@@ -108,10 +132,10 @@ def program_for(session, outputs):
     return session._program(tuple(session.graph.outputs[n] for n in outputs), "forward")[0]
 
 
-def run(program, feeds: dict[str, np.ndarray], outputs):
-    """Run `program` on `feeds` and read `outputs`, by the names of the program's graph (the
-    session's, which the optimizer rewrote: its node ids are not the user graph's)."""
-    graph = program.graph
+def run(program, feeds: dict[str, np.ndarray], session, outputs):
+    """Runs a program of `session` on named inputs and reads named outputs (by the session's
+    graph, whose node ids the optimizer may have changed)."""
+    graph = session.graph
     program.run({graph.inputs[n]: np.ascontiguousarray(v) for n, v in feeds.items()})
     return {n: program.read(graph.outputs[n]) for n in outputs}
 
@@ -131,7 +155,7 @@ def bench_copy(ctx):
     g.output("y", g.input("x", (nbytes // 4,)) * 2.0)
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["y"])
-    run(program, {"x": np.ones(nbytes // 4, np.float32)}, ["y"])
+    run(program, {"x": np.ones(nbytes // 4, np.float32)}, session, ["y"])
     pointwise = time_program(program)
     ctx["copy_extra"] = {
         "webgpu_copy_buffer_to_buffer_gbs": 2 * nbytes / time_copy(ctx["executor"], nbytes) / 1e9,
@@ -169,7 +193,7 @@ def _matmul_case(ctx, name, M, K, N, dtype, precision, trans_b=False, target="")
     outputs = [f"y{i}" for i in range(copies)]
     session = build(g, device=SETTINGS["device"], matmul_precision=precision)
     program = program_for(session, outputs)
-    got = run(program, {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}, outputs)
+    got = run(program, {"a": a, **{f"b{i}": b for i, b in enumerate(bs)}}, session, outputs)
     ours = time_program(program) / copies
     tdt = torch.float16 if dtype == "f16" else torch.float32
     xa = torch.tensor(a, device=SETTINGS["torch"], dtype=tdt)
@@ -238,7 +262,7 @@ def bench_attention_fwd(ctx, B=1, H=16, D=64):
     g.output("o", attention(tq, tk, tv, causal=True))
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["o"])
-    got = run(program, {"q": q, "k": k, "v": v}, ["o"])["o"]
+    got = run(program, {"q": q, "k": k, "v": v}, session, ["o"])["o"]
     ours = time_program(program)
     xq, xk, xv = (torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -265,7 +289,7 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     packed = g.apply("attention", [tq, tk, tv], causal=True)
     g.output("packed", packed)
     fwd = build(g, device=SETTINGS["device"])
-    packed_value = run(program_for(fwd, ["packed"]), {"q": q, "k": k, "v": v}, ["packed"])
+    packed_value = run(program_for(fwd, ["packed"]), {"q": q, "k": k, "v": v}, fwd, ["packed"])
 
     g = Graph()
     tq, tk, tv, tdo = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v), ("do", dout)))
@@ -279,7 +303,7 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     session = build(g, device=SETTINGS["device"])
     program = program_for(session, ["dq", "dkv"])
     feeds = {"q": q, "k": k, "v": v, "do": dout, "packed": packed_value["packed"]}
-    got = run(program, feeds, ["dq", "dkv"])
+    got = run(program, feeds, session, ["dq", "dkv"])
     got["dk"], got["dv"] = (part.reshape(B, H, T, D) for part in np.split(got["dkv"], 2))
     ours = time_program(program)
 
@@ -302,6 +326,105 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     )
 
 
+def _kernel_shape(program) -> str:
+    """Workgroup size and grid of a program's (first) matmul kernel."""
+    source = generate(program.plan, program.plan.kernels[0])
+    size = source.wgsl.split("@workgroup_size(")[1].split(")")[0]
+    return f"wg {math.prod(int(d) for d in size.split(','))} grid {'x'.join(map(str, source.grid))}"
+
+
+def _llm_case(ctx, name, M, N, K, residual, variant=None, target=""):
+    """x[M, K] @ W^T (+ r) over copies of W [N, K] worth ROTATED_BYTES, each product its own
+    dispatch; `variant` (a context manager) forces a kernel shape."""
+    scale = SETTINGS["llm_scale"]
+    M, N, K = math.ceil(M / scale), N // scale, K // scale
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype(np.float32)
+    r = rng.standard_normal((M, N)).astype(np.float32)
+    copies = min(128, max(2, math.ceil(ROTATED_BYTES / scale**3 / w.nbytes)))
+    g = Graph()
+    tx, tr = g.input("x", x.shape), g.input("r", r.shape)
+    for i in range(copies):
+        y = g.apply("matmul", [tx, g.input(f"w{i}", w.shape)], trans_b=True)
+        g.output(f"y{i}", y + tr if residual else y)
+    outputs = [f"y{i}" for i in range(copies)]
+    with variant or contextlib.nullcontext():
+        session = build(g, device=SETTINGS["device"])
+        program = program_for(session, outputs)
+        kernel = _kernel_shape(program)
+    # One kernel per product: the optimizer must not have concatenated the copies.
+    assert len(program.plan.kernels) == copies, [k.kind for k in program.plan.kernels]
+    got = run(program, {"x": x, "r": r, **{f"w{i}": w for i in range(copies)}}, session, outputs)
+    ours = time_program(program) / copies
+    dev = SETTINGS["torch"]
+    xt, rt = torch.tensor(x, device=dev), torch.tensor(r, device=dev)
+    wts = [torch.tensor(w, device=dev) for _ in range(copies)]
+    if residual:
+        theirs = time_torch(lambda: [torch.addmm(rt, xt, wt.T) for wt in wts]) / copies
+    else:
+        theirs = time_torch(lambda: [xt @ wt.T for wt in wts]) / copies
+    want = xt.double() @ wts[0].double().T + (rt.double() if residual else 0)
+    gemv = M <= wgsl_matmul.GEMV_ROWS
+    row = dict(
+        name=name,
+        shape=f"{M}x{K}x{N} f32 (W^T)" + (" +r" if residual else ""),
+        ours_s=ours,
+        torch_s=theirs,
+        work=(x.nbytes + w.nbytes + r.nbytes * (1 + residual)) if gemv else 2 * M * N * K,
+        unit="GB/s" if gemv else "TFLOP/s",
+        err=rel_err(got["y0"], want),
+        target=target,
+        kernel=kernel,
+    )
+    if gemv and "copy_gbs" in ctx:
+        row["fraction_of_copy"] = row["work"] / ours / 1e9 / ctx["copy_gbs"]
+    return row
+
+
+def _forced_tile(tile):
+    return mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile)
+
+
+def _forced_gemv_columns(columns):
+    return mock.patch.object(wgsl_matmul, "_gemv_teams", lambda *_args, **_kw: columns)
+
+
+def _llm_rows(ctx, name, M, N, K, residual, target, variants):
+    """The default kernel's row, then one per forced variant (`--sweep`); a variant that fails
+    (a workgroup larger than the device allows) gives an error row."""
+    rows = [_llm_case(ctx, name, M, N, K, residual, target=target)]
+    for label, variant in variants if ctx.get("sweep") else []:
+        try:
+            rows.append(_llm_case(ctx, f"  {label}", M, N, K, residual, variant))
+        except Exception as error:
+            rows.append(dict(name=f"  {label}", error=f"{type(error).__name__}: {error}"))
+    return rows
+
+
+def bench_llm_prefill(ctx):
+    """SmolLM2-135M's products for a 128-token prefill."""
+    shapes = sorted({s for t in matmul_simt.TILE_SHAPES for s in (t, t[::-1])})
+    tiles = [matmul_simt.Tile(*shape) for shape in shapes]
+    variants = [(f"tile {t.rows}x{t.cols} k/{t.splits}", _forced_tile(t)) for t in tiles]
+    rows = []
+    for name, (N, K, residual) in LLM_PRODUCTS.items():
+        rows += _llm_rows(ctx, f"prefill {name}", PREFILL_ROWS, N, K, residual, ">= 10", variants)
+    return rows
+
+
+def bench_llm_decode(ctx):
+    """SmolLM2-135M's products for one decoded token, and its tied lm_head."""
+    variants = [(f"gemv {c} columns/workgroup", _forced_gemv_columns(c)) for c in (2, 4, 8, 16)]
+    rows = []
+    for name, (N, K, residual) in [*LLM_PRODUCTS.items(), ("lm_head", (*LLM_HEAD, False))]:
+        target = ""
+        if name == "lm_head" and "copy_gbs" in ctx:
+            target = f">= {0.6 * ctx['copy_gbs']:.0f} (60% torch copy)"
+        rows += _llm_rows(ctx, f"decode {name}", 1, N, K, residual, target, variants)
+    return rows
+
+
 BENCHMARKS = {
     "copy": bench_copy,
     "matmul_f32": bench_matmul_f32,
@@ -311,7 +434,10 @@ BENCHMARKS = {
     "gemv_columns": bench_gemv_columns,
     "attention_fwd": bench_attention_fwd,
     "attention_bwd": bench_attention_bwd,
+    "llm_prefill": bench_llm_prefill,
+    "llm_decode": bench_llm_decode,
 }
+DEFAULT = [name for name in BENCHMARKS if not name.startswith("llm_")]
 
 
 def rate(work: float, seconds: float, unit: str) -> float:
@@ -323,31 +449,37 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any devices")
+    parser.add_argument(
+        "--prefill", action="store_true", help="SmolLM2-135M's prefill and decoding products"
+    )
+    parser.add_argument("--sweep", action="store_true", help="with --prefill: every kernel shape")
     args = parser.parse_args()
     if args.smoke:
         cuda = torch.cuda.is_available()
-        SETTINGS.update(device="auto" if cuda else "vulkan-cpu", size=136, seq=80)
+        SETTINGS.update(device="auto" if cuda else "vulkan-cpu", size=136, seq=80, llm_scale=8)
         SETTINGS["torch"] = "cuda" if cuda else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     probe = build(Graph(), device=SETTINGS["device"])
-    ctx = {"executor": probe.executor}
+    ctx = {"executor": probe.executor, "sweep": args.sweep}
     card = torch.cuda.get_device_name() if SETTINGS["torch"] == "cuda" else "cpu"
     print(f"ours: {probe.device}; torch {torch.__version__}: {card}", flush=True)
     rows = []
-    for name in args.only or list(BENCHMARKS):
+    names = args.only or (["copy", "llm_prefill", "llm_decode"] if args.prefill else DEFAULT)
+    for name in names:
         try:
-            row = BENCHMARKS[name](ctx)
+            result = BENCHMARKS[name](ctx)
         except Exception as error:  # one failing benchmark should not hide the others
-            row = dict(name=name, error=f"{type(error).__name__}: {error}")
-        if "ours_s" in row:
-            row["ours_rate"] = rate(row["work"], row["ours_s"], row["unit"])
-            row["torch_rate"] = rate(row["work"], row["torch_s"], row["unit"])
-            row["ours_over_torch_time"] = row["ours_s"] / row["torch_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            result = dict(name=name, error=f"{type(error).__name__}: {error}")
+        for row in result if isinstance(result, list) else [result]:
+            if "ours_s" in row:
+                row["ours_rate"] = rate(row["work"], row["ours_s"], row["unit"])
+                row["torch_rate"] = rate(row["work"], row["torch_s"], row["unit"])
+                row["ours_over_torch_time"] = row["ours_s"] / row["torch_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     header = (
-        f"{'kernel':30} {'shape':28} {'ours ms':>9} {'ours':>9} {'torch ms':>9} {'torch':>9}"
+        f"{'kernel':30} {'shape':28} {'ours us':>9} {'ours':>9} {'torch us':>9} {'torch':>9}"
         f" {'unit':>8} {'t/t':>6} {'rel err':>8}  target"
     )
     print(f"\n{card} (ours through {probe.device})\n{header}")
@@ -357,9 +489,9 @@ def main() -> None:
             continue
         err = f"{r['err']:.1e}" if "err" in r else "-"
         print(
-            f"{r['name']:30} {r['shape']:28} {r['ours_s'] * 1e3:9.3f} {r['ours_rate']:9.1f}"
-            f" {r['torch_s'] * 1e3:9.3f} {r['torch_rate']:9.1f} {r['unit']:>8}"
-            f" {r['ours_over_torch_time']:6.2f} {err:>8}  {r['target']}"
+            f"{r['name']:30} {r['shape']:28} {r['ours_s'] * 1e6:9.1f} {r['ours_rate']:9.1f}"
+            f" {r['torch_s'] * 1e6:9.1f} {r['torch_rate']:9.1f} {r['unit']:>8}"
+            f" {r['ours_over_torch_time']:6.2f} {err:>8}  {r['target']}  {r.get('kernel', '')}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,16 +1,28 @@
 """Matmul kernels against PyTorch: GEMV and tiled variants, strided operands, epilogue fusion,
 f16 storage and the matrix-unit path."""
 
+import math
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from meganeura import Graph, build, grad, optim
 from meganeura import functional as F
+from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.kernels import generate
+from meganeura.backends.wgsl.matmul import GEMV_ROWS, GEMV_WORKGROUPS
+from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, TILED_WORKGROUPS, Tile, choose_tile
 from meganeura.lower.plan import plan as make_plan
 from meganeura.nn import Linear
 from meganeura.ops.packed import segment
+from tests.harness import check_against_torch, normal
+
+seeds = st.integers(0, 2**32 - 1)
 
 DEVICES = [
     "cpu",
@@ -132,15 +144,20 @@ def test_sgd_update_runs_in_the_gradient_matmul_in_place(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_operands_at_an_offset_inside_their_buffer(device):
+@pytest.mark.parametrize("rows", [3, 12])  # GEMV, tiled
+@pytest.mark.parametrize("offset", [5, 8])  # scalar loads, 16-byte loads
+def test_operands_at_an_offset_inside_their_buffer(device, rows, offset):
     rng = np.random.default_rng(3)
-    flat = rng.standard_normal(5 + 12 * 10).astype(np.float32)
-    w = rng.standard_normal((10, 6)).astype(np.float32)
+    flat = rng.standard_normal(offset + rows * 12).astype(np.float32)
+    w = rng.standard_normal((12, 6)).astype(np.float32)
     g = Graph()
-    part = segment(g.input("flat", flat.shape), 5, (12, 10))
+    part = segment(g.input("flat", flat.shape), offset, (rows, 12))
     g.output("y", part @ g.input("w", w.shape))
-    got = build(g, device=device).run({"flat": flat, "w": w})["y"]
-    np.testing.assert_allclose(got, flat[5:].reshape(12, 10) @ w, rtol=1e-5, atol=1e-5)
+    g.output("z", g.apply("matmul", [part, g.input("v", w.T.shape)], trans_b=True))
+    got = build(g, device=device).run({"flat": flat, "w": w, "v": np.ascontiguousarray(w.T)})
+    want = flat[offset:].reshape(rows, 12) @ w
+    np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["z"], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,3 +238,137 @@ def test_matrix_units_read_f16_operands_directly(trans_b):
     bb = b.astype(np.float64).T if trans_b else b.astype(np.float64)
     want = (a.astype(np.float64) @ bb).astype(np.float16).astype(np.float64) + 1.0
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+# -- tile and GEMV shapes -----------------------------------------------------------------------
+# The tile and the GEMV workgroup shape follow the product's size; these tests force each tile
+# on small products, and draw GEMV sizes on both sides of every workgroup-shape threshold.
+
+
+def kernel_shapes(M, K, N, trans_b=True):
+    """(workgroup size, grid) of the kernel computing x[M, K] @ W (W as nn.Linear's [N, K])."""
+    g = Graph()
+    w = g.input("w", (N, K) if trans_b else (K, N))
+    g.output("y", g.apply("matmul", [g.input("x", (M, K)), w], trans_b=trans_b))
+    program, _ = kernels_of(g, ["y"])
+    source = generate(program, program.kernels[0])
+    size = source.wgsl.split("@workgroup_size(")[1].split(")")[0]
+    return math.prod(int(s) for s in size.split(",")), source.grid
+
+
+def test_small_products_get_small_tiles_with_k_split_inside_the_workgroup():
+    # SmolLM2-135M prefill of 128 tokens: QKV, attention output, gate/up, down projections.
+    assert choose_tile(128, 960, 1) == Tile(16, 16)
+    assert choose_tile(128, 576, 1) == Tile(16, 16)
+    assert choose_tile(128, 3072, 1) == Tile(32, 32)
+    assert choose_tile(1024, 512, 1) == Tile(64, 32)  # the long side along the longer of M, N
+    assert choose_tile(512, 1024, 1) == Tile(32, 64)
+    assert choose_tile(1024, 1024, 1) == Tile(64, 64)
+    assert choose_tile(9, 17, 1) == Tile(16, 16)  # too small to fill anything: smallest tile
+    assert [Tile(*s).splits for s in TILE_SHAPES] == [1, 2, 4, 8, 16]
+    for M, K, N in ((128, 576, 960), (128, 576, 576), (128, 576, 3072), (128, 1536, 576)):
+        size, grid = kernel_shapes(M, K, N)
+        assert size == 256 and math.prod(grid) >= TILED_WORKGROUPS, (M, K, N, grid)
+    # Large products keep 128 x 128 tiles.
+    assert kernel_shapes(2048, 576, 2048)[1] == (16, 16, 1)
+
+
+def test_short_gemvs_spread_over_many_workgroups():
+    # Decoding one token: every projection makes at least GEMV_WORKGROUPS workgroups.
+    for K, N in ((576, 960), (576, 576), (576, 3072), (1536, 576)):
+        assert math.prod(kernel_shapes(1, K, N)[1]) >= GEMV_WORKGROUPS, (K, N)
+    assert kernel_shapes(1, 576, 49152) == (256, (6144, 1, 1))  # tied lm_head: 8 columns each
+    assert kernel_shapes(1, 576, 576, trans_b=False) == (256, (144, 1, 1))  # x @ W, W [K, N]
+
+
+ALL_TILES = [Tile(*shape) for shape in sorted({s for t in TILE_SHAPES for s in (t, t[::-1])})]
+EPILOGUES = ["none", "residual", "bias_relu"]
+
+
+def check_matmul(device, batches, m, k, n, trans_a, trans_b, epilogue, seed):
+    """x = op(a) @ op(b), then the epilogue, forward and backward against float64 PyTorch."""
+    (batch_a, batch_b), rng = batches, np.random.default_rng(seed)
+    arrays = {
+        "a": normal(rng, batch_a + ((k, m) if trans_a else (m, k))),
+        "b": normal(rng, batch_b + ((n, k) if trans_b else (k, n))),
+    }
+    if epilogue == "residual":
+        arrays["r"] = normal(rng, (*np.broadcast_shapes(batch_a, batch_b), m, n))
+    elif epilogue == "bias_relu":
+        arrays["r"] = normal(rng, (n,))
+
+    def finish(y, r=None):
+        return y if r is None else (y + r if epilogue == "residual" else (y + r).relu())
+
+    check_against_torch(
+        lambda a, b, **r: finish(
+            a.graph.apply("matmul", [a, b], trans_a=trans_a, trans_b=trans_b), **r
+        ),
+        arrays,
+        device,
+        lambda a, b, **r: finish((a.mT if trans_a else a) @ (b.mT if trans_b else b), **r),
+        # Operands are doubled in the graph: sums of k products of standard deviation 4.
+        atol=1e-5 * 4 * math.sqrt(k),
+    )
+
+
+matmul_batches = mutually_broadcastable_shapes(num_shapes=2, max_dims=2, max_side=3).map(
+    lambda b: b.input_shapes
+)
+# batches, m, k, n, trans_a, trans_b, epilogue, seed
+MATMUL_ARGS = (
+    matmul_batches,
+    st.integers(1, 80),
+    st.integers(1, 100),
+    st.integers(1, 80),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(EPILOGUES),
+    seeds,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(*MATMUL_ARGS)
+def test_matmul_random_shapes_and_epilogues_on_the_numpy_executor(
+    batches, m, k, n, ta, tb, epilogue, seed
+):
+    check_matmul("cpu", batches, m, k, n, ta, tb, epilogue, seed)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("tile", ALL_TILES, ids=lambda t: f"{t.rows}x{t.cols}")
+@settings(max_examples=3, deadline=None)
+@given(*MATMUL_ARGS)
+def test_every_tile_on_lavapipe(tile, batches, m, k, n, ta, tb, epilogue, seed):
+    # Every matmul of the graph (forward and both gradients) runs with this tile.
+    with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
+        check_matmul("vulkan-cpu", batches, m, k, n, ta, tb, epilogue, seed)
+
+
+# GEMV sizes (m, k, n) on each side of every threshold: 2, 4 or 8 columns per workgroup
+# (contiguous k) and 4 or 8 (columns), rows read in straight-line code or in a loop. Many
+# rows only where the sizes are small: lavapipe runs each row's reduction in turn.
+GEMV_SIZES = {
+    "short": (st.integers(1, GEMV_ROWS), st.integers(1, 40), st.integers(1, 40)),
+    "2 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(511, 1020)),
+    "4 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(1021, 2040)),
+    "8 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(2041, 2100)),
+    "long rows": (st.integers(1, 2), st.integers(2049, 2100), st.integers(1, 40)),
+}
+GEMV_ARGS = (st.booleans(), st.booleans(), st.sampled_from(EPILOGUES), seeds)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(sorted(GEMV_SIZES)).flatmap(lambda r: st.tuples(*GEMV_SIZES[r])), *GEMV_ARGS)
+def test_gemv_random_shapes_on_the_numpy_executor(mkn, ta, tb, epilogue, seed):
+    check_matmul("cpu", ((), ()), *mkn, ta, tb, epilogue, seed)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("sizes", sorted(GEMV_SIZES))
+@settings(max_examples=2, deadline=None)
+@given(st.data(), *GEMV_ARGS)
+def test_every_gemv_shape_on_lavapipe(sizes, data, ta, tb, epilogue, seed):
+    mkn = data.draw(st.tuples(*GEMV_SIZES[sizes]), label="m, k, n")
+    check_matmul("vulkan-cpu", ((), ()), *mkn, ta, tb, epilogue, seed)

@@ -1,10 +1,13 @@
 """Matmul kernels: batched, strided operands (transposes and broadcasts read in place), with
-the pointwise DAG that reads the product fused into the store (an epilogue).
+the pointwise DAG that reads the product fused into the store (an epilogue). What every
+variant shares is in matmul_operands; the tiled SIMT kernels are in matmul_simt.
 
 Variants, chosen per kernel:
 - GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by invocations that read
   it contiguously (vec4 loads when the layout allows) and reduce in workgroup memory.
-  Decoding, small-batch training and their backward passes land here.
+  Decoding, small-batch training and their backward passes land here. Few columns make
+  narrow workgroups (enough of them for every SM), and a short row is read in straight-line
+  code: a decoding step's small products are one memory round trip each.
 - matrix units (subgroup matrices, f16 operands, f32 accumulation), when the executor's
   start-up check found them correct: f16 operands that tile exactly are loaded by the
   matrix loads themselves (73 TFLOP/s at 4096^3 on an H200). Operands staged through
@@ -12,24 +15,23 @@ Variants, chosen per kernel:
   used only where the executor measured that staging beats the f32 kernels: on an H200
   through Dawn it did not (9.5 TFLOP/s against 32).
 - tiled SIMT f32 otherwise: 128 x 128 tiles with 8 x 8 outputs per invocation for large
-  products (32 TFLOP/s at 4096^3 on an H200), 64 x 64 tiles with 4 x 4 for the rest.
+  products (32 TFLOP/s at 4096^3 on an H200); for the rest, tiles from 64 x 64 down to
+  16 x 16 chosen by the number of workgroups they make, k split inside the workgroup.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
-from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, archetype, product_store
-from meganeura.lower.plan import Kernel, Plan, strided_view
-from meganeura.ops.linalg import matmul_dims
+from meganeura.backends.wgsl.kernels import KernelSource, archetype
+from meganeura.backends.wgsl.matmul_operands import Matmul, Operand, kernel_source
+from meganeura.backends.wgsl.matmul_simt import tiled
+from meganeura.lower.plan import Kernel, Plan
 
 GEMV_ROWS = 8
-GEMV_UNROLL = 4  # weight loads in flight per invocation
-BM, BN, BK = 64, 64, 16  # SIMT tile
-LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
-LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
+GEMV_UNROLL = 4  # weight loads in flight per invocation, in a loop over a long row
+GEMV_PIECES = 16  # rows of up to this many pieces per invocation are read without a loop
+GEMV_WORKGROUPS = 256  # two workgroups for each SM of a large GPU (132 on an H200)
 # Matrix-unit tiles: one subgroup of 32 per workgroup (subgroup-matrix offsets must be
 # uniform), computing a grid of 16 x 16 result matrices (rows, columns) over k steps of MU_BK.
 MU_TILES = (4, 4)
@@ -40,123 +42,9 @@ GEMV_COLUMN_LANES = 2  # vec4 lanes per weight row in the column GEMV: 32-byte p
 MATRIX_UNIT_SYNTAXES = ("load_layout", "load_flag")
 
 
-class _VecBindings(_Bindings):
-    """Bindings where some buffers are declared as arrays of vec4 for 16-byte loads."""
-
-    def __init__(self, plan: Plan, out_node: int):
-        super().__init__(plan, out_node)
-        self.vector: set[int] = set()
-
-    def declarations(self) -> str:
-        lines = []
-        for n, buf in enumerate(self.order):
-            access = "read_write" if n == 0 else "read"
-            ty = STORAGE_TYPE[self.dtypes[buf]]
-            if buf in self.vector:
-                ty = f"vec4<{ty}>"
-            lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
-        return "\n".join(lines)
-
-
-@dataclass
-class _Operand:
-    """op(X) as rows x cols of a buffer: element (r, c) of batch bz sits at
-    origin + r * s_row + c * s_col."""
-
-    base: int  # the materialized node whose buffer holds it
-    buf: str
-    s_row: int
-    s_col: int
-    offset: int
-    batch_strides: list[int]
-
-    def origin(self, batch: tuple[int, ...]) -> str:
-        terms = [f"{self.offset}u"] if self.offset else []
-        for d, (size, st) in enumerate(zip(batch, self.batch_strides, strict=True)):
-            if size == 1 or st == 0:
-                continue
-            inner = math.prod(batch[d + 1 :])
-            c = f"(bz / {inner}u)" if inner > 1 else "bz"
-            if d > 0:
-                c = f"({c} % {size}u)"
-            terms.append(f"{c} * {st}u")
-        return " + ".join(terms) or "0u"
-
-    def aligned4(self, cols_contiguous: bool) -> bool:
-        """Rows start on 16-byte boundaries and run contiguously: vec4 loads are possible."""
-        strides = [self.s_row if cols_contiguous else self.s_col, self.offset, *self.batch_strides]
-        return (self.s_col if cols_contiguous else self.s_row) == 1 and all(
-            st % 4 == 0 for st in strides
-        )
-
-
-class _Matmul:
-    """What every variant needs: sizes, operands, bindings and the epilogue."""
-
-    def __init__(self, plan: Plan, kernel: Kernel):
-        graph = plan.graph
-        self.plan, self.kernel, self.graph = plan, kernel, graph
-        self.core = kernel.core if kernel.core is not None else kernel.node
-        self.node = graph.nodes[self.core]
-        self.out_node = graph.nodes[kernel.node]
-        ta, tb = self.node.attrs["trans_a"], self.node.attrs["trans_b"]
-        a_node, b_node = (graph.nodes[i] for i in self.node.inputs)
-        self.batch, self.M, self.K, self.N = matmul_dims(a_node.type, b_node.type, ta, tb)
-        self.nbatch = math.prod(self.batch)
-        self.dtype = a_node.type.dtype
-        self.bind = _VecBindings(plan, kernel.node)
-        self.out = f"buf{self.bind.out_buffer}"
-        self.a = self._operand(self.node.inputs[0], ta)
-        self.b = self._operand(self.node.inputs[1], tb)
-        self.label = f"matmul%{self.core}" + (
-            f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
-        )
-
-    def _operand(self, nid: int, trans: bool) -> _Operand:
-        base, strides, offset = strided_view(self.graph, nid, self.plan.materialized)
-        shape = self.graph.nodes[nid].type.shape
-        s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
-        lead = len(self.batch) - (len(shape) - 2)
-        bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
-        return _Operand(base, self.bind.name_of(base), s_row, s_col, offset, bstrides)
-
-    def epilogue_reads(self) -> set[int]:
-        """Buffers the epilogue loads (besides the product itself)."""
-        if self.kernel.core is None:
-            return set()
-        out, stack, seen = set(), [self.kernel.node], set()
-        while stack:
-            i = stack.pop()
-            if i in seen or i == self.core:
-                continue
-            seen.add(i)
-            if i in self.plan.materialized and i != self.kernel.node:
-                out.add(self.plan.buffer_of[i])
-            else:
-                stack.extend(self.graph.nodes[i].inputs)
-        return out
-
-    def use_vec4(self, operand: _Operand, cols_contiguous: bool) -> bool:
-        buf = self.plan.buffer_of[operand.base]
-        others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
-        ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
-        return ok and buf not in self.epilogue_reads() and buf != self.bind.out_buffer
-
-    def store(self, acc: str, idx: str, indent: str) -> str:
-        """Statements writing product value `acc` (f32) at output index `idx`, through the
-        epilogue when the kernel has one."""
-        return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
-
-    def assemble(self, body: str, shared: str = "", header: str = "") -> str:
-        decls = self.bind.declarations()
-        if "f16" in body or "f16" in decls or "f16" in shared:
-            header = "enable f16;\n" + header
-        return f"{header}{decls}\n{shared}{prelude_for(body)}\n{body}"
-
-
 @archetype("matmul")
 def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
-    mm = _Matmul(plan, kernel)
+    mm = Matmul(plan, kernel)
     syntax = plan.options.get("matrix_unit")
     if mm.M <= GEMV_ROWS:
         if mm.b.s_row == 1:
@@ -167,70 +55,87 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     staged = plan.options.get("staged_matrix_units")
     if syntax and staged and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
         return matrix_unit_kernel(mm, syntax)
-    if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
-        return _tiled_large(mm)
-    return _tiled(mm)
-
-
-def _source(mm: _Matmul, body: str, grid, shared: str = "", header: str = "") -> KernelSource:
-    return KernelSource(mm.assemble(body, shared, header), mm.bind.order, grid, mm.label)
+    return tiled(mm)
 
 
 # -- GEMV -----------------------------------------------------------------------------------
 
 
-def _gemv_contiguous_k(mm: _Matmul) -> KernelSource:
+def _gemv_teams(N: int, nbatch: int, widths=(8, 4, 2)) -> int:
+    """Output columns per workgroup: the most that still make GEMV_WORKGROUPS workgroups
+    (else the fewest), so a short GEMV reaches every SM and a long one keeps large groups."""
+    return next((w for w in widths if math.ceil(N / w) * nbatch >= GEMV_WORKGROUPS), widths[-1])
+
+
+def _k_pieces(step: int, K: int, first: str, piece) -> str:
+    """Statements running `piece(k, name)` at k = first, first + step, ... < K. Up to
+    GEMV_PIECES pieces are written out in straight-line code, the loads of every whole piece
+    first: one memory round trip, whatever the compiler makes of loops. Longer rows loop,
+    GEMV_UNROLL pieces at a time."""
+    pieces = math.ceil(K / step)
+    if pieces > GEMV_PIECES:
+        lets = "".join(f"      let k{u} = k + {u * step}u;\n" for u in range(GEMV_UNROLL))
+        main = lets + "".join(
+            load + use for load, use in (piece(f"k{u}", f"w{u}") for u in range(GEMV_UNROLL))
+        )
+        last = (GEMV_UNROLL - 1) * step
+        load, use = piece("k", "w")
+        return (
+            f"    var k = {first};\n"
+            f"    for (; k + {last}u < {K}u; k += {GEMV_UNROLL * step}u) {{\n{main}    }}\n"
+            f"    for (; k < {K}u; k += {step}u) {{\n{load}{use}    }}\n"
+        )
+    whole = K // step  # pieces every invocation reads; the rest may run past K
+    lets = "".join(f"    let k{p} = {first} + {p * step}u;\n" for p in range(pieces))
+    parts = [piece(f"k{p}", f"w{p}") for p in range(pieces)]
+    loads = "".join(load for load, _ in parts[:whole])
+    uses = "".join(use for _, use in parts[:whole])
+    tail = "".join(
+        f"    if (k{p} < {K}u) {{\n{load}{use}    }}\n"
+        for p, (load, use) in enumerate(parts)
+        if p >= whole
+    )
+    return lets + loads + uses + tail
+
+
+def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
     """Weights contiguous along k (x @ W^T with W [N, K], nn.Linear's layout): a team of 32
-    invocations per output column reads its weight row in 16-byte pieces."""
+    invocations per output column reads its weight row in 16-byte pieces, and the teams of a
+    workgroup reduce their sums in workgroup memory."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     vec = K % 4 == 0 and mm.use_vec4(b, False) and mm.use_vec4(a, True)
     if vec:
         mm.bind.vector |= {mm.plan.buffer_of[a.base], mm.plan.buffer_of[b.base]}
     step = 128 if vec else 32
-    unroll = 4 if 4 * step <= K else 1
+    teams = _gemv_teams(N, mm.nbatch)
+    size = 32 * teams
 
-    def piece(k: str) -> str:
+    def piece(k: str, w: str) -> tuple[str, str]:
         if vec:
-            w = f"{b.buf}[(brow + {k}) / 4u]"
-            lines = [f"      let w_{k} = vec4<f32>({w});"]
-            lines += [
-                f"      acc{m} += dot(vec4<f32>({a.buf}[(a0 + {m * a.s_row}u + {k}) / 4u]), w_{k});"
-                for m in range(M)
-            ]
+            load = f"      let {w} = vec4<f32>({b.buf}[(brow + {k}) / 4u]);\n"
+            x = f"vec4<f32>({a.buf}[(a0 + {{}}u + {k}) / 4u])"
+            uses = [f"      acc{m} += dot({x.format(m * a.s_row)}, {w});" for m in range(M)]
         else:
-            lines = [f"      let w_{k} = f32({b.buf}[brow + {k} * {b.s_row}u]);"]
-            lines += [
-                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * w_{k};"
+            load = f"      let {w} = f32({b.buf}[brow + {k} * {b.s_row}u]);\n"
+            uses = [
+                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};"
                 for m in range(M)
             ]
-        return "\n".join(lines) + "\n"
+        return load, "\n".join(uses) + "\n"
 
-    ks = [f"k{u}" for u in range(unroll)]
-    main = "".join(f"      let k{u} = k + {u * step}u;\n" for u in range(unroll)) + "".join(
-        piece(k) for k in ks
-    )
-    main_loop = (
-        f"    for (; k + {(unroll - 1) * step}u < {K}u; k += {unroll * step}u) {{\n{main}    }}\n"
-        if unroll > 1
-        else ""
-    )
-    reduce_rows = "".join(f"  red[{m * 256}u + tid] = acc{m};\n" for m in range(M))
+    reduce_rows = "".join(f"  red[{m * size}u + tid] = acc{m};\n" for m in range(M))
     tree = "".join(
-        f"        red[{m * 256}u + tid] += red[{m * 256}u + tid + s];\n" for m in range(M)
+        f"        red[{m * size}u + tid] += red[{m * size}u + tid + s];\n" for m in range(M)
     )
-    grid_x = math.ceil(N / 8)
-    body = f"""@compute @workgroup_size(256)
+    body = f"""@compute @workgroup_size({size})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
   let team = tid / 32u; let lane = tid % 32u;
-  let n = wid.x * 8u + team; let bz = wid.z;
+  let n = wid.x * {teams}u + team; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
 {"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
-    var k = lane * {step // 32}u;
-{main_loop}    for (; k < {K}u; k += {step}u) {{
-{piece("k")}    }}
-  }}
+{_k_pieces(step, K, f"lane * {step // 32}u", piece)}  }}
 {reduce_rows}  workgroupBarrier();
   for (var s = 16u; s > 0u; s = s >> 1u) {{
     if (lane < s) {{
@@ -238,16 +143,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
   }}
   if (lane < {M}u && n < {N}u) {{
-    let acc = red[lane * 256u + team * 32u];
+    let acc = red[lane * {size}u + team * 32u];
     let idx = bz * {M * N}u + lane * {N}u + n;
 {mm.store("acc", "idx", "    ")}  }}
 }}
 """
-    shared = f"var<workgroup> red: array<f32, {256 * M}>;\n"
-    return _source(mm, body, (grid_x, 1, mm.nbatch), shared)
+    shared = f"var<workgroup> red: array<f32, {size * M}>;\n"
+    return kernel_source(mm, body, (math.ceil(N / teams), 1, mm.nbatch), shared)
 
 
-def _gemv_columns(mm: _Matmul) -> KernelSource:
+def _gemv_columns(mm: Matmul) -> KernelSource:
     """Any other weight layout (W [K, N] rows, as in x @ W or dY @ W): neighbouring
     invocations read neighbouring columns (four at a time where rows are 16-byte aligned),
     and each workgroup splits k among many slices, reduced in workgroup memory."""
@@ -257,18 +162,26 @@ def _gemv_columns(mm: _Matmul) -> KernelSource:
     if vec:
         mm.bind.vector.add(mm.plan.buffer_of[b.base])
     width = 4 if vec else 1
-    lanes = GEMV_COLUMN_LANES if vec else 8  # 32 bytes of a weight row: one memory sector
+    # 32 bytes of a weight row per workgroup (one memory sector), or 16 where that leaves
+    # too few workgroups.
+    lanes = 8
+    if vec:
+        lanes = _gemv_teams(N, mm.nbatch, (4 * GEMV_COLUMN_LANES, 4)) // 4
     slices = 256 // lanes
     cols = lanes * width
     vt = "vec4<f32>" if vec else "f32"
-    if vec:
-        weight = f"vec4<f32>({b.buf}[(b0 + k * {b.s_row}u) / 4u])"
-    else:
-        weight = f"f32({b.buf}[b0 + k * {b.s_row}u])"
-    fmas = "".join(
-        f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u]) * w;\n"
-        for m in range(M)
-    )
+
+    def piece(k: str, w: str) -> tuple[str, str]:
+        if vec:
+            load = f"      let {w} = vec4<f32>({b.buf}[(b0 + {k} * {b.s_row}u) / 4u]);\n"
+        else:
+            load = f"      let {w} = f32({b.buf}[b0 + {k} * {b.s_row}u]);\n"
+        uses = "".join(
+            f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};\n"
+            for m in range(M)
+        )
+        return load, uses
+
     reductions = []
     for m in range(M):
         reductions.append(
@@ -298,196 +211,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)} + min(n0, {N - width}u) * {b.s_col}u;
 {"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
-    for (var k = ks; k < {K}u; k += {slices}u) {{
-      let w = {weight};
-{fmas}    }}
-  }}
+{_k_pieces(slices, K, "ks", piece)}  }}
 {"".join(reductions)}}}
 """
     shared = f"var<workgroup> red: array<{vt}, 256>;\n"
-    return _source(mm, body, (math.ceil(N / cols), 1, mm.nbatch), shared)
-
-
-# -- tiled SIMT -------------------------------------------------------------------------------
-
-
-def _tiled(mm: _Matmul) -> KernelSource:
-    M, K, N = mm.M, mm.K, mm.N
-    a, b = mm.a, mm.b
-    # Tile loads walk the operand's contiguous direction so neighbouring invocations read
-    # neighbouring addresses.
-    load_a = (
-        "      let kk = e % 16u; let mm = e / 16u;\n"
-        if a.s_col == 1
-        else "      let mm = e % 64u; let kk = e / 64u;\n"
-    )
-    load_b = (
-        "      let nn = e % 64u; let kk = e / 64u;\n"
-        if b.s_col == 1 or b.s_row != 1
-        else "      let kk = e % 16u; let nn = e / 16u;\n"
-    )
-    body = f"""@compute @workgroup_size(16, 16)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
-        @builtin(local_invocation_index) tid: u32) {{
-  let bz = wid.z;
-  let a0 = {a.origin(mm.batch)};
-  let b0 = {b.origin(mm.batch)};
-  let m0 = wid.y * {BM}u;
-  let n0 = wid.x * {BN}u;
-  var acc: array<f32, 16>;
-  for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
-    for (var l = 0u; l < 4u; l++) {{
-      let e = tid + l * 256u;
-{load_a}      let gm = m0 + mm; let gk = k0 + kk;
-      var v = 0.0f;
-      if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
-      As[kk * {BM}u + mm] = v;
-    }}
-    for (var l = 0u; l < 4u; l++) {{
-      let e = tid + l * 256u;
-{load_b}      let gk = k0 + kk; let gn = n0 + nn;
-      var v = 0.0f;
-      if (gk < {K}u && gn < {N}u) {{ v = f32({b.buf}[b0 + gk * {b.s_row}u + gn * {b.s_col}u]); }}
-      Bs[kk * {BN}u + nn] = v;
-    }}
-    workgroupBarrier();
-    for (var kk = 0u; kk < {BK}u; kk++) {{
-      var ar: array<f32, 4>;
-      var br: array<f32, 4>;
-      for (var q = 0u; q < 4u; q++) {{
-        ar[q] = As[kk * {BM}u + lid3.y + 16u * q];
-        br[q] = Bs[kk * {BN}u + lid3.x + 16u * q];
-      }}
-      for (var p = 0u; p < 4u; p++) {{
-        for (var q = 0u; q < 4u; q++) {{ acc[p * 4u + q] += ar[p] * br[q]; }}
-      }}
-    }}
-    workgroupBarrier();
-  }}
-  for (var p = 0u; p < 4u; p++) {{
-    let gm = m0 + lid3.y + 16u * p;
-    for (var q = 0u; q < 4u; q++) {{
-      let gn = n0 + lid3.x + 16u * q;
-      if (gm < {M}u && gn < {N}u) {{
-        let acc_pq = acc[p * 4u + q];
-        let idx = bz * {M * N}u + gm * {N}u + gn;
-{mm.store("acc_pq", "idx", "        ")}      }}
-    }}
-  }}
-}}
-"""
-    shared = (
-        f"var<workgroup> As: array<f32, {BK * BM}>;\nvar<workgroup> Bs: array<f32, {BK * BN}>;\n"
-    )
-    grid = (math.ceil(N / BN), math.ceil(M / BM), mm.nbatch)
-    return _source(mm, body, grid, shared)
-
-
-def _tiled_large(mm: _Matmul) -> KernelSource:
-    """128 x 128 tiles, 8 x 8 outputs per invocation (two 4 x 4 blocks 64 apart in each
-    direction, so the staged tiles are read as conflict-free vec4s), k in steps of 8 with two
-    staging buffers: the next step's operands are fetched into registers while this step
-    computes, and one barrier per step suffices."""
-    M, K, N = mm.M, mm.K, mm.N
-    a, b = mm.a, mm.b
-    # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
-    bt = _Operand(b.base, b.buf, b.s_col, b.s_row, b.offset, b.batch_strides)
-    steps = math.ceil(K / LARGE_BK)
-
-    def operand(x: _Operand, name: str, rows: int, start: str):
-        """Index lets, four guarded global loads into registers {name}0..3, and the store of
-        those registers into stage `st` of the tile `name` ([k][128 / 4 vec4])."""
-        if x.s_col == 1:  # contiguous along k: two invocations per row, four k each
-            index = f"let {name}r = tid / 2u; let {name}k = (tid % 2u) * 4u;"
-            at = [(f"{name}r", f"{name}k + {i}u") for i in range(4)]
-            store = " ".join(
-                f"{name}[(st * 8u + {name}k + {i}u) * 32u + {name}r / 4u][{name}r % 4u] = {name}{i};"
-                for i in range(4)
-            )
-        else:  # contiguous along rows: four rows per invocation, one k
-            index = f"let {name}r = (tid % 32u) * 4u; let {name}k = tid / 32u;"
-            at = [(f"{name}r + {i}u", f"{name}k") for i in range(4)]
-            regs = ", ".join(f"{name}{i}" for i in range(4))
-            store = f"{name}[(st * 8u + {name}k) * 32u + tid % 32u] = vec4<f32>({regs});"
-        origin = "a0" if name == "As" else "b0"
-        loads = " ".join(
-            f"{name}{i} = select(0.0, f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
-            f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u]), {start} + {r} < {rows}u && k0 + {k} < {K}u);"
-            for i, (r, k) in enumerate(at)
-        )
-        return index, loads, store
-
-    ia, la, sa = operand(a, "As", M, "m0")
-    ib, lb, sb = operand(bt, "Bs", N, "n0")
-    fmas = []
-    for half, av in enumerate(("a0v", "a1v")):
-        for i, ch in enumerate("xyzw"):
-            r = half * 4 + i
-            fmas.append(
-                f"      acc[{r * 2}] += {av}.{ch} * b0v; acc[{r * 2 + 1}] += {av}.{ch} * b1v;"
-            )
-    body = f"""@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
-  let bz = wid.z;
-  let tx = tid % 16u; let ty = tid / 16u;
-  let a0 = {a.origin(mm.batch)};
-  let b0 = {bt.origin(mm.batch)};
-  let m0 = wid.y * {LARGE}u;
-  let n0 = wid.x * {LARGE}u;
-  {ia}
-  {ib}
-  var acc: array<vec4<f32>, 16>;
-  var As0 = 0.0f; var As1 = 0.0f; var As2 = 0.0f; var As3 = 0.0f;
-  var Bs0 = 0.0f; var Bs1 = 0.0f; var Bs2 = 0.0f; var Bs3 = 0.0f;
-  {{
-    let k0 = 0u; let st = 0u;
-    {la}
-    {lb}
-    {sa}
-    {sb}
-  }}
-  workgroupBarrier();
-  for (var step = 0u; step < {steps}u; step++) {{
-    let cur = step % 2u;
-    let more = step + 1u < {steps}u;
-    if (more) {{
-      let k0 = (step + 1u) * {LARGE_BK}u;
-      {la}
-      {lb}
-    }}
-    for (var kk = 0u; kk < {LARGE_BK}u; kk++) {{
-      let row = (cur * 8u + kk) * 32u;
-      let a0v = As[row + ty]; let a1v = As[row + 16u + ty];
-      let b0v = Bs[row + tx]; let b1v = Bs[row + 16u + tx];
-{chr(10).join(fmas)}
-    }}
-    if (more) {{
-      let st = 1u - cur;
-      {sa}
-      {sb}
-    }}
-    workgroupBarrier();
-  }}
-  for (var ri = 0u; ri < 8u; ri++) {{
-    let gm = m0 + (ri / 4u) * 64u + 4u * ty + ri % 4u;
-    for (var cj = 0u; cj < 2u; cj++) {{
-      for (var lane = 0u; lane < 4u; lane++) {{
-        let gn = n0 + cj * 64u + 4u * tx + lane;
-        if (gm < {M}u && gn < {N}u) {{
-          let acc_v = acc[ri * 2u + cj][lane];
-          let idx = bz * {M * N}u + gm * {N}u + gn;
-{mm.store("acc_v", "idx", "          ")}        }}
-      }}
-    }}
-  }}
-}}
-"""
-    shared = (
-        f"var<workgroup> As: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
-        f"var<workgroup> Bs: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
-    )
-    grid = (math.ceil(N / LARGE), math.ceil(M / LARGE), mm.nbatch)
-    return _source(mm, body, grid, shared)
+    return kernel_source(mm, body, (math.ceil(N / cols), 1, mm.nbatch), shared)
 
 
 # -- matrix units ------------------------------------------------------------------------------
@@ -509,7 +237,7 @@ def _matrix_store(syntax: str, ptr: str, offset: str, value: str, stride: int) -
     return f"subgroupMatrixStore<row_major>(&{ptr}, {offset}, {value}, {stride}u)"
 
 
-def _direct_operands(mm: _Matmul) -> bool:
+def _direct_operands(mm: Matmul) -> bool:
     """f16 operands whose 16 x 16 blocks can be loaded straight from their buffers: whole
     tiles only, one unit stride each, other strides and origins 16-byte aligned."""
     tr, tc = MU_TILES
@@ -524,7 +252,7 @@ def _direct_operands(mm: _Matmul) -> bool:
     return True
 
 
-def _matrix_unit_store(mm: _Matmul, syntax: str, tr: int, tc: int) -> str:
+def _matrix_unit_store(mm: Matmul, syntax: str, tr: int, tc: int) -> str:
     """Each result matrix through the 16 x 16 scratch tile into the output (or epilogue)."""
     M, N = mm.M, mm.N
     stores = []
@@ -554,7 +282,7 @@ MATRIX_UNIT_HEADER = (
 )
 
 
-def matrix_unit_direct(mm: _Matmul, syntax: str) -> KernelSource:
+def matrix_unit_direct(mm: Matmul, syntax: str) -> KernelSource:
     """One subgroup per workgroup, (tile rows x 16) x (tile cols x 16) outputs, each 16 x 16
     operand block loaded by the matrix load itself from the f16 buffers (row- or
     column-major as the operand lies); no staging, no barriers in the k loop."""
@@ -596,11 +324,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 """
     shared = "var<workgroup> Cs: array<f32, 256>;\n"
     grid = (N // bn, M // bm, mm.nbatch)
-    return _source(mm, body, grid, shared, MATRIX_UNIT_HEADER)
+    return kernel_source(mm, body, grid, shared, MATRIX_UNIT_HEADER)
 
 
 def _stage_f16(
-    x: _Operand,
+    x: Operand,
     vec: bool,
     name: str,
     stride: int,
@@ -649,7 +377,7 @@ def _stage_f16(
 """
 
 
-def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
+def matrix_unit_kernel(mm: Matmul, syntax: str) -> KernelSource:
     """One subgroup per workgroup computes a (tile rows x 16) x (tile cols x 16) output
     block. Operand tiles are staged in workgroup memory as f16 (16-byte loads where the
     layout allows); results pass through a 16 x 16 scratch tile so the store can
@@ -711,4 +439,4 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         "var<workgroup> Cs: array<f32, 256>;\n"
     )
     grid = (math.ceil(N / bn), math.ceil(M / bm), mm.nbatch)
-    return _source(mm, body, grid, shared, MATRIX_UNIT_HEADER)
+    return kernel_source(mm, body, grid, shared, MATRIX_UNIT_HEADER)

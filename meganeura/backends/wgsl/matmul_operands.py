@@ -1,0 +1,131 @@
+"""What every matmul kernel shares: sizes, operands as strided views of buffers (transposes
+and broadcasts read in place), bindings (vec4 where the layout allows) and the epilogue store
+(the pointwise DAG that reads the product, fused into the kernel's store)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
+from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, product_store
+from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.ops.linalg import matmul_dims
+
+
+class VecBindings(_Bindings):
+    """Bindings where some buffers are declared as arrays of vec4 for 16-byte loads."""
+
+    def __init__(self, plan: Plan, out_node: int):
+        super().__init__(plan, out_node)
+        self.vector: set[int] = set()
+
+    def declarations(self) -> str:
+        lines = []
+        for n, buf in enumerate(self.order):
+            access = "read_write" if buf in self.written else "read"
+            ty = STORAGE_TYPE[self.dtypes[buf]]
+            if buf in self.vector:
+                ty = f"vec4<{ty}>"
+            lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
+        return "\n".join(lines)
+
+
+@dataclass
+class Operand:
+    """op(X) as rows x cols of a buffer: element (r, c) of batch bz sits at
+    origin + r * s_row + c * s_col."""
+
+    base: int  # the materialized node whose buffer holds it
+    buf: str
+    s_row: int
+    s_col: int
+    offset: int
+    batch_strides: list[int]
+
+    def origin(self, batch: tuple[int, ...]) -> str:
+        terms = [f"{self.offset}u"] if self.offset else []
+        for d, (size, st) in enumerate(zip(batch, self.batch_strides, strict=True)):
+            if size == 1 or st == 0:
+                continue
+            inner = math.prod(batch[d + 1 :])
+            c = f"(bz / {inner}u)" if inner > 1 else "bz"
+            if d > 0:
+                c = f"({c} % {size}u)"
+            terms.append(f"{c} * {st}u")
+        return " + ".join(terms) or "0u"
+
+    def aligned4(self, cols_contiguous: bool) -> bool:
+        """Rows start on 16-byte boundaries and run contiguously: vec4 loads are possible."""
+        strides = [self.s_row if cols_contiguous else self.s_col, self.offset, *self.batch_strides]
+        return (self.s_col if cols_contiguous else self.s_row) == 1 and all(
+            st % 4 == 0 for st in strides
+        )
+
+
+class Matmul:
+    """What every variant needs: sizes, operands, bindings and the epilogue."""
+
+    def __init__(self, plan: Plan, kernel: Kernel):
+        graph = plan.graph
+        self.plan, self.kernel, self.graph = plan, kernel, graph
+        self.core = kernel.core if kernel.core is not None else kernel.node
+        self.node = graph.nodes[self.core]
+        self.out_node = graph.nodes[kernel.node]
+        ta, tb = self.node.attrs["trans_a"], self.node.attrs["trans_b"]
+        a_node, b_node = (graph.nodes[i] for i in self.node.inputs)
+        self.batch, self.M, self.K, self.N = matmul_dims(a_node.type, b_node.type, ta, tb)
+        self.nbatch = math.prod(self.batch)
+        self.dtype = a_node.type.dtype
+        self.bind = VecBindings(plan, kernel.node)
+        self.out = f"buf{self.bind.out_buffer}"
+        self.a = self._operand(self.node.inputs[0], ta)
+        self.b = self._operand(self.node.inputs[1], tb)
+        self.label = f"matmul%{self.core}" + (
+            f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
+        )
+
+    def _operand(self, nid: int, trans: bool) -> Operand:
+        base, strides, offset = strided_view(self.graph, nid, self.plan.materialized)
+        shape = self.graph.nodes[nid].type.shape
+        s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
+        lead = len(self.batch) - (len(shape) - 2)
+        bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
+        return Operand(base, self.bind.name_of(base), s_row, s_col, offset, bstrides)
+
+    def epilogue_reads(self) -> set[int]:
+        """Buffers the epilogue loads (besides the product itself)."""
+        if self.kernel.core is None:
+            return set()
+        out, stack, seen = set(), [self.kernel.node], set()
+        while stack:
+            i = stack.pop()
+            if i in seen or i == self.core:
+                continue
+            seen.add(i)
+            if i in self.plan.materialized and i != self.kernel.node:
+                out.add(self.plan.buffer_of[i])
+            else:
+                stack.extend(self.graph.nodes[i].inputs)
+        return out
+
+    def use_vec4(self, operand: Operand, cols_contiguous: bool) -> bool:
+        buf = self.plan.buffer_of[operand.base]
+        others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
+        ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
+        return ok and buf not in self.epilogue_reads() and buf != self.bind.out_buffer
+
+    def store(self, acc: str, idx: str, indent: str) -> str:
+        """Statements writing product value `acc` (f32) at output index `idx`, through the
+        epilogue when the kernel has one."""
+        return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
+
+    def assemble(self, body: str, shared: str = "", header: str = "") -> str:
+        decls = self.bind.declarations()
+        if "f16" in body or "f16" in decls or "f16" in shared:
+            header = "enable f16;\n" + header
+        return f"{header}{decls}\n{shared}{prelude_for(body)}\n{body}"
+
+
+def kernel_source(mm: Matmul, body: str, grid, shared: str = "", header: str = "") -> KernelSource:
+    return KernelSource(mm.assemble(body, shared, header), mm.bind.order, grid, mm.label)

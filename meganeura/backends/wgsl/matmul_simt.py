@@ -1,0 +1,345 @@
+"""Tiled SIMT matmuls (any operand dtype, f32 accumulation).
+
+Large products (enough 128 x 128 tiles to fill a GPU) take 128 x 128 tiles with 8 x 8 outputs
+per invocation. The rest take the largest tile, from 64 x 64 down to 16 x 16, that still
+makes enough workgroups; a tile smaller than 64 x 64 keeps 256 invocations with 4 x 4 outputs
+each by splitting k among groups of them inside the workgroup, so a small product (an LLM
+prefill: 128 rows) runs on every SM in few serial steps, in one kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meganeura.backends.wgsl.kernels import KernelSource
+from meganeura.backends.wgsl.matmul_operands import Matmul, Operand, kernel_source
+
+LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
+LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
+TILE_SHAPES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))  # (rows, cols), largest first
+TILED_WORKGROUPS = 256  # two workgroups for each SM of a large GPU (132 on an H200)
+TILE_VEC4 = 1024  # workgroup memory of a tile: 16 KiB, WebGPU's default limit
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A workgroup's block of rows x cols outputs. Its 256 invocations form `splits` groups,
+    each a (rows / 4) x (cols / 4) grid of invocations owning 4 x 4 outputs. Every staged step
+    of `depth` k is shared out among the groups (group g takes k g, g + splits, ...: groups in
+    one subgroup read neighbouring rows of the staged tiles), and the groups' partial sums
+    meet in workgroup memory at the end: more, smaller tiles with fewer serial steps each,
+    in one kernel."""
+
+    rows: int
+    cols: int
+
+    @property
+    def splits(self) -> int:
+        return 256 * 16 // (self.rows * self.cols)
+
+    @property
+    def depth(self) -> int:
+        """k per step: two stages of both operand tiles fit the workgroup memory."""
+        fit = TILE_VEC4 * 4 // (2 * (self.rows + self.cols))
+        return 1 << (fit.bit_length() - 1)
+
+
+def choose_tile(M: int, N: int, nbatch: int) -> Tile:
+    """The largest tile shape that still makes TILED_WORKGROUPS workgroups (else the
+    smallest), its long side along the longer of M and N: a small product runs as many small
+    tiles over every SM rather than as a few large ones that leave most of the GPU idle (128
+    prefill rows times 576 columns made 18 workgroups of 64 x 64)."""
+    for rows, cols in TILE_SHAPES:
+        if M > N:
+            rows, cols = cols, rows
+        if math.ceil(M / rows) * math.ceil(N / cols) * nbatch >= TILED_WORKGROUPS:
+            return Tile(rows, cols)
+    return Tile(*TILE_SHAPES[-1])
+
+
+def tiled(mm: Matmul) -> KernelSource:
+    """128 x 128 tiles where there are enough of them to fill a GPU, else the tile that
+    choose_tile picks."""
+    if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
+        return _tiled_large(mm)
+    return _tiled_split(mm, choose_tile(mm.M, mm.N, mm.nbatch))
+
+
+def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
+    """One workgroup per tile, its k split among the groups of `tile`. Operand tiles are
+    fetched with 16-byte loads along each operand's contiguous direction where the layout
+    allows, into registers while the previous step computes, then stored k-major into the
+    other of two stages (one barrier per step); each invocation reads its 4 x 4 block's
+    operands as two vec4s per k."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    R, C, S, D = tile.rows, tile.cols, tile.splits, tile.depth
+    GX, P = C // 4, R * C // 16  # invocations per group along n, per group in all
+    b_at = 2 * D * R // 4  # where the B stages start in `tile` (vec4s)
+    # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
+    bt = Operand(b.base, b.buf, b.s_col, b.s_row, b.offset, b.batch_strides)
+    # 16-byte loads: along k (both operands of x @ W^T), or along rows (A^T, B as [K, N]).
+    vec_a = (K % 4 == 0 and K > 0) if a.s_col == 1 else (M % 4 == 0 and a.s_row == 1)
+    vec_b = (K % 4 == 0 and K > 0) if b.s_row == 1 else (N % 4 == 0 and b.s_col == 1)
+    vec_a = vec_a and mm.use_vec4(a, a.s_col == 1)
+    vec_b = vec_b and mm.use_vec4(b, b.s_row != 1)
+    for vec, x in ((vec_a, a), (vec_b, b)):
+        if vec:
+            mm.bind.vector.add(mm.plan.buffer_of[x.base])
+    ia, fa, sa = _stage(mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0")
+    ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0")
+    k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
+    store = mm.store("acc_v", "idx", "        ")
+    if S == 1:
+        finish = f"""  var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+  for (var i = 0u; i < 4u; i++) {{
+    let gm = m0 + 4u * ty + i;
+    for (var c = 0u; c < 4u; c++) {{
+      let gn = n0 + 4u * tx + c;
+      if (gm < {M}u && gn < {N}u) {{
+        let acc_v = accs[i][c];
+        let idx = bz * {M * N}u + gm * {N}u + gn;
+{store}      }}
+    }}
+  }}
+"""
+    else:
+        # Partial sums of group g, output row i of the 4 x 4 blocks, at (g * 4 + i) * P + lid:
+        # neighbouring invocations write and read neighbouring vec4s.
+        finish = f"""  tile[(grp * 4u) * {P}u + lid] = acc0;
+  tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
+  tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
+  tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
+  workgroupBarrier();
+  for (var o = tid; o < {4 * P}u; o += 256u) {{
+    let i = o / {P}u; let q = o % {P}u;
+    var sum = tile[o];
+    for (var s = 1u; s < {S}u; s++) {{ sum += tile[(s * 4u + i) * {P}u + q]; }}
+    let gm = m0 + 4u * (q / {GX}u) + i;
+    for (var c = 0u; c < 4u; c++) {{
+      let gn = n0 + 4u * (q % {GX}u) + c;
+      if (gm < {M}u && gn < {N}u) {{
+        let acc_v = sum[c];
+        let idx = bz * {M * N}u + gm * {N}u + gn;
+{store}      }}
+    }}
+  }}
+"""
+    steps = math.ceil(K / D)
+    body = f"""@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
+  let bz = wid.z;
+  let grp = tid / {P}u; let lid = tid % {P}u;
+  let tx = lid % {GX}u; let ty = lid / {GX}u;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {bt.origin(mm.batch)};
+  let m0 = wid.y * {R}u;
+  let n0 = wid.x * {C}u;
+{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+  var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
+  {{
+    let k0 = 0u; let st = 0u;
+{fa}{fb}{sa}{sb}  }}
+  workgroupBarrier();
+  for (var step = 0u; step < {steps}u; step++) {{
+    let cur = step % 2u;
+    let more = step + 1u < {steps}u;
+    if (more) {{
+      let k0 = (step + 1u) * {D}u;
+{fa}{fb}    }}
+    for (var kk = 0u; kk < {D // S}u; kk++) {{
+      let k = {k_row};
+      let av = tile[k * {R // 4}u + ty];
+      let bv = tile[{b_at}u + k * {C // 4}u + tx];
+      acc0 += av.x * bv; acc1 += av.y * bv; acc2 += av.z * bv; acc3 += av.w * bv;
+    }}
+    if (more) {{
+      let st = 1u - cur;
+{sa}{sb}    }}
+    workgroupBarrier();
+  }}
+{finish}}}
+"""
+    shared = f"var<workgroup> tile: array<vec4<f32>, {TILE_VEC4}>;\n"
+    grid = (math.ceil(N / C), math.ceil(M / R), mm.nbatch)
+    return kernel_source(mm, body, grid, shared)
+
+
+def _stage(
+    mm: Matmul,
+    x: Operand,
+    vec: bool,
+    name: str,
+    at: int,
+    tile_rows: int,
+    depth: int,
+    rows: int,
+    start: str,
+    origin: str,
+) -> tuple[str, str, str]:
+    """Staging of one operand, seen as rows x k, into `tile` at vec4 `at`: stage `st` holds
+    k rows of tile_rows / 4 vec4s. Returns the per-invocation index lets and register
+    declarations, the fetch of step k0 into registers, and their store into stage st."""
+    K = mm.K
+    quads = tile_rows // 4
+    along_k = x.s_col == 1
+    count = tile_rows * depth // 4  # vec4s per stage
+    lets, fetch, store = [], [], []
+    for j in range(math.ceil(count / 256)):
+        e = f"(tid + {256 * j}u)" if j else "tid"
+        r, k, reg = f"{name}r{j}", f"{name}k{j}", f"{name}{j}"
+        if along_k:  # two invocations per row, four k each: 32 contiguous bytes
+            lets.append(
+                f"  let {r} = ({e} / 2u) % {tile_rows}u;"
+                f" let {k} = 4u * ({e} % 2u + 2u * ({e} / {2 * tile_rows}u));"
+            )
+            parts = [(f"{start} + {r}", f"k0 + {k} + {i}u") for i in range(4)]
+            at_row = f"min({start} + {r}, {rows - 1}u) * {x.s_row}u"
+            at_vec = f"({origin} + {at_row} + min(k0 + {k}, {K - 4}u)) / 4u"
+            in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
+            put = "\n".join(
+                f"      tile[{at}u + (st * {depth}u + {k} + {i}u) * {quads}u + {r} / 4u][{r} % 4u]"
+                f" = {reg}.{ch};"
+                for i, ch in enumerate("xyzw")
+            )
+        else:  # four rows per invocation, one k
+            lets.append(f"  let {r} = 4u * ({e} % {quads}u); let {k} = {e} / {quads}u;")
+            parts = [(f"{start} + {r} + {i}u", f"k0 + {k}") for i in range(4)]
+            at_vec = (
+                f"({origin} + min({start} + {r}, {rows - 4}u)"
+                f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u) / 4u"
+            )
+            in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
+            put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
+        lets.append(f"  var {reg} = vec4<f32>(0.0);")
+        if vec:
+            value = f"select(vec4<f32>(0.0), vec4<f32>({x.buf}[{at_vec}]), {in_range})"
+        else:
+            value = (
+                "vec4<f32>("
+                + ", ".join(
+                    f"select(0.0, f32({x.buf}[{origin} + min({row}, {rows - 1}u) * {x.s_row}u"
+                    f" + min({kk}, {K - 1}u) * {x.s_col}u]), {row} < {rows}u && {kk} < {K}u)"
+                    for row, kk in parts
+                )
+                + ")"
+            )
+        load = f"      {reg} = {value};"
+        if count % 256 and j == count // 256:  # a last, partial round of loads
+            load = f"      if ({e} < {count}u) {{\n  {load}\n      }}"
+            put = f"      if ({e} < {count}u) {{\n{put}\n      }}"
+        fetch.append(load)
+        store.append(put)
+    return (
+        "\n".join(lets) + "\n",
+        "\n".join(fetch) + "\n",
+        "\n".join(store) + "\n",
+    )
+
+
+def _tiled_large(mm: Matmul) -> KernelSource:
+    """128 x 128 tiles, 8 x 8 outputs per invocation (two 4 x 4 blocks 64 apart in each
+    direction, so the staged tiles are read as conflict-free vec4s), k in steps of 8 with two
+    staging buffers: the next step's operands are fetched into registers while this step
+    computes, and one barrier per step suffices."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
+    bt = Operand(b.base, b.buf, b.s_col, b.s_row, b.offset, b.batch_strides)
+    steps = math.ceil(K / LARGE_BK)
+
+    def operand(x: Operand, name: str, rows: int, start: str):
+        """Index lets, four guarded global loads into registers {name}0..3, and the store of
+        those registers into stage `st` of the tile `name` ([k][128 / 4 vec4])."""
+        if x.s_col == 1:  # contiguous along k: two invocations per row, four k each
+            index = f"let {name}r = tid / 2u; let {name}k = (tid % 2u) * 4u;"
+            at = [(f"{name}r", f"{name}k + {i}u") for i in range(4)]
+            store = " ".join(
+                f"{name}[(st * 8u + {name}k + {i}u) * 32u + {name}r / 4u][{name}r % 4u] = {name}{i};"
+                for i in range(4)
+            )
+        else:  # contiguous along rows: four rows per invocation, one k
+            index = f"let {name}r = (tid % 32u) * 4u; let {name}k = tid / 32u;"
+            at = [(f"{name}r + {i}u", f"{name}k") for i in range(4)]
+            regs = ", ".join(f"{name}{i}" for i in range(4))
+            store = f"{name}[(st * 8u + {name}k) * 32u + tid % 32u] = vec4<f32>({regs});"
+        origin = "a0" if name == "As" else "b0"
+        loads = " ".join(
+            f"{name}{i} = select(0.0, f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
+            f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u]), {start} + {r} < {rows}u && k0 + {k} < {K}u);"
+            for i, (r, k) in enumerate(at)
+        )
+        return index, loads, store
+
+    ia, la, sa = operand(a, "As", M, "m0")
+    ib, lb, sb = operand(bt, "Bs", N, "n0")
+    fmas = []
+    for half, av in enumerate(("a0v", "a1v")):
+        for i, ch in enumerate("xyzw"):
+            r = half * 4 + i
+            fmas.append(
+                f"      acc[{r * 2}] += {av}.{ch} * b0v; acc[{r * 2 + 1}] += {av}.{ch} * b1v;"
+            )
+    body = f"""@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
+  let bz = wid.z;
+  let tx = tid % 16u; let ty = tid / 16u;
+  let a0 = {a.origin(mm.batch)};
+  let b0 = {bt.origin(mm.batch)};
+  let m0 = wid.y * {LARGE}u;
+  let n0 = wid.x * {LARGE}u;
+  {ia}
+  {ib}
+  var acc: array<vec4<f32>, 16>;
+  var As0 = 0.0f; var As1 = 0.0f; var As2 = 0.0f; var As3 = 0.0f;
+  var Bs0 = 0.0f; var Bs1 = 0.0f; var Bs2 = 0.0f; var Bs3 = 0.0f;
+  {{
+    let k0 = 0u; let st = 0u;
+    {la}
+    {lb}
+    {sa}
+    {sb}
+  }}
+  workgroupBarrier();
+  for (var step = 0u; step < {steps}u; step++) {{
+    let cur = step % 2u;
+    let more = step + 1u < {steps}u;
+    if (more) {{
+      let k0 = (step + 1u) * {LARGE_BK}u;
+      {la}
+      {lb}
+    }}
+    for (var kk = 0u; kk < {LARGE_BK}u; kk++) {{
+      let row = (cur * 8u + kk) * 32u;
+      let a0v = As[row + ty]; let a1v = As[row + 16u + ty];
+      let b0v = Bs[row + tx]; let b1v = Bs[row + 16u + tx];
+{chr(10).join(fmas)}
+    }}
+    if (more) {{
+      let st = 1u - cur;
+      {sa}
+      {sb}
+    }}
+    workgroupBarrier();
+  }}
+  for (var ri = 0u; ri < 8u; ri++) {{
+    let gm = m0 + (ri / 4u) * 64u + 4u * ty + ri % 4u;
+    for (var cj = 0u; cj < 2u; cj++) {{
+      for (var lane = 0u; lane < 4u; lane++) {{
+        let gn = n0 + cj * 64u + 4u * tx + lane;
+        if (gm < {M}u && gn < {N}u) {{
+          let acc_v = acc[ri * 2u + cj][lane];
+          let idx = bz * {M * N}u + gm * {N}u + gn;
+{mm.store("acc_v", "idx", "          ")}        }}
+      }}
+    }}
+  }}
+}}
+"""
+    shared = (
+        f"var<workgroup> As: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
+        f"var<workgroup> Bs: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
+    )
+    grid = (math.ceil(N / LARGE), math.ceil(M / LARGE), mm.nbatch)
+    return kernel_source(mm, body, grid, shared)
