@@ -180,7 +180,7 @@ def test_a_value_read_before_the_kernel_that_needs_it_is_not_a_side_output():
 
 
 @pytest.mark.lavapipe
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_side_outputs_match_the_numpy_executor(data):
     # Chains of same-shape pointwise values, each stored (a root or read by several kernels),

@@ -209,7 +209,8 @@ def _merge_side_outputs(graph: Graph, kernels: list[Kernel], materialized, max_r
                 continue
             reads = sorted((set(k.reads) - {a}) | set(src.reads))
             outputs = len(k.also) + len(src.also) + 2
-            early = [m for m, r in enumerate(kernels) if a in r.reads and m < n]
+            moved = {a, *src.also}  # everything src stores is now stored at position n
+            early = [m for m, r in enumerate(kernels[:n]) if moved & set(r.reads)]
             if len(reads) + outputs > max_reads + 1 or early:
                 continue
             k.reads = reads
