@@ -117,6 +117,7 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             users[i].append(nid)
 
     materialized: set[int] = set()
+    shared: set[int] = set()  # materialized only because several nodes read them
     for nid in live:
         node = graph.nodes[nid]
         kind = get_op(node.op).kind
@@ -129,8 +130,10 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             # A value read by several kernels is computed once into a buffer, unless it is a
             # scalar: recomputing one value in each reader costs less than a launch.
             materialized.add(nid)
+            shared.add(nid)
     # Some archetypes read their inputs as strided buffers: views of a buffer pass; anything
     # else is computed into a buffer first. An in-place input must be a buffer of its own.
+    required: set[int] = set()
     for nid in live:
         node = graph.nodes[nid]
         opdef = get_op(node.op)
@@ -138,8 +141,11 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             for i in node.inputs:
                 if strided_view(graph, i, materialized) is None:
                     materialized.add(i)
+                    required.add(i)
         if opdef.in_place is not None:
             materialized.add(node.inputs[opdef.in_place])
+            required.add(node.inputs[opdef.in_place])
+    _unshare_single_kernel_values(graph, live, users, materialized, shared - required)
 
     def leaves(nid: int) -> list[int]:
         out, stack, seen = [], list(graph.nodes[nid].inputs), set()
@@ -180,6 +186,27 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             kind = get_op(graph.nodes[nid if core is None else core].op).kind
             kernels.append(Kernel(kind, nid, leaves(nid), core))
     return materialized, _merge_side_outputs(graph, kernels, materialized, max_reads)
+
+
+def _unshare_single_kernel_values(graph: Graph, live, users, materialized, candidates) -> None:
+    """Inline the values of `candidates` (pointwise values with several readers) whose readers
+    all end up in one kernel, as SwiGLU's backward reads sigmoid(gate) twice: the kernel
+    computes the value once per index it reads, instead of a launch storing it first."""
+    owners: dict[int, frozenset[int]] = {}
+
+    def owners_of(nid: int) -> frozenset[int]:
+        if nid in materialized:
+            return frozenset([nid])
+        if nid not in owners:
+            owners[nid] = frozenset().union(*(owners_of(u) for u in users[nid]))
+        return owners[nid]
+
+    for nid in reversed(live):
+        if nid in candidates:
+            found = frozenset().union(*(owners_of(u) for u in users[nid]))
+            if len(found) == 1:
+                materialized.discard(nid)
+                owners.clear()
 
 
 def _merge_side_outputs(graph: Graph, kernels: list[Kernel], materialized, max_reads: int):

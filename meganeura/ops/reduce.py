@@ -100,7 +100,8 @@ def sum_to(g, shape: tuple[int, ...]):
     if g.shape == tuple(shape):
         return g
     lead = g.ndim - len(shape)
-    axes = list(range(lead))
+    # Leading axes of size 1 (a batch of one) need no sum: the reshape drops them.
+    axes = [i for i in range(lead) if g.shape[i] != 1]
     axes += [lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1]
     out = g.sum(tuple(axes), keepdims=True) if axes else g
     return out.reshape(tuple(shape))
