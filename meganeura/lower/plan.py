@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from meganeura.graph import Graph
 from meganeura.ops import INLINED_KINDS, get_op
 
-# Kinds of product kernels that can run a pointwise epilogue in their store.
-PRODUCTS = ("matmul", "quantized_matmul")
+# Kinds of kernels that can run a pointwise epilogue in their store: products, and the norms
+# (whose backward's dx is where a residual stream's gradients are added up).
+EPILOGUE_KINDS = ("matmul", "quantized_matmul", "norm")
 
 
 @dataclass
@@ -27,9 +28,9 @@ class Kernel:
     kind: str  # the op's kind: the archetype that generates its kernel
     node: int  # the node whose value this kernel writes
     reads: list[int] = field(default_factory=list)  # materialized nodes read
-    # A product (matmul, quantized_matmul) computed inside this kernel, whose only reader is
-    # the pointwise DAG rooted at `node`: that DAG runs in the product's store as an epilogue
-    # (bias, residual, activation).
+    # A product (matmul, quantized_matmul) or norm computed inside this kernel, whose only
+    # reader is the pointwise DAG rooted at `node`: that DAG runs in the store as an epilogue
+    # (bias, residual, activation, the gradient added to it).
     core: int | None = None
     # Pointwise values of the kernel's shape that it also stores (each a materialized node
     # computed inside the kernel, read at the kernel's own index): an optimizer's new moments
@@ -261,7 +262,7 @@ def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, ma
     for nid in live:
         node = graph.nodes[nid]
         users = readers.get(nid, [])
-        if get_op(node.op).kind not in PRODUCTS or nid in pinned or len(users) != 1:
+        if get_op(node.op).kind not in EPILOGUE_KINDS or nid in pinned or len(users) != 1:
             continue
         user = users[0]
         if (
@@ -420,6 +421,7 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                 core = kern.core
                 elementwise = kern.kind == "pointwise" or (
                     core is not None
+                    and kern.kind != "norm"  # a norm reads whole rows
                     and all(
                         strided_view(graph, i, materialized)[0] != target
                         for i in graph.nodes[core].inputs

@@ -13,9 +13,9 @@ from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
     _Bindings,
-    _cast_out,
     _grid_1d,
     archetype,
+    product_store,
 )
 from meganeura.lower.plan import Kernel, Plan
 
@@ -25,7 +25,7 @@ ACCUMULATORS = 2  # row sums computed together in one pass
 @archetype("norm")
 def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
-    node = graph.nodes[kernel.node]
+    node = graph.nodes[kernel.node if kernel.core is None else kernel.core]
     op, eps = node.op, node.attrs["eps"]
     grad = op.endswith("_grad")
     centered = op.startswith("layer_norm")
@@ -100,7 +100,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
                 y = f"{y} * {v['w']}"
             if "b" in v:
                 y = f"{y} + {v['b']}"
-            return f"    {out}[j] = {_cast_out(y, node.type.dtype)};"
+            return product_store(plan, kernel, b.name_of, out, y, "j", "    ").rstrip("\n")
 
     else:
         # dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), mean(gw) only when centered.
@@ -121,7 +121,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
 
         def write(v):
             dx = f"rstd * ({weighted(v)}{mean_gw} - ({v['x']}{center}) * c_dot)"
-            return f"    {out}[j] = {_cast_out(dx, node.type.dtype)};"
+            return product_store(plan, kernel, b.name_of, out, dx, "j", "    ").rstrip("\n")
 
     lines.append(row_loop(write, "xwbg"))
     shared = "".join(f"var<workgroup> red{k}: array<f32, {wg}>;\n" for k in range(ACCUMULATORS))
@@ -132,4 +132,7 @@ def _norm(plan: Plan, kernel: Kernel) -> KernelSource:
         f"  if (r >= {rows}u) {{ return; }}\n"
         f"  let base = r * {D}u;\n" + "".join(lines) + "}\n"
     )
-    return KernelSource(_assemble(b, body), b.order, grid, f"{op}%{node.id}")
+    label = f"{op}%{node.id}"
+    if kernel.core is not None:
+        label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
+    return KernelSource(_assemble(b, body), b.order, grid, label)
