@@ -278,3 +278,29 @@ def test_bad_norm_arguments_raise_at_build_time():
         F.batch_norm(x, w5, w5, training=True)
     with pytest.raises(ValueError, match=r"BatchNorm2d 'bn': expects \[N, C, H, W\]"):
         nn.BatchNorm2d(graph, "bn", 6)(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_residual_gradients_added_in_the_norm_backward_match_torch(device, op):
+    # A pre-norm residual block: x's gradient is the norm's dx plus the residual path's, the
+    # add running in the norm-gradient kernel's store.
+    def block(x, w, v):
+        h = F.rms_norm(x, w) if op == "rms_norm" else F.layer_norm(x, w)
+        return (x + h * v).tanh()
+
+    def torch_block(x, w, v):
+        if op == "rms_norm":
+            h = hf_rms_norm(x, w, 1e-6)
+        else:
+            h = TF.layer_norm(x, (x.shape[-1],), w)
+        return (x + h * v).tanh()
+
+    rng = np.random.default_rng(9)
+    inputs = {"x": normal(rng, 3, 5, 37), "w": normal(rng, 37), "v": normal(rng, 37)}
+    check(block, torch_block, inputs, device)
+    graph = mn.Graph()
+    x, w, v = (graph.input(n, a.shape) for n, a in inputs.items())
+    (dx,) = mn.grad(block(x, w, v).sum(), [x])
+    (kernel,) = [k for k in plan(graph, [dx.id], {}).kernels if k.node == dx.id]
+    assert graph.nodes[kernel.core].op == f"{op}_grad"
