@@ -16,6 +16,9 @@ multiplied by the value (key, query) rows. Nothing of size [Tq, Tk] reaches devi
 
 Workgroup memory is 28 KiB for head dims up to 512. On an H200 (B1 H16 T2048 D64, causal,
 f32) the forward ran in 1.6x and the backward in 2.2x the time of PyTorch's SDPA.
+
+With few queries (decode, short prefill chunks) the forward of `attention_rows.py` replaces
+the one here; the "attention" archetype there chooses between the two by shape.
 """
 
 from __future__ import annotations
@@ -289,8 +292,8 @@ def _store_rows(out: str, acc: str, row0: str, rows: int, row_index: str, dim: i
 """
 
 
-@archetype("attention")
-def attention_forward(plan: Plan, kernel: Kernel) -> KernelSource:
+def blocks_forward(plan: Plan, kernel: Kernel) -> KernelSource:
+    """The forward over 64-query blocks; `attention_rows.attention_forward` chooses it."""
     node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
     attrs = node.attrs
     bind = _Bindings(plan, kernel.node)
