@@ -87,7 +87,7 @@ def forward_layout(B, Hq, Hkv, Tq, Tk, D, Dv) -> RowsLayout | None:
         return None
     if Tq > FEW_QUERIES and math.ceil(Tq / BLOCK) * Hq * B >= FILL_WORKGROUPS:
         return None
-    max_rows = min(MAX_ROWS, QUERY_FLOATS // _pad4(D))
+    max_rows = min(MAX_ROWS, QUERY_FLOATS // _pad4(D), WG * 4 // _pad4(Dv))
     group = Hq // Hkv
     heads = max(h for h in range(1, min(group, max_rows) + 1) if group % h == 0)
     groups = (Hq // heads) * B
@@ -166,12 +166,20 @@ class _Shape:
         return math.ceil(self.layout.rows / self.row_groups)
 
     @property
-    def subsets(self) -> int:  # p V invocations: value column tid % v4, key subset tid / v4
-        return min(1 << (WG // self.v4).bit_length() - 1, self.layout.keys)
+    def subsets(self) -> int:  # p V invocations: (value column, row, key subset)
+        return min(1 << (WG // (self.v4 * self.layout.rows)).bit_length() - 1, self.layout.keys)
 
     @property
-    def tile_len(self) -> int:
-        return self.layout.keys * max(self.k_stride, self.v4)
+    def workers(self) -> int:
+        return self.v4 * self.layout.rows * self.subsets
+
+    @property
+    def ss_stride(self) -> int:  # one more than the keys: rows of p in different banks
+        return self.layout.keys + 1
+
+    @property
+    def tile_len(self) -> int:  # a K block, a V block, or the partial outputs
+        return max(self.layout.keys * max(self.k_stride, self.v4), self.workers)
 
 
 def _head(s: _Shape, r: str) -> str:
@@ -249,14 +257,14 @@ def _scores(s: _Shape, attrs, mask: _Operand | None) -> str:
             )
         )
         lines.append(
-            f"    if (r{n} < {s.layout.rows}u) {{ ss[r{n} * {s.layout.keys}u + j] = x{n}; }}\n"
+            f"    if (r{n} < {s.layout.rows}u) {{ ss[r{n} * {s.ss_stride}u + j] = x{n}; }}\n"
         )
     return "".join(lines)
 
 
 def _block(s: _Shape, attrs, k: _Operand, v: _Operand, mask: _Operand | None) -> str:
     """One key block k0..k0 + keys - 1: scores, softmax statistics, p V."""
-    R, KB = s.layout.rows, s.layout.keys
+    R, KB, ss = s.layout.rows, s.layout.keys, s.ss_stride
     per_subset = KB // s.subsets
     return (
         _tile_stores("kr", KB, s.D, s.k_stride)
@@ -266,75 +274,51 @@ def _block(s: _Shape, attrs, k: _Operand, v: _Operand, mask: _Operand | None) ->
         + "    workgroupBarrier();\n"
         f"    if (tid < {R}u) {{\n"
         f"      var m = {NEG_MAX};\n"
-        f"      for (var e = 0u; e < {KB}u; e++) {{ m = max(m, ss[tid * {KB}u + e]); }}\n"
+        f"      for (var e = 0u; e < {KB}u; e++) {{ m = max(m, ss[tid * {ss}u + e]); }}\n"
         "      let before = row_max[tid]; let after = max(before, m);\n"
         "      row_scale[tid] = exp(before - after); row_max[tid] = after;\n    }\n"
         + _tile_stores("vr", KB, s.Dv, s.v4)
         + "    workgroupBarrier();\n"
         + _tile_loads("vr", v, f"k0 + {KB}u", KB, s.Dv)
         + "".join(
-            f"    if (r{n} < {R}u) {{ ss[r{n} * {KB}u + j] = exp(x{n} - row_max[r{n}]); }}\n"
+            f"    if (r{n} < {R}u) {{ ss[r{n} * {ss}u + j] = exp(x{n} - row_max[r{n}]); }}\n"
             for n in range(s.slots)
         )
         + "    workgroupBarrier();\n"
-        f"    if (tid < {s.subsets * s.v4}u) {{\n"
-        + "".join(f"      o[{r}] *= row_scale[{r}]; l[{r}] *= row_scale[{r}];\n" for r in range(R))
-        + f"      for (var n = 0u; n < {per_subset}u; n++) {{\n"
-        f"        let jj = ks * {per_subset}u + n; let vv = tile[jj * {s.v4}u + c];\n"
-        + "".join(
-            f"        {{ let p = ss[{r * KB}u + jj]; o[{r}] += p * vv; l[{r}] += p; }}\n"
-            for r in range(R)
-        )
-        + "      }\n    }\n    workgroupBarrier();\n"
+        f"    if (tid < {s.workers}u) {{\n"
+        "      o *= row_scale[pr]; l *= row_scale[pr];\n"
+        f"      for (var n = 0u; n < {per_subset}u; n++) {{\n"
+        f"        let jj = ks * {per_subset}u + n; let p = ss[pr * {ss}u + jj];\n"
+        f"        o += p * tile[jj * {s.v4}u + c]; l += p;\n"
+        "      }\n    }\n    workgroupBarrier();\n"
     )
 
 
 def _finish(s: _Shape, out: str) -> str:
-    """Add the key subsets' partial sums; write each row's log-sum-exp and output."""
-    R, Dv, Tq, Hq = s.layout.rows, s.Dv, s.Tq, s.Hq
-    workers = s.subsets * s.v4
-    lse_base = s.B * Hq * Tq * Dv
-    text = (
-        # Row sums: one partial per key subset (every column of a subset holds the same).
-        f"  if (tid < {workers}u && c == 0u) {{\n"
-        + "".join(f"    ss[ks * {R}u + {r}u] = l[{r}];\n" for r in range(R))
-        + "  }\n  workgroupBarrier();\n"
-        f"  if (tid < {R}u) {{\n"
-        "    var total = 0.0;\n"
-        f"    for (var e = 0u; e < {s.subsets}u; e++) {{ total += ss[e * {R}u + tid]; }}\n"
-        "    row_scale[tid] = select(0.0, 1.0 / total, total > 0.0);\n"
-        f"    let i = {_query(s, 'tid')};\n"
-        f"    if (i < {Tq}u) {{\n"
-        f"      {out}[{lse_base}u + (b * {Hq}u + {_head(s, 'tid')}) * {Tq}u + i] = "
-        f"select({POS_INF}, row_max[tid] + log(total), total > 0.0);\n"
+    """Add the key subsets' partial sums; write each row's output and log-sum-exp."""
+    R, Dv, Tq, Hq, v4, subsets = s.layout.rows, s.Dv, s.Tq, s.Hq, s.v4, s.subsets
+    return (
+        f"  if (tid < {s.workers}u) {{\n"
+        f"    tile[(pr * {subsets}u + ks) * {v4}u + c] = o;\n"
+        f"    if (c == 0u) {{ ss[pr * {subsets}u + ks] = l; }}\n"
+        "  }\n  workgroupBarrier();\n"
+        f"  let r = tid / {v4}u; let i = {_query(s, 'r')};\n"
+        f"  if (r < {R}u && i < {Tq}u) {{\n"
+        "    var acc = vec4<f32>(0.0); var total = 0.0;\n"
+        f"    for (var e = 0u; e < {subsets}u; e++) {{\n"
+        f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += ss[r * {subsets}u + e];\n"
+        "    }\n"
+        "    acc *= select(0.0, 1.0 / total, total > 0.0);\n"
+        f"    let row = (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
+        "    for (var t = 0u; t < 4u; t++) {\n"
+        "      let d = 4u * c + t;\n"
+        f"      if (d < {Dv}u) {{ {out}[row * {Dv}u + d] = acc[t]; }}\n"
+        "    }\n"
+        f"    if (c == 0u) {{\n"
+        f"      {out}[{s.B * Hq * Tq * Dv}u + row] = "
+        f"select({POS_INF}, row_max[r] + log(total), total > 0.0);\n"
         "    }\n  }\n"
     )
-    per_round = s.tile_len // workers  # rows whose partial outputs the tile holds at once
-    for first in range(0, R, per_round):
-        count = min(per_round, R - first)
-        text += (
-            "  workgroupBarrier();\n"
-            f"  if (tid < {workers}u) {{\n"
-            + "".join(
-                f"    tile[({rr * s.subsets}u + ks) * {s.v4}u + c] = o[{first + rr}];\n"
-                for rr in range(count)
-            )
-            + "  }\n  workgroupBarrier();\n"
-            f"  if (tid < {count * s.v4}u) {{\n"
-            f"    let rr = tid / {s.v4}u; let cc = tid % {s.v4}u; let r = {first}u + rr;\n"
-            "    var acc = vec4<f32>(0.0);\n"
-            f"    for (var e = 0u; e < {s.subsets}u; e++) {{\n"
-            f"      acc += tile[(rr * {s.subsets}u + e) * {s.v4}u + cc];\n    }}\n"
-            "    acc *= row_scale[r];\n"
-            f"    let i = {_query(s, 'r')};\n"
-            f"    if (i < {Tq}u) {{\n"
-            f"      let row = (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
-            "      for (var t = 0u; t < 4u; t++) {\n"
-            "        let d = 4u * cc + t;\n"
-            f"        if (d < {Dv}u) {{ {out}[row * {Dv}u + d] = acc[t]; }}\n"
-            "      }\n    }\n  }\n"
-        )
-    return text
 
 
 def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource:
@@ -359,8 +343,9 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         + _tile_loads("kr", k, "u32(lo)", KB, D)
         + _tile_loads("vr", v, "u32(lo)", KB, Dv)
         + _score_rows(s, mask)
-        + f"  let c = tid % {s.v4}u; let ks = tid / {s.v4}u;\n"
-        f"  var o: array<vec4<f32>, {R}>;\n  var l: array<f32, {R}>;\n"
+        # p V invocation: value column c, row pr, key subset ks.
+        + f"  let c = tid % {s.v4}u; let pr = (tid / {s.v4}u) % {R}u; let ks = tid / {s.v4 * R}u;\n"
+        "  var o = vec4<f32>(0.0);\n  var l = 0.0;\n"
         f"  for (var k0i = lo; k0i < hi; k0i += {KB}i) {{\n"
         "    let k0 = u32(k0i);\n"
         + _block(s, node.attrs, k, v, mask)
@@ -371,7 +356,7 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
     shared = (
         f"var<workgroup> tile: array<vec4<f32>, {s.tile_len}>;\n"
         f"var<workgroup> sq: array<vec4<f32>, {R * s.d4}>;\n"
-        f"var<workgroup> ss: array<f32, {R * KB}>;\n"
+        f"var<workgroup> ss: array<f32, {R * s.ss_stride}>;\n"
         f"var<workgroup> row_max: array<f32, {R}>;\n"
         f"var<workgroup> row_scale: array<f32, {R}>;\n"
     )
