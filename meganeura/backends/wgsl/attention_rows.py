@@ -100,6 +100,13 @@ def forward_layout(B, Hq, Hkv, Tq, Tk, D, Dv) -> RowsLayout | None:
     return RowsLayout(heads, max(fitting, default=1), keys)
 
 
+def _tile_element(n: int, dp: int) -> str:
+    """WGSL setting key and d of element tid + 256 n of a [keys, dp] block."""
+    if WG % dp == 0:  # the same d for every n: one division, shared by the unrolled copies
+        return f"let key = tid / {dp}u + {n * WG // dp}u; let d = tid % {dp}u;"
+    return f"let e = tid + {n * WG}u; let key = e / {dp}u; let d = e % {dp}u;"
+
+
 def _tile_loads(reg: str, x: _Operand, row0: str, keys: int, dim: int) -> str:
     """reg[n] = x[b, hk, row0 + key, d] for element tid + 256 n of the [keys, dim padded to 4]
     block (0 past the head dim and from key `hi` on): consecutive invocations, consecutive
@@ -111,8 +118,7 @@ def _tile_loads(reg: str, x: _Operand, row0: str, keys: int, dim: int) -> str:
         guard += [f"d < {dim}u"] if dp != dim else []
         guard.append("i32(kk) < hi")
         lines.append(
-            f"    {{ let e = tid + {n * WG}u; let key = e / {dp}u; let d = e % {dp}u; "
-            f"let kk = {row0} + key;\n"
+            f"    {{ {_tile_element(n, dp)} let kk = {row0} + key;\n"
             f"      {reg}[{n}] = 0.0;\n"
             f"      if ({' && '.join(guard)}) {{ {reg}[{n}] = {x.load('b', 'hk', 'kk', 'd')}; }} }}\n"
         )
@@ -127,9 +133,7 @@ def _tile_stores(reg: str, keys: int, dim: int, stride: int) -> str:
         store = f"tile[key * {stride}u + d / 4u][d % 4u] = {reg}[{n}];"
         if (n + 1) * WG > keys * dp:
             store = f"if (key < {keys}u) {{ {store} }}"
-        lines.append(
-            f"    {{ let e = tid + {n * WG}u; let key = e / {dp}u; let d = e % {dp}u; {store} }}\n"
-        )
+        lines.append(f"    {{ {_tile_element(n, dp)} {store} }}\n")
     return "".join(lines)
 
 
@@ -166,16 +170,17 @@ class _Shape:
         return math.ceil(self.layout.rows / self.row_groups)
 
     @property
-    def subsets(self) -> int:  # p V invocations: (value column, row, key subset)
-        return min(1 << (WG // (self.v4 * self.layout.rows)).bit_length() - 1, self.layout.keys)
+    def subsets(self) -> int:  # p V invocations: (value column, row, key subset of 4 or more)
+        fit = 1 << (WG // (self.v4 * self.layout.rows)).bit_length() - 1
+        return min(fit, self.layout.keys // 4)
 
     @property
     def workers(self) -> int:
         return self.v4 * self.layout.rows * self.subsets
 
     @property
-    def ss_stride(self) -> int:  # one more than the keys: rows of p in different banks
-        return self.layout.keys + 1
+    def ss_stride(self) -> int:  # vec4s per row of logits or p, one more than the keys need
+        return self.layout.keys // 4 + 1
 
     @property
     def tile_len(self) -> int:  # a K block, a V block, or the partial outputs
@@ -257,7 +262,7 @@ def _scores(s: _Shape, attrs, mask: _Operand | None) -> str:
             )
         )
         lines.append(
-            f"    if (r{n} < {s.layout.rows}u) {{ ss[r{n} * {s.ss_stride}u + j] = x{n}; }}\n"
+            f"    if (r{n} < {s.layout.rows}u) {{ ss[r{n} * {s.ss_stride}u + j / 4u][j % 4u] = x{n}; }}\n"
         )
     return "".join(lines)
 
@@ -274,22 +279,27 @@ def _block(s: _Shape, attrs, k: _Operand, v: _Operand, mask: _Operand | None) ->
         + "    workgroupBarrier();\n"
         f"    if (tid < {R}u) {{\n"
         f"      var m = {NEG_MAX};\n"
-        f"      for (var e = 0u; e < {KB}u; e++) {{ m = max(m, ss[tid * {ss}u + e]); }}\n"
+        f"      for (var e = 0u; e < {KB // 4}u; e++) {{\n"
+        f"        let x = ss[tid * {ss}u + e]; m = max(m, max(max(x.x, x.y), max(x.z, x.w)));\n"
+        "      }\n"
         "      let before = row_max[tid]; let after = max(before, m);\n"
         "      row_scale[tid] = exp(before - after); row_max[tid] = after;\n    }\n"
         + _tile_stores("vr", KB, s.Dv, s.v4)
         + "    workgroupBarrier();\n"
         + _tile_loads("vr", v, f"k0 + {KB}u", KB, s.Dv)
         + "".join(
-            f"    if (r{n} < {R}u) {{ ss[r{n} * {ss}u + j] = exp(x{n} - row_max[r{n}]); }}\n"
+            f"    if (r{n} < {R}u) {{ ss[r{n} * {ss}u + j / 4u][j % 4u] = exp(x{n} - row_max[r{n}]); }}\n"
             for n in range(s.slots)
         )
         + "    workgroupBarrier();\n"
         f"    if (tid < {s.workers}u) {{\n"
         "      o *= row_scale[pr]; l *= row_scale[pr];\n"
-        f"      for (var n = 0u; n < {per_subset}u; n++) {{\n"
-        f"        let jj = ks * {per_subset}u + n; let p = ss[pr * {ss}u + jj];\n"
-        f"        o += p * tile[jj * {s.v4}u + c]; l += p;\n"
+        f"      for (var n = 0u; n < {per_subset // 4}u; n++) {{\n"
+        f"        let j4 = ks * {per_subset // 4}u + n; let p = ss[pr * {ss}u + j4];\n"
+        f"        let vj = j4 * {4 * s.v4}u + c;\n"
+        f"        o += p.x * tile[vj] + p.y * tile[vj + {s.v4}u] + p.z * tile[vj + {2 * s.v4}u] "
+        f"+ p.w * tile[vj + {3 * s.v4}u];\n"
+        "        l += p.x + p.y + p.z + p.w;\n"
         "      }\n    }\n    workgroupBarrier();\n"
     )
 
@@ -300,13 +310,13 @@ def _finish(s: _Shape, out: str) -> str:
     return (
         f"  if (tid < {s.workers}u) {{\n"
         f"    tile[(pr * {subsets}u + ks) * {v4}u + c] = o;\n"
-        f"    if (c == 0u) {{ ss[pr * {subsets}u + ks] = l; }}\n"
+        f"    if (c == 0u) {{ row_sums[pr * {subsets}u + ks] = l; }}\n"
         "  }\n  workgroupBarrier();\n"
         f"  let r = tid / {v4}u; let i = {_query(s, 'r')};\n"
         f"  if (r < {R}u && i < {Tq}u) {{\n"
         "    var acc = vec4<f32>(0.0); var total = 0.0;\n"
         f"    for (var e = 0u; e < {subsets}u; e++) {{\n"
-        f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += ss[r * {subsets}u + e];\n"
+        f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += row_sums[r * {subsets}u + e];\n"
         "    }\n"
         "    acc *= select(0.0, 1.0 / total, total > 0.0);\n"
         f"    let row = (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
@@ -356,7 +366,8 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
     shared = (
         f"var<workgroup> tile: array<vec4<f32>, {s.tile_len}>;\n"
         f"var<workgroup> sq: array<vec4<f32>, {R * s.d4}>;\n"
-        f"var<workgroup> ss: array<f32, {R * s.ss_stride}>;\n"
+        f"var<workgroup> ss: array<vec4<f32>, {R * s.ss_stride}>;\n"
+        f"var<workgroup> row_sums: array<f32, {R * s.subsets}>;\n"
         f"var<workgroup> row_max: array<f32, {R}>;\n"
         f"var<workgroup> row_scale: array<f32, {R}>;\n"
     )
