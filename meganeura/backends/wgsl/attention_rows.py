@@ -4,33 +4,38 @@ The 64 x 64 block kernels of `attention.py` give each workgroup 64 queries of on
 one query (decode) that workgroup computes 63 rows of padding and walks the keys alone; with
 128 queries and 9 heads it launches 18 workgroups on a GPU with 132 SMs. This kernel gives a
 workgroup few rows -- `heads` query heads sharing one kv head (so K and V are read once for
-the group) times `queries` queries -- and spreads their work over the 256 invocations by key.
-Per block of `keys` keys (64 for head dims up to 64):
+the group) times `queries` queries, 16 rows at most -- and spreads their work over its 256
+invocations by key. Per block of `keys` keys (64 for head dims up to 64):
 
-- the K block, loaded while the previous block was computed (coalesced, into registers), is
-  staged in workgroup memory; invocation (key j, row group) computes its rows' scores against
-  key j from the staged queries with vec4 reads;
+- the K block, loaded into registers while the previous block was computed (consecutive
+  invocations, consecutive elements), is staged in workgroup memory; invocation (key j, row
+  group) computes its rows' scores against key j from the staged queries with vec4 reads
+  (mask values, when there is a mask, are also loaded a block ahead);
 - one invocation per row takes the block's maximum and the online-softmax rescale factor;
-- the score owners write p = exp(logit - running max) back to workgroup memory, while the
-  staged V block replaces the K block;
-- invocation (vec4 column c of the value, key subset) accumulates p V for every row over its
-  keys, and the row sums of p alongside.
+- the score owners write p = exp(logit - running max) to workgroup memory, while the staged
+  V block replaces the K block;
+- invocation (vec4 column of the value, row, key subset) rescales its partial output and row
+  sum, and adds p V over its subset's keys, four keys per read of p.
 
-The key subsets keep independent partial sums (same running max), added once at the end. The
-output rows and log-sum-exps are written like `attention.py`'s forward writes them, so the
-backward kernels there read them unchanged.
+The key subsets' partial sums (under the same running max) are added once at the end. Output
+rows and log-sum-exps are written as `attention.py`'s forward writes them, so the backward
+kernels there read them unchanged. Workgroup memory stays under 28 KiB (K or V block 16 KiB
+with padding, query rows 8 KiB), registers hold two prefetched blocks of 16 floats each.
 
 Which kernel (`forward_layout`): this one when the head dims are at most 256 and either
-Tq <= 16 (64-query blocks would be at least 75% padding) or the 64-query blocks would give fewer
-than FILL_WORKGROUPS workgroups. Then queries per workgroup is the largest count that still
-gives FILL_WORKGROUPS workgroups, or 1 when none does: a workgroup's time is one walk over the
-keys whatever its row count, so when the GPU cannot be filled the fewest rows finish first.
-For prefill of 128 tokens (9 query heads over 3 kv heads) that is 3 heads x 3 queries, 129
-workgroups.
+Tq <= FEW_QUERIES = 16 (64-query blocks would be at least 75% padding) or the 64-query
+blocks would give fewer than FILL_WORKGROUPS = 128 workgroups (about the SMs of a large GPU).
+Query heads per workgroup: the largest divisor of the GQA group that fits. Queries per
+workgroup: the largest count that still gives FILL_WORKGROUPS workgroups, or 1 when none does
+-- a workgroup's time is one walk over its keys whatever its row count, so when the GPU
+cannot be filled, the fewest rows per workgroup finish first. SmolLM2-135M (9 query heads
+over 3 kv heads, head dim 64): decode runs 3 workgroups of 3 rows, a 128-token prefill 129
+workgroups of 3 heads x 3 queries.
 
 Not done: splitting the keys of one row over several workgroups (flash-decoding). It would
-speed up decode over thousands of keys with few heads, but needs a second pass to combine the
-partial softmaxes, hence scratch memory the packed output does not have.
+shorten decode over thousands of keys when batch x kv heads is far below the SM count, but
+needs a second pass to combine the partial softmaxes, and scratch memory for them that the
+packed output does not have.
 """
 
 from __future__ import annotations
