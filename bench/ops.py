@@ -8,12 +8,16 @@ about 50 ms, and the median of several measurements after a warm-up is reported.
 timed with CUDA events the same way. Inputs are random; each benchmark also reports the
 relative error of our result against PyTorch's (Frobenius norm). Rates: matmuls and attention
 in TFLOP/s (attention counts the causal half: fwd 2 B H T^2 D, bwd 2.5x that), GEMV and copies
-in GB/s (copies count bytes read plus written).
+in GB/s (copies count bytes read plus written). attention_decode and attention_prefill time
+SmolLM2-135M's attention against its 512-slot KV cache (masked, GQA 9/3): in GB/s of K and V
+read, and in TFLOP/s over all slots; `blocks_s` is the time of the 64-query block forward on
+the same inputs, the kernel these shapes ran before the few-rows forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from meganeura import Graph, build
+from meganeura.backends.wgsl import attention_rows
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.ops.attention import attention
 from meganeura.ops.packed import segment
@@ -299,6 +304,64 @@ def bench_attention_bwd(ctx, B=1, H=16, D=64):
     )
 
 
+@contextlib.contextmanager
+def block_forward():
+    """Attention forwards built within use the 64-query block kernel whatever the shape."""
+    saved = attention_rows.FEW_QUERIES, attention_rows.FILL_WORKGROUPS
+    attention_rows.FEW_QUERIES = attention_rows.FILL_WORKGROUPS = 0
+    try:
+        yield
+    finally:
+        attention_rows.FEW_QUERIES, attention_rows.FILL_WORKGROUPS = saved
+
+
+def _cache_attention(Tq: int, filled: int, unit: str):
+    """SmolLM2-135M's attention (9 query heads over 3 kv heads, head dim 64) of Tq new tokens
+    against a 512-slot KV cache whose first `filled` slots hold the earlier tokens: an additive
+    mask of 0 and -inf, as the generation engine builds it."""
+    B, Hq, Hkv, Tk, D = 1, 9, 3, 512, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32) for _ in range(2))
+    visible = np.arange(Tk)[None, :] <= filled + np.arange(Tq)[:, None]
+    mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[None, None]
+    feeds = {"q": q, "k": k, "v": v, "m": mask}
+    g = Graph()
+    inputs = [g.input(n, a.shape) for n, a in feeds.items()]
+    g.output("o", attention(*inputs, scale=D**-0.5))
+    times = []
+    for context in (contextlib.nullcontext(), block_forward()):
+        with context:
+            program = program_for(build(g, device=SETTINGS["device"]), ["o"])
+        got = run(program, feeds, g, ["o"])["o"]
+        times.append(time_program(program))
+    xs = [torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v, mask)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    theirs = time_torch(lambda: sdpa(*xs[:3], attn_mask=xs[3], scale=D**-0.5, enable_gqa=True))
+    doubles = [x.double() for x in xs]
+    want = sdpa(*doubles[:3], attn_mask=doubles[3], scale=D**-0.5, enable_gqa=True)
+    kv_bytes, flops = 2 * B * Hkv * Tk * D * 4, 4 * B * Hq * Tq * Tk * D
+    return dict(
+        name=f"attention Tq={Tq} kv cache",
+        shape=f"B{B} H{Hq}/{Hkv} Tk{Tk} D{D} mask",
+        ours_s=times[0],
+        blocks_s=times[1],
+        torch_s=theirs,
+        work=kv_bytes if unit == "GB/s" else flops,
+        unit=unit,
+        err=rel_err(got, want),
+        target="<= 2x torch",
+    )
+
+
+def bench_attention_decode(ctx):
+    return _cache_attention(1, 300, "GB/s")
+
+
+def bench_attention_prefill(ctx):
+    return _cache_attention(128, 0, "TFLOP/s")
+
+
 BENCHMARKS = {
     "copy": bench_copy,
     "matmul_f32": bench_matmul_f32,
@@ -308,6 +371,8 @@ BENCHMARKS = {
     "gemv_columns": bench_gemv_columns,
     "attention_fwd": bench_attention_fwd,
     "attention_bwd": bench_attention_bwd,
+    "attention_decode": bench_attention_decode,
+    "attention_prefill": bench_attention_prefill,
 }
 
 
@@ -357,6 +422,7 @@ def main() -> None:
             f"{r['name']:30} {r['shape']:28} {r['ours_s'] * 1e3:9.3f} {r['ours_rate']:9.1f}"
             f" {r['torch_s'] * 1e3:9.3f} {r['torch_rate']:9.1f} {r['unit']:>8}"
             f" {r['ours_over_torch_time']:6.2f} {err:>8}  {r['target']}"
+            + (f" (64-query blocks: {r['blocks_s'] * 1e3:.3f} ms)" if "blocks_s" in r else "")
         )
     if args.json:
         with open(args.json, "w") as f:
