@@ -18,6 +18,11 @@ weights from device memory: a run rotates over copies of the weights worth more 
 card's L2, and each product depends on the one before (outputs are rewritten, so WebGPU puts
 a barrier between dispatches; CUDA runs a stream in order). --sweep adds every tile shape of
 the SIMT kernel for the prefill products and every GEMV workgroup width for the decoding ones.
+
+attention_decode and attention_prefill time SmolLM2-135M's attention against its 512-slot KV
+cache (masked, GQA 9/3): in GB/s of K and V read, and in TFLOP/s over all slots; `blocks_s`
+is the time of the 64-query block forward on the same inputs, the kernel these shapes ran
+before the few-rows forward.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import numpy as np
 import torch
 
 from meganeura import Graph, build
+from meganeura.backends.wgsl import attention_rows, matmul_simt
 from meganeura.backends.wgsl import matmul as wgsl_matmul
-from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.ops.attention import attention
 from meganeura.ops.packed import segment
@@ -425,6 +430,64 @@ def bench_llm_decode(ctx):
     return rows
 
 
+@contextlib.contextmanager
+def block_forward():
+    """Attention forwards built within use the 64-query block kernel whatever the shape."""
+    saved = attention_rows.FEW_QUERIES, attention_rows.FILL_WORKGROUPS
+    attention_rows.FEW_QUERIES = attention_rows.FILL_WORKGROUPS = 0
+    try:
+        yield
+    finally:
+        attention_rows.FEW_QUERIES, attention_rows.FILL_WORKGROUPS = saved
+
+
+def _cache_attention(Tq: int, filled: int, unit: str):
+    """SmolLM2-135M's attention (9 query heads over 3 kv heads, head dim 64) of Tq new tokens
+    against a 512-slot KV cache whose first `filled` slots hold the earlier tokens: an additive
+    mask of 0 and -inf, as the generation engine builds it."""
+    B, Hq, Hkv, Tk, D = 1, 9, 3, 512, 64
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32) for _ in range(2))
+    visible = np.arange(Tk)[None, :] <= filled + np.arange(Tq)[:, None]
+    mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[None, None]
+    feeds = {"q": q, "k": k, "v": v, "m": mask}
+    g = Graph()
+    inputs = [g.input(n, a.shape) for n, a in feeds.items()]
+    g.output("o", attention(*inputs, scale=D**-0.5))
+    times = []
+    for context in (contextlib.nullcontext(), block_forward()):
+        with context:
+            program = program_for(build(g, device=SETTINGS["device"]), ["o"])
+        got = run(program, feeds, g, ["o"])["o"]
+        times.append(time_program(program))
+    xs = [torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v, mask)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    theirs = time_torch(lambda: sdpa(*xs[:3], attn_mask=xs[3], scale=D**-0.5, enable_gqa=True))
+    doubles = [x.double() for x in xs]
+    want = sdpa(*doubles[:3], attn_mask=doubles[3], scale=D**-0.5, enable_gqa=True)
+    kv_bytes, flops = 2 * B * Hkv * Tk * D * 4, 4 * B * Hq * Tq * Tk * D
+    return dict(
+        name=f"attention Tq={Tq} kv cache",
+        shape=f"B{B} H{Hq}/{Hkv} Tk{Tk} D{D} mask",
+        ours_s=times[0],
+        blocks_s=times[1],
+        torch_s=theirs,
+        work=kv_bytes if unit == "GB/s" else flops,
+        unit=unit,
+        err=rel_err(got, want),
+        target="<= 2x torch",
+    )
+
+
+def bench_attention_decode(ctx):
+    return _cache_attention(1, 300, "GB/s")
+
+
+def bench_attention_prefill(ctx):
+    return _cache_attention(128, 0, "TFLOP/s")
+
+
 BENCHMARKS = {
     "copy": bench_copy,
     "matmul_f32": bench_matmul_f32,
@@ -436,6 +499,8 @@ BENCHMARKS = {
     "attention_bwd": bench_attention_bwd,
     "llm_prefill": bench_llm_prefill,
     "llm_decode": bench_llm_decode,
+    "attention_decode": bench_attention_decode,
+    "attention_prefill": bench_attention_prefill,
 }
 DEFAULT = [name for name in BENCHMARKS if not name.startswith("llm_")]
 
@@ -492,6 +557,7 @@ def main() -> None:
             f"{r['name']:30} {r['shape']:28} {r['ours_s'] * 1e6:9.1f} {r['ours_rate']:9.1f}"
             f" {r['torch_s'] * 1e6:9.1f} {r['torch_rate']:9.1f} {r['unit']:>8}"
             f" {r['ours_over_torch_time']:6.2f} {err:>8}  {r['target']}  {r.get('kernel', '')}"
+            + (f" (64-query blocks: {r['blocks_s'] * 1e6:.1f} us)" if "blocks_s" in r else "")
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,5 +1,6 @@
 """Attention against PyTorch: forward and gradients of q, k, v (and a trained mask)."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -10,6 +11,9 @@ from hypothesis import strategies as st
 
 from meganeura import Graph, build, grad
 from meganeura import functional as F
+from meganeura.backends.wgsl import attention_rows
+from meganeura.backends.wgsl.attention_rows import RowsLayout, forward_layout
+from meganeura.backends.wgsl.kernels import generate
 from meganeura.lower.plan import plan as make_plan
 from meganeura.ops import all_ops
 from meganeura.ops.packed import segment
@@ -30,23 +34,58 @@ def allowed(tq: int, tk: int, causal: bool, window: int) -> torch.Tensor:
     return ok
 
 
+# Settings of (FEW_QUERIES, FILL_WORKGROUPS) that force each forward kernel on small shapes.
+FORWARDS = {
+    "blocks": (0, 0),  # the 64-query block kernel
+    "rows": (10**9, 10**9),  # the few-rows kernel, one query per workgroup
+    "rows_packed": (10**9, 1),  # the few-rows kernel, as many queries per workgroup as fit
+}
+
+
+@contextlib.contextmanager
+def forward_kernel(name: str | None):
+    """Within the block, attention forwards use the kernel FORWARDS[name] forces (with None,
+    the one chosen by shape)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if name is not None:
+            few, fill = FORWARDS[name]
+            patch.setattr(attention_rows, "FEW_QUERIES", few)
+            patch.setattr(attention_rows, "FILL_WORKGROUPS", fill)
+        yield
+
+
+# (device, forward kernel): the NumPy executor once, the WebGPU devices with each kernel.
+DEVICE_KERNELS = [("cpu", None)] + [
+    pytest.param(device.values[0], name, marks=device.marks, id=f"{device.values[0]}-{name}")
+    for device in (LAVAPIPE, GPU)
+    for name in sorted(FORWARDS)
+]
+
+
+def torch_logits(q, k, mask, causal, window, softcap, scale):
+    """[B, Hq, Tq, Tk] logits, -inf where a key is not visible."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s + mask
+    return s.masked_fill(~allowed(q.shape[2], k.shape[2], causal, window), -math.inf)
+
+
 def torch_attention(q, k, v, mask, causal, window, softcap, scale):
     """torch's SDPA where it covers the case; explicit softmax for soft-capping."""
     group = q.shape[1] // k.shape[1]
-    visible = allowed(q.shape[2], k.shape[2], causal, window)
     if not softcap:
+        visible = allowed(q.shape[2], k.shape[2], causal, window)
         bias = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)
         if mask is not None:
             bias = bias + mask
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, scale=scale, enable_gqa=group > 1
         )
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = softcap * torch.tanh(q @ k.transpose(-1, -2) * scale / softcap)
-    if mask is not None:
-        s = s + mask
-    p = torch.softmax(s.masked_fill(~visible, -math.inf), dim=-1)
-    return p @ v
+    p = torch.softmax(torch_logits(q, k, mask, causal, window, softcap, scale), dim=-1)
+    return p @ v.repeat_interleave(group, 1)
 
 
 def run_case(
@@ -148,29 +187,122 @@ LAVAPIPE_CASES = {
 }
 
 
+@pytest.mark.parametrize("forward", sorted(FORWARDS))
 @pytest.mark.parametrize("device", [LAVAPIPE, GPU])
 @pytest.mark.parametrize("case", sorted(LAVAPIPE_CASES))
-def test_attention_blocks_match_torch(device, case):
-    run_case(device, **LAVAPIPE_CASES[case])
+def test_attention_blocks_match_torch(device, case, forward):
+    with forward_kernel(forward):
+        run_case(device, **LAVAPIPE_CASES[case])
 
 
-@settings(max_examples=15, deadline=None)
-@given(
-    b=st.integers(1, 2),
-    hkv=st.integers(1, 2),
-    group=st.integers(1, 3),
-    tq=st.integers(1, 6),
-    extra=st.integers(0, 5),
-    d=st.sampled_from([1, 4, 8]),
-    causal=st.booleans(),
-    window=st.integers(0, 4),
-)
-def test_attention_shapes_cpu(b, hkv, group, tq, extra, d, causal, window):
-    run_case("cpu", b, hkv * group, hkv, tq, tq + extra, d, d, causal=causal, window=window)
+@st.composite
+def attention_cases(draw):
+    """Few-query shapes (Tq 1..20) with every attribute: GQA/MQA, size-1 dims, key counts
+    across 64-key blocks, Dv != D, masks broadcast along any dims, window, causal, softcap."""
+    hkv = draw(st.integers(1, 2))
+    case = dict(
+        B=draw(st.integers(1, 2)),
+        Hq=hkv * draw(st.sampled_from([1, 2, 3, 5])),
+        Hkv=hkv,
+        Tq=draw(st.integers(1, 20)),
+        D=draw(st.sampled_from([1, 4, 8, 12, 72])),
+        Dv=draw(st.sampled_from([1, 8, 20])),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([0, 0, 1, 3, 40])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
+        scale=draw(st.sampled_from([None, 0.4])),
+    )
+    # At least as many keys as queries, so that every query sees a key when causal.
+    case["Tk"] = case["Tq"] + draw(st.sampled_from([0, 1, 7, 50, 75]))
+    if draw(st.booleans()):
+        full = (case["B"], case["Hq"], case["Tq"], case["Tk"])
+        kept = draw(st.lists(st.booleans(), min_size=4, max_size=4))
+        shape = tuple(n if keep else 1 for n, keep in zip(full, kept, strict=True))
+        case["mask_shape"] = shape[draw(st.integers(0, 2)) :]
+    return case
 
 
-@pytest.mark.parametrize("device", ["cpu", LAVAPIPE, GPU])
-def test_queries_with_no_visible_key_give_zeros(device):
+def check_forward(
+    device, B, Hq, Hkv, Tq, Tk, D, Dv, causal, window, softcap, scale, mask_shape=None
+):
+    """The packed output of the attention op -- output rows, then each row's log-sum-exp,
+    which the backward kernels read -- against PyTorch."""
+    rng = np.random.default_rng(Tq * Tk + D)
+    arrays = [
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, Dv), mask_shape)
+        if shape is not None
+    ]
+    g = Graph()
+    inputs = [g.input(f"x{n}", a.shape) for n, a in enumerate(arrays)]
+    attrs = dict(scale=scale, causal=causal, window=window, softcap=softcap)
+    g.output("packed", g.apply("attention", inputs, **attrs))
+    got = build(g, device=device).run({f"x{n}": a for n, a in enumerate(arrays)})["packed"]
+    q, k, v, *mask = (torch.tensor(a) for a in arrays)
+    scale = scale if scale is not None else 1 / math.sqrt(D)
+    mask = mask[0] if mask else None
+    out = torch_attention(q, k, v, mask, causal, window, softcap, scale)
+    lse = torch.logsumexp(torch_logits(q, k, mask, causal, window, softcap, scale), dim=-1)
+    n = out.numel()
+    np.testing.assert_allclose(got[:n], out.numpy().reshape(-1), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got[n:], lse.numpy().reshape(-1), rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=attention_cases(), seed=st.integers(0, 2**16))
+def test_few_query_attention_matches_torch_cpu(case, seed):
+    run_case("cpu", **case, seed=seed)
+    check_forward("cpu", **case)
+
+
+# Forward and backward compile five kernels per shape on lavapipe (tens of seconds together);
+# the forward alone is one, so it meets more shapes.
+@pytest.mark.lavapipe
+@settings(max_examples=5, deadline=None)
+@given(case=attention_cases(), forward=st.sampled_from(["rows", "rows_packed"]))
+def test_few_query_attention_matches_torch_lavapipe(case, forward):
+    with forward_kernel(forward):
+        run_case("vulkan-cpu", **case)
+
+
+@pytest.mark.lavapipe
+@settings(max_examples=25, deadline=None)
+@given(case=attention_cases(), forward=st.sampled_from([None, "rows", "rows_packed"]))
+def test_few_query_forward_and_log_sum_exp_lavapipe(case, forward):
+    with forward_kernel(forward):
+        check_forward("vulkan-cpu", **case)
+
+
+def _forward_grid(B, Hq, Hkv, Tq, Tk, D, mask=False) -> tuple[int, int, int]:
+    g = Graph()
+    q, k, v = (
+        g.input(n, (B, h, t, D)) for n, h, t in (("q", Hq, Tq), ("k", Hkv, Tk), ("v", Hkv, Tk))
+    )
+    m = g.input("m", (B, 1, Tq, Tk)) if mask else None
+    out = F.scaled_dot_product_attention(q, k, v, m, is_causal=not mask)
+    program = make_plan(g, [out.id], {})
+    (kernel,) = [kern for kern in program.kernels if g.nodes[kern.node].op == "attention"]
+    return generate(program, kernel).grid
+
+
+def test_forward_kernel_choice():
+    # SmolLM2-135M: 9 query heads over 3 kv heads, head dim 64, a 512-slot KV cache.
+    assert forward_layout(1, 9, 3, 1, 512, 64, 64) == RowsLayout(heads=3, queries=1, keys=64)
+    assert _forward_grid(1, 9, 3, 1, 512, 64, mask=True) == (1, 3, 1)
+    # Prefill of 128 tokens: 64-query blocks would give 18 workgroups; 3 x 3 rows give 129.
+    assert forward_layout(1, 9, 3, 128, 512, 64, 64) == RowsLayout(heads=3, queries=3, keys=64)
+    assert _forward_grid(1, 9, 3, 128, 512, 64, mask=True) == (43, 3, 1)
+    # Batched chunks of 4 queries (speculative decoding), head dim 128: 4 heads x 2 queries.
+    assert forward_layout(64, 32, 8, 4, 4096, 128, 128) == RowsLayout(4, 2, 32)
+    # Training-sized: the block kernel launches enough workgroups (8 x 4 x 9 = 288).
+    assert forward_layout(4, 9, 3, 512, 512, 64, 64) is None
+    assert _forward_grid(4, 9, 3, 512, 512, 64) == (8, 9, 4)
+    # Head dims past 256 do not fit the few-rows kernel's staged blocks.
+    assert forward_layout(1, 8, 8, 1, 100, 512, 512) is None
+
+
+@pytest.mark.parametrize(("device", "forward"), DEVICE_KERNELS)
+def test_queries_with_no_visible_key_give_zeros(device, forward):
     # Causal with more queries than keys: the first Tq - Tk queries see no key at all.
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, 1, 5, 4)).astype(np.float32)
@@ -181,7 +313,8 @@ def test_queries_with_no_visible_key_give_zeros(device):
     dq, dk = grad(out.sum(), [tq, tk])
     g.output("dq", dq)
     g.output("dk", dk)
-    got = build(g, device=device).run()
+    with forward_kernel(forward):
+        got = build(g, device=device).run()
     np.testing.assert_array_equal(got["out"][0, 0, :2], 0.0)
     np.testing.assert_array_equal(got["dq"][0, 0, :2], 0.0)
     assert np.all(np.isfinite(got["dk"]))

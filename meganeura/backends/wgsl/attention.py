@@ -16,6 +16,9 @@ multiplied by the value (key, query) rows. Nothing of size [Tq, Tk] reaches devi
 
 Workgroup memory is 28 KiB for head dims up to 512. On an H200 (B1 H16 T2048 D64, causal,
 f32) the forward ran in 1.6x and the backward in 2.2x the time of PyTorch's SDPA.
+
+With few queries (decode, short prefill chunks) the forward of `attention_rows.py` replaces
+the one here; the "attention" archetype there chooses between the two by shape.
 """
 
 from __future__ import annotations
@@ -146,10 +149,14 @@ def _accumulate_rows(acc: str, weights: str, x, xb, xh, row0, rows, dim) -> str:
     )
 
 
-def _logits(attrs, mask, b, h, i_vec, j_vec, Tq, Tk, raw, out, slope=None) -> str:
-    """WGSL for the vec4 `out` of logits (-inf where not allowed) from the vec4 `raw` of dot
-    products at query positions `i_vec` and key positions `j_vec` (vec4<i32> expressions),
-    and optionally `slope` = d logit / d scaled dot (soft-capping's derivative)."""
+def _logits(attrs, mask, b, h, i_vec, j_vec, Tq, Tk, raw, out, slope=None, width=4) -> str:
+    """WGSL for the vec4 (or, with width 1, scalar) `out` of logits (-inf where not allowed)
+    from `raw` dot products at query positions `i_vec` and key positions `j_vec` (i32
+    expressions of that width) for query head `h`, and optionally `slope` = d logit / d scaled
+    dot (soft-capping's derivative). `mask` is the mask operand, loaded here for each lane, or
+    a WGSL expression of the mask values that the caller loaded ahead (the only form for
+    width 1)."""
+    fv, iv = ("vec4<f32>", "vec4<i32>") if width == 4 else ("f32", "i32")
     lines = [f"let {out}_i = {i_vec}; let {out}_j = {j_vec};"]
     lines.append(f"let {out}_s = {raw} * {literal(attrs['scale'], 'f32')};")
     value = f"{out}_s"
@@ -157,37 +164,39 @@ def _logits(attrs, mask, b, h, i_vec, j_vec, Tq, Tk, raw, out, slope=None) -> st
         cap = attrs["softcap"]
         lines.append(
             f"let {out}_t = tanh(clamp({out}_s * {literal(1.0 / cap, 'f32')}, "
-            "vec4<f32>(-15.0), vec4<f32>(15.0)));"
+            f"{fv}(-15.0), {fv}(15.0)));"
         )
         value = f"{out}_t * {literal(cap, 'f32')}"
         if slope:
             lines.append(f"let {slope} = 1.0 - {out}_t * {out}_t;")
     elif slope:
-        lines.append(f"let {slope} = vec4<f32>(1.0);")
+        lines.append(f"let {slope} = {fv}(1.0);")
     i, j = f"{out}_i", f"{out}_j"
-    valid = [f"({i} < vec4<i32>({Tq}))", f"({j} < vec4<i32>({Tk}))"]
-    dist = f"({i} + vec4<i32>({Tk - Tq}) - {j})"
+    valid = [f"({i} < {iv}({Tq}))", f"({j} < {iv}({Tk}))"]
+    dist = f"({i} + {iv}({Tk - Tq}) - {j})"
     if attrs["causal"]:
-        valid.append(f"({dist} >= vec4<i32>(0))")
+        valid.append(f"({dist} >= {iv}(0))")
     if attrs["window"]:
         w = attrs["window"]
         near = dist if attrs["causal"] else f"abs({dist})"
-        valid.append(f"({near} < vec4<i32>({w}))")
-    if mask is not None:
+        valid.append(f"({near} < {iv}({w}))")
+    if isinstance(mask, str):
+        value = f"{value} + {mask}"
+    elif mask is not None:
         loads = ", ".join(
             mask.load(b, h, f"u32(min({i}.{c}, {Tq - 1}))", f"u32(min({j}.{c}, {Tk - 1}))")
             for c in "xyzw"
         )
         value = f"{value} + vec4<f32>({loads})"
-    lines.append(f"let {out} = select(vec4<f32>({NEG_INF}), {value}, {' & '.join(valid)});")
+    lines.append(f"let {out} = select({fv}({NEG_INF}), {value}, {' & '.join(valid)});")
     return "    " + "\n    ".join(lines) + "\n"
 
 
-def _key_range(attrs, Tq: int, Tk: int) -> str:
-    """WGSL setting lo, hi (i32): the keys any query of the block q0..q0+63 may see."""
+def _key_range(attrs, Tq: int, Tk: int, block: int = BLOCK) -> str:
+    """WGSL setting lo, hi (i32): the keys any query of the block q0..q0+block-1 may see."""
     off = Tk - Tq
     lines = [
-        f"  let imax = i32(min(q0 + {BLOCK - 1}u, {Tq - 1}u));",
+        f"  let imax = i32(min(q0 + {block - 1}u, {Tq - 1}u));",
         "  var lo = 0i;",
         f"  var hi = {Tk}i;",
     ]
@@ -283,8 +292,8 @@ def _store_rows(out: str, acc: str, row0: str, rows: int, row_index: str, dim: i
 """
 
 
-@archetype("attention")
-def attention_forward(plan: Plan, kernel: Kernel) -> KernelSource:
+def blocks_forward(plan: Plan, kernel: Kernel) -> KernelSource:
+    """The forward over 64-query blocks; `attention_rows.attention_forward` chooses it."""
     node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
     attrs = node.attrs
     bind = _Bindings(plan, kernel.node)
