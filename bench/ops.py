@@ -458,8 +458,9 @@ def _cache_attention(Tq: int, filled: int, unit: str):
     times = []
     for context in (contextlib.nullcontext(), block_forward()):
         with context:
-            program = program_for(build(g, device=SETTINGS["device"]), ["o"])
-        got = run(program, feeds, g, ["o"])["o"]
+            session = build(g, device=SETTINGS["device"])
+            program = program_for(session, ["o"])
+        got = run(program, feeds, session, ["o"])["o"]
         times.append(time_program(program))
     xs = [torch.tensor(a, device=SETTINGS["torch"]) for a in (q, k, v, mask)]
     sdpa = torch.nn.functional.scaled_dot_product_attention
