@@ -412,8 +412,8 @@ class Session:
     @property
     def kernel_count(self) -> int | None:
         """Kernels the last step or run launched; None on the NumPy executor, which has none."""
-        plan = getattr(self._last, "plan", None)
-        return None if plan is None else len(plan.kernels)
+        dispatches = getattr(self._last, "dispatches", None)
+        return None if dispatches is None else len(dispatches)
 
     @property
     def loss(self) -> float:

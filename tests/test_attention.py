@@ -39,6 +39,9 @@ FORWARDS = {
     "blocks": (0, 0),  # the 64-query block kernel
     "rows": (10**9, 10**9),  # the few-rows kernel, one query per workgroup
     "rows_packed": (10**9, 1),  # the few-rows kernel, as many queries per workgroup as fit
+    # the few-rows kernel with the keys split over workgroups, one 64-key block each, and a
+    # second dispatch combining them
+    "rows_split": (10**9, 10**9, 1),
 }
 
 
@@ -48,9 +51,10 @@ def forward_kernel(name: str | None):
     the one chosen by shape)."""
     with pytest.MonkeyPatch.context() as patch:
         if name is not None:
-            few, fill = FORWARDS[name]
+            few, fill, *split = FORWARDS[name]
             patch.setattr(attention_rows, "FEW_QUERIES", few)
             patch.setattr(attention_rows, "FILL_WORKGROUPS", fill)
+            patch.setattr(attention_rows, "SPLIT_BLOCKS", split[0] if split else 10**9)
         yield
 
 
@@ -259,7 +263,7 @@ def test_few_query_attention_matches_torch_cpu(case, seed):
 # the forward alone is one, so it meets more shapes.
 @pytest.mark.lavapipe
 @settings(max_examples=5, deadline=None)
-@given(case=attention_cases(), forward=st.sampled_from(["rows", "rows_packed"]))
+@given(case=attention_cases(), forward=st.sampled_from(["rows", "rows_packed", "rows_split"]))
 def test_few_query_attention_matches_torch_lavapipe(case, forward):
     with forward_kernel(forward):
         run_case("vulkan-cpu", **case)
@@ -267,7 +271,7 @@ def test_few_query_attention_matches_torch_lavapipe(case, forward):
 
 @pytest.mark.lavapipe
 @settings(max_examples=25, deadline=None)
-@given(case=attention_cases(), forward=st.sampled_from([None, "rows", "rows_packed"]))
+@given(case=attention_cases(), forward=st.sampled_from([None, "rows", "rows_packed", "rows_split"]))
 def test_few_query_forward_and_log_sum_exp_lavapipe(case, forward):
     with forward_kernel(forward):
         check_forward("vulkan-cpu", **case)
@@ -287,8 +291,11 @@ def _forward_grid(B, Hq, Hkv, Tq, Tk, D, mask=False) -> tuple[int, int, int]:
 
 def test_forward_kernel_choice():
     # SmolLM2-135M: 9 query heads over 3 kv heads, head dim 64, a 512-slot KV cache.
-    assert forward_layout(1, 9, 3, 1, 512, 64, 64) == RowsLayout(heads=3, queries=1, keys=64)
-    assert _forward_grid(1, 9, 3, 1, 512, 64, mask=True) == (1, 3, 1)
+    # Decode: 3 workgroups would each walk 8 key blocks; 8 splits of one block each, combined.
+    assert forward_layout(1, 9, 3, 1, 512, 64, 64) == RowsLayout(3, 1, 64, splits=8)
+    assert _forward_grid(1, 9, 3, 1, 512, 64, mask=True) == (8, 3, 1)
+    # A short cache (3 blocks) is not worth a second dispatch.
+    assert forward_layout(1, 9, 3, 1, 192, 64, 64) == RowsLayout(3, 1, 64)
     # Prefill of 128 tokens: 64-query blocks would give 18 workgroups; 3 x 3 rows give 129.
     assert forward_layout(1, 9, 3, 128, 512, 64, 64) == RowsLayout(heads=3, queries=3, keys=64)
     assert _forward_grid(1, 9, 3, 128, 512, 64, mask=True) == (43, 3, 1)

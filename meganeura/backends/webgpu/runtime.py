@@ -159,24 +159,28 @@ class WebGPUProgram:
         }
         self.dispatches = []
         self.labels: list[str] = []
+        self.kernel_of: list[int] = []  # the plan kernel of each dispatch
         device = executor.device
-        for kernel in plan.kernels:
+        for index, kernel in enumerate(plan.kernels):
             source = generate(plan, kernel)
-            pipeline = executor.pipeline(source.wgsl, source.label)
-            entries = [
-                {
-                    "binding": n,
-                    "resource": {"buffer": buffers[b], "offset": 0, "size": buffers[b].size},
-                }
-                for n, b in enumerate(source.bindings)
+            scratch = [
+                executor.buffer(n, f"scratch{index}.{j}") for j, n in enumerate(source.scratch)
             ]
-            bind_group = device.create_bind_group(
-                layout=pipeline.get_bind_group_layout(0), entries=entries
-            )
-            self.dispatches.append((pipeline, bind_group, source.grid))
-            self.labels.append(source.label)
-            if DEBUG >= 2:
-                print(f"--- {source.label} grid={source.grid}\n{source.wgsl}", file=sys.stderr)
+            for part in (source, *source.after):
+                pipeline = executor.pipeline(part.wgsl, part.label)
+                bound = [buffers[b] for b in part.bindings] + scratch
+                entries = [
+                    {"binding": n, "resource": {"buffer": buf, "offset": 0, "size": buf.size}}
+                    for n, buf in enumerate(bound)
+                ]
+                bind_group = device.create_bind_group(
+                    layout=pipeline.get_bind_group_layout(0), entries=entries
+                )
+                self.dispatches.append((pipeline, bind_group, part.grid))
+                self.labels.append(part.label)
+                self.kernel_of.append(index)
+                if DEBUG >= 2:
+                    print(f"--- {part.label} grid={part.grid}\n{part.wgsl}", file=sys.stderr)
         # Small roots are copied into mappable buffers in the step's own submission, so
         # reading one is a map, not another submission and a temporary buffer.
         map_usage = executor.wgpu.BufferUsage.MAP_READ | executor.wgpu.BufferUsage.COPY_DST
@@ -261,14 +265,14 @@ class WebGPUProgram:
 
     def _run_checked(self) -> None:
         device = self.executor.device
-        for kernel, (pipeline, bind_group, grid) in zip(
-            self.plan.kernels, self.dispatches, strict=True
-        ):
+        for index, kernel in enumerate(self.plan.kernels):
             encoder = device.create_command_encoder()
             cpass = encoder.begin_compute_pass()
-            cpass.set_pipeline(pipeline)
-            cpass.set_bind_group(0, bind_group)
-            cpass.dispatch_workgroups(*grid)
+            for n in (n for n, k in enumerate(self.kernel_of) if k == index):
+                pipeline, bind_group, grid = self.dispatches[n]
+                cpass.set_pipeline(pipeline)
+                cpass.set_bind_group(0, bind_group)
+                cpass.dispatch_workgroups(*grid)
             cpass.end()
             device.queue.submit([encoder.finish()])
             # Side outputs are values the kernel computes on the way to its own.

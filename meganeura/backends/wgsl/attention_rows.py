@@ -40,6 +40,7 @@ packed output does not have.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,10 +54,12 @@ from meganeura.backends.wgsl.attention import (
     _Operand,
     blocks_forward,
 )
+from meganeura.backends.wgsl.emit import prelude_for
 from meganeura.backends.wgsl.kernels import KernelSource, _assemble, _Bindings, archetype
 from meganeura.lower.plan import Kernel, Plan
 
 WG = 256  # invocations per workgroup
+FIRST_PART = 1000  # placeholder binding of the first scratch buffer while the body is written
 FEW_QUERIES = 16  # up to this many queries, 64-query blocks are mostly padding
 FILL_WORKGROUPS = 128  # about the SM count of a large GPU (132 on H100 and H200)
 MAX_ROWS = 16  # rows (head, query) per workgroup
@@ -64,6 +67,7 @@ MAX_KEYS = 64  # keys per block
 TILE_FLOATS = 4096  # a staged K or V block: 16 KiB
 QUERY_FLOATS = 2048  # the staged query rows: 8 KiB
 MAX_HEAD_DIM = TILE_FLOATS // 16  # at least 16 keys per block
+SPLIT_BLOCKS = 4  # key blocks per walk from which splitting the keys pays for a second dispatch
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class RowsLayout:
     heads: int
     queries: int
     keys: int
+    splits: int = 1  # key ranges walked by separate workgroups, combined by a second dispatch
 
     @property
     def rows(self) -> int:
@@ -102,7 +107,15 @@ def forward_layout(B, Hq, Hkv, Tq, Tk, D, Dv) -> RowsLayout | None:
         if math.ceil(Tq / n) * groups >= FILL_WORKGROUPS
     ]
     keys = min(MAX_KEYS, 1 << (TILE_FLOATS // widest).bit_length() - 1)
-    return RowsLayout(heads, max(fitting, default=1), keys)
+    queries = max(fitting, default=1)
+    # Too few workgroups to fill the GPU, each walking many key blocks one after another
+    # (decode): split the keys over more workgroups, at the price of a combining dispatch.
+    launched = math.ceil(Tq / queries) * groups
+    blocks = math.ceil(Tk / keys)
+    splits = 1
+    if launched < FILL_WORKGROUPS // 2 and blocks >= SPLIT_BLOCKS:
+        splits = min(blocks, FILL_WORKGROUPS // launched)
+    return RowsLayout(heads, queries, keys, splits)
 
 
 def _tile_element(n: int, dp: int) -> str:
@@ -336,21 +349,86 @@ def _finish(s: _Shape, out: str) -> str:
     )
 
 
+def _finish_partial(s: _Shape, out: str, first: int) -> str:
+    """Add the key subsets' partial sums; write each row's unnormalized output, running max
+    and sum into the scratch buffers (bindings `first`, `first` + 1) at this split's place."""
+    R, Tq, Hq, v4, subsets = s.layout.rows, s.Tq, s.Hq, s.v4, s.subsets
+    rows = s.B * Hq * Tq
+    return (
+        f"  if (tid < {s.workers}u) {{\n"
+        f"    tile[(pr * {subsets}u + ks) * {v4}u + c] = o;\n"
+        f"    if (c == 0u) {{ row_sums[pr * {subsets}u + ks] = l; }}\n"
+        "  }\n  workgroupBarrier();\n"
+        f"  let r = tid / {v4}u; let i = {_query(s, 'r')};\n"
+        f"  if (r < {R}u && i < {Tq}u) {{\n"
+        "    var acc = vec4<f32>(0.0); var total = 0.0;\n"
+        f"    for (var e = 0u; e < {subsets}u; e++) {{\n"
+        f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += row_sums[r * {subsets}u + e];\n"
+        "    }\n"
+        f"    let row = split * {rows}u + (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
+        f"    part{first}[row * {v4}u + c] = acc;\n"
+        f"    if (c == 0u) {{ part{first + 1}[row] = vec2<f32>(row_max[r], total); }}\n"
+        "  }\n"
+        # The output is the combining dispatch's to write; naming it keeps its binding in the
+        # pipeline's layout (a binding no statement names is left out).
+        f"  if (tid > {WG}u) {{ {out}[0] = 0.0; }}\n"
+    )
+
+
+def _combine(s: _Shape, out: str, splits: int) -> str:
+    """A dispatch merging the splits' partial softmaxes: invocation (row, vec4 column)."""
+    rows, v4, Dv = s.B * s.Hq * s.Tq, s.v4, s.Dv
+    return f"""@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+  let e = wid.x * 64u + lid;
+  if (e >= {rows * v4}u) {{ return; }}
+  let row = e / {v4}u; let c = e % {v4}u;
+  var m = {NEG_MAX};
+  for (var t = 0u; t < {splits}u; t++) {{ m = max(m, part2[t * {rows}u + row].x); }}
+  var acc = vec4<f32>(0.0); var total = 0.0;
+  for (var t = 0u; t < {splits}u; t++) {{
+    let ml = part2[t * {rows}u + row];
+    let w = exp(ml.x - m);
+    acc += w * part1[(t * {rows}u + row) * {v4}u + c]; total += w * ml.y;
+  }}
+  acc *= select(0.0, 1.0 / total, total > 0.0);
+  for (var t = 0u; t < 4u; t++) {{
+    let d = 4u * c + t;
+    if (d < {Dv}u) {{ {out}[row * {Dv}u + d] = acc[t]; }}
+  }}
+  if (c == 0u) {{ {out}[{rows * Dv}u + row] = select({POS_INF}, m + log(total), total > 0.0); }}
+}}
+"""
+
+
 def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource:
     """The few-rows forward (module docstring) for the attention node of `kernel`."""
     node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
+    if node.type.dtype != "f32":  # the combining dispatch writes f32
+        layout = dataclasses.replace(layout, splits=1)
     bind = _Bindings(plan, kernel.node)
     q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
     mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
     s = _Shape(B, Hq, Tq, Tk, D, Dv, layout)
     R, KB = layout.rows, layout.keys
     nqb = math.ceil(Tq / layout.queries)
+    splits = layout.splits
+    chunk = math.ceil(math.ceil(Tk / KB) / splits) * KB  # keys per split, whole blocks
+    # Blocks stay aligned to the split's start, so none crosses into the next split; keys of
+    # a block outside [lo, hi) are masked by the logits' own causal and window conditions.
+    split_range = (
+        f"  let split = wid.x % {splits}u; let s0 = i32(split * {chunk}u);\n"
+        f"  lo = select(s0, lo - (lo - s0) % {KB}i, lo > s0); hi = min(hi, s0 + {chunk}i);\n"
+        if splits > 1
+        else ""
+    )
     body = (
         f"@compute @workgroup_size({WG})\n"
         "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {\n"
-        f"  let q0 = ({nqb - 1}u - wid.x) * {layout.queries}u;  // the longest causal rows first\n"
+        f"  let q0 = ({nqb - 1}u - wid.x / {splits}u) * {layout.queries}u;  // longest causal rows first\n"
         f"  let hb = wid.y * {layout.heads}u; let b = wid.z; let hk = hb / {Hq // Hkv}u;\n"
         + _key_range(node.attrs, Tq, Tk, layout.queries)
+        + split_range
         + _stage_queries(s, q)
         + f"  if (tid < {R}u) {{ row_max[tid] = {NEG_MAX}; }}\n"
         f"  var kr: array<f32, {math.ceil(KB * s.d4 * 4 / WG)}>;\n"
@@ -365,7 +443,11 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         "    let k0 = u32(k0i);\n"
         + _block(s, node.attrs, k, v, mask)
         + "  }\n"
-        + _finish(s, f"buf{bind.out_buffer}")
+        + (
+            _finish(s, f"buf{bind.out_buffer}")
+            if splits == 1
+            else _finish_partial(s, f"buf{bind.out_buffer}", FIRST_PART)
+        )
         + "}\n"
     )
     shared = (
@@ -376,8 +458,37 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         f"var<workgroup> row_max: array<f32, {R}>;\n"
         f"var<workgroup> row_scale: array<f32, {R}>;\n"
     )
-    grid = (nqb, Hq // layout.heads, B)
-    return KernelSource(_assemble(bind, body, shared), bind.order, grid, f"attention%{node.id}")
+    grid = (nqb * splits, Hq // layout.heads, B)
+    label = f"attention%{node.id}"
+    if splits == 1:
+        return KernelSource(_assemble(bind, body, shared), bind.order, grid, label)
+    # The partial results live in two scratch buffers, bound after the kernel's own buffers
+    # (whose count is only known now); the combining dispatch binds the output, then them.
+    first = len(bind.order)
+    body = body.replace(f"part{FIRST_PART}", f"part{first}").replace(
+        f"part{FIRST_PART + 1}", f"part{first + 1}"
+    )
+    shared += (
+        f"@group(0) @binding({first}) var<storage, read_write> part{first}: array<vec4<f32>>;\n"
+        f"@group(0) @binding({first + 1}) var<storage, read_write> part{first + 1}: "
+        "array<vec2<f32>>;\n"
+    )
+    rows = B * Hq * Tq
+    out = f"buf{bind.out_buffer}"
+    combine = (
+        f"@group(0) @binding(0) var<storage, read_write> {out}: array<f32>;\n"
+        "@group(0) @binding(1) var<storage, read_write> part1: array<vec4<f32>>;\n"
+        "@group(0) @binding(2) var<storage, read_write> part2: array<vec2<f32>>;\n"
+        + _combine(s, out, splits)
+    )
+    combine = combine.replace("@compute", prelude_for(combine) + "\n@compute", 1)
+    after = KernelSource(
+        combine, [bind.out_buffer], (math.ceil(rows * s.v4 / 64), 1, 1), f"{label}+combine"
+    )
+    scratch = (splits * rows * s.v4 * 16, splits * rows * 8)
+    source = KernelSource(_assemble(bind, body, shared), bind.order, grid, label, scratch)
+    source.after.append(after)
+    return source
 
 
 @archetype("attention")

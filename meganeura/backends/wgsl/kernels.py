@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meganeura.backends.wgsl.emit import (
     STORAGE_TYPE,
@@ -30,6 +30,11 @@ class KernelSource:
     bindings: list[int]  # buffer ids; bindings[0] is written
     grid: tuple[int, int, int]
     label: str
+    # Scratch buffers (bytes each) of the kernel's own, bound after `bindings`: what a kernel
+    # of several dispatches passes from one to the next.
+    scratch: tuple[int, ...] = ()
+    # Dispatches run right after this one, each binding its own `bindings`, then the scratch.
+    after: list[KernelSource] = field(default_factory=list)
 
 
 def _grid_1d(groups: int) -> tuple[int, int, int]:
