@@ -89,6 +89,7 @@ class WebGPUExecutor:
             "matmul_precision": self.matmul_precision,
             "matrix_unit": self.matrix_unit,
             "staged_matrix_units": self.staged_matrix_units,
+            "workgroup_storage": self.gpu.limits.get("max-compute-workgroup-storage-size", 16384),
         }
 
     def buffer(self, nbytes: int, label: str = ""):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from meganeura.backends.wgsl.emit import STORAGE_TYPE, Emitter, prelude_for, store_value
 from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, archetype
+from meganeura.backends.wgsl.norm_prologue import NormPrologue
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.linalg import matmul_dims
 
@@ -30,6 +31,8 @@ GEMV_UNROLL = 4  # weight loads in flight per invocation
 BM, BN, BK = 64, 64, 16  # SIMT tile
 LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
 LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
+LARGE_STAGING = 2 * 2 * LARGE_BK * LARGE * 4  # bytes of the large kernel's staged operands
+WEBGPU_WORKGROUP_STORAGE = 16384  # workgroup memory every WebGPU device offers
 # Matrix-unit tiles: one subgroup of 32 per workgroup (subgroup-matrix offsets must be
 # uniform), computing a grid of 16 x 16 result matrices (rows, columns) over k steps of MU_BK.
 MU_TILES = (4, 4)
@@ -99,16 +102,24 @@ class _Matmul:
         self.core = kernel.core if kernel.core is not None else kernel.node
         self.node = graph.nodes[self.core]
         self.out_node = graph.nodes[kernel.node]
-        ta, tb = self.node.attrs["trans_a"], self.node.attrs["trans_b"]
-        a_node, b_node = (graph.nodes[i] for i in self.node.inputs)
-        self.batch, self.M, self.K, self.N = matmul_dims(a_node.type, b_node.type, ta, tb)
+        # A norm_matmul op's inputs are x, the norm's parameters and b; it never transposes x.
+        ta, tb = self.node.attrs.get("trans_a", False), self.node.attrs["trans_b"]
+        a_id, b_id = self.node.inputs[0], self.node.inputs[-1]
+        a_type, b_type = graph.nodes[a_id].type, graph.nodes[b_id].type
+        self.batch, self.M, self.K, self.N = matmul_dims(a_type, b_type, ta, tb)
         self.nbatch = math.prod(self.batch)
-        self.dtype = a_node.type.dtype
+        self.dtype = a_type.dtype
         self.bind = _VecBindings(plan, kernel.node)
         self.out = f"buf{self.bind.out_buffer}"
-        self.a = self._operand(self.node.inputs[0], ta)
-        self.b = self._operand(self.node.inputs[1], tb)
-        self.label = f"matmul%{self.core}" + (
+        self.a = self._operand(a_id, ta)
+        self.b = self._operand(b_id, tb)
+        self.prologue = None
+        if self.node.op in ("rms_norm_matmul", "layer_norm_matmul"):
+            a = self.a
+            self.prologue = NormPrologue(
+                plan, self.node, a.buf, a.s_row, a.s_col, self.M, self.K, self.bind.name_of
+            )
+        self.label = f"{self.node.op}%{self.core}" + (
             f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
         )
 
@@ -140,7 +151,23 @@ class _Matmul:
         buf = self.plan.buffer_of[operand.base]
         others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
         ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
-        return ok and buf not in self.epilogue_reads() and buf != self.bind.out_buffer
+        scalar = self.epilogue_reads() | {self.bind.out_buffer}
+        if self.prologue is not None:
+            scalar |= {self.plan.buffer_of[p] for p in self.prologue.bases}
+        return ok and buf not in scalar
+
+    def load_a(self, value: str, row: str, k: str, vec: bool = False) -> str:
+        """A's element as the product uses it: `value` (loaded, f32; with `vec` the vec4 of
+        columns k..k+3) at tile row `row` and column `k`, normalized under a norm prologue."""
+        return value if self.prologue is None else self.prologue.load(value, row, k, vec)
+
+    def row_statistics(self, rows: int, first: str, threads: int, tid: str) -> str:
+        """Statements computing the norm prologue's statistics of the `rows` rows of A from
+        row `first` (the kernel's tile), before the main loop; empty without a prologue."""
+        if self.prologue is None:
+            return ""
+        vec = self.plan.buffer_of[self.a.base] in self.bind.vector
+        return self.prologue.statistics(rows, first, threads, tid, vec)
 
     def store(self, acc: str, idx: str, indent: str) -> str:
         """Statements writing product value `acc` (f32) at output index `idx`, through the
@@ -164,6 +191,8 @@ class _Matmul:
         return "\n".join(lines) + "\n"
 
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
+        if self.prologue is not None:
+            shared += self.prologue.shared
         decls = self.bind.declarations()
         if "f16" in body or "f16" in decls or "f16" in shared:
             header = "enable f16;\n" + header
@@ -178,13 +207,18 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         if mm.b.s_row == 1:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
-    if syntax and MU_DIRECT_F16 and _direct_operands(mm):
+    # A norm prologue normalizes A as it loads it: never by the matrix loads themselves.
+    if syntax and MU_DIRECT_F16 and mm.prologue is None and _direct_operands(mm):
         return matrix_unit_direct(mm, syntax)
     staged = plan.options.get("staged_matrix_units")
     if syntax and staged and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
         return matrix_unit_kernel(mm, syntax)
     if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
-        return _tiled_large(mm)
+        # The large tiles stage 16 KiB, WebGPU's default workgroup memory: a norm prologue's
+        # statistics need a device that offers more.
+        storage = plan.options.get("workgroup_storage", WEBGPU_WORKGROUP_STORAGE)
+        if mm.prologue is None or LARGE_STAGING + mm.prologue.shared_bytes(LARGE, 256) <= storage:
+            return _tiled_large(mm)
     return _tiled(mm)
 
 
@@ -211,14 +245,16 @@ def _gemv_contiguous_k(mm: _Matmul) -> KernelSource:
             w = f"{b.buf}[(brow + {k}) / 4u]"
             lines = [f"      let w_{k} = vec4<f32>({w});"]
             lines += [
-                f"      acc{m} += dot(vec4<f32>({a.buf}[(a0 + {m * a.s_row}u + {k}) / 4u]), w_{k});"
+                f"      acc{m} += dot({mm.load_a(x, f'{m}u', k, vec=True)}, w_{k});"
                 for m in range(M)
+                for x in [f"vec4<f32>({a.buf}[(a0 + {m * a.s_row}u + {k}) / 4u])"]
             ]
         else:
             lines = [f"      let w_{k} = f32({b.buf}[brow + {k} * {b.s_row}u]);"]
             lines += [
-                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * w_{k};"
+                f"      acc{m} += {mm.load_a(x, f'{m}u', k)} * w_{k};"
                 for m in range(M)
+                for x in [f"f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u])"]
             ]
         return "\n".join(lines) + "\n"
 
@@ -242,7 +278,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n = wid.x * 8u + team; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
-{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
+{mm.row_statistics(M, "0u", 256, "tid")}{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
     var k = lane * {step // 32}u;
 {main_loop}    for (; k < {K}u; k += {step}u) {{
 {piece("k")}    }}
@@ -282,8 +318,9 @@ def _gemv_columns(mm: _Matmul) -> KernelSource:
     else:
         weight = f"f32({b.buf}[b0 + k * {b.s_row}u])"
     fmas = "".join(
-        f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u]) * w;\n"
+        f"      acc{m} += {mm.load_a(x, f'{m}u', 'k')} * w;\n"
         for m in range(M)
+        for x in [f"f32({a.buf}[a0 + {m * a.s_row}u + k * {a.s_col}u])"]
     )
     reductions = []
     for m in range(M):
@@ -313,7 +350,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n0 = wid.x * {cols}u + lane * {width}u; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)} + min(n0, {N - width}u) * {b.s_col}u;
-{"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
+{mm.row_statistics(M, "0u", 256, "tid")}{"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
     for (var k = ks; k < {K}u; k += {slices}u) {{
       let w = {weight};
 {fmas}    }}
@@ -342,6 +379,7 @@ def _tiled(mm: _Matmul) -> KernelSource:
         if b.s_col == 1 or b.s_row != 1
         else "      let kk = e % 16u; let nn = e / 16u;\n"
     )
+    a_value = mm.load_a(f"f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u])", "mm", "gk")
     body = f"""@compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>,
         @builtin(local_invocation_index) tid: u32) {{
@@ -350,13 +388,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   let b0 = {b.origin(mm.batch)};
   let m0 = wid.y * {BM}u;
   let n0 = wid.x * {BN}u;
-  var acc: array<f32, 16>;
+{mm.row_statistics(BM, "m0", 256, "tid")}  var acc: array<f32, 16>;
   for (var k0 = 0u; k0 < {K}u; k0 += {BK}u) {{
     for (var l = 0u; l < 4u; l++) {{
       let e = tid + l * 256u;
 {load_a}      let gm = m0 + mm; let gk = k0 + kk;
       var v = 0.0f;
-      if (gm < {M}u && gk < {K}u) {{ v = f32({a.buf}[a0 + gm * {a.s_row}u + gk * {a.s_col}u]); }}
+      if (gm < {M}u && gk < {K}u) {{ v = {a_value}; }}
       As[kk * {BM}u + mm] = v;
     }}
     for (var l = 0u; l < 4u; l++) {{
@@ -426,9 +464,14 @@ def _tiled_large(mm: _Matmul) -> KernelSource:
             regs = ", ".join(f"{name}{i}" for i in range(4))
             store = f"{name}[(st * 8u + {name}k) * 32u + tid % 32u] = vec4<f32>({regs});"
         origin = "a0" if name == "As" else "b0"
+
+        def value(r: str, k: str) -> str:
+            kk = f"min(k0 + {k}, {K - 1}u)"
+            v = f"f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u + {kk} * {x.s_col}u])"
+            return mm.load_a(v, r, kk) if name == "As" else v
+
         loads = " ".join(
-            f"{name}{i} = select(0.0, f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
-            f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u]), {start} + {r} < {rows}u && k0 + {k} < {K}u);"
+            f"{name}{i} = select(0.0, {value(r, k)}, {start} + {r} < {rows}u && k0 + {k} < {K}u);"
             for i, (r, k) in enumerate(at)
         )
         return index, loads, store
@@ -450,7 +493,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {LARGE}u;
   let n0 = wid.x * {LARGE}u;
-  {ia}
+{mm.row_statistics(LARGE, "m0", 256, "tid")}  {ia}
   {ib}
   var acc: array<vec4<f32>, 16>;
   var As0 = 0.0f; var As1 = 0.0f; var As2 = 0.0f; var As3 = 0.0f;
@@ -627,11 +670,16 @@ def _stage_f16(
     row_limit: int,
     col_limit: int,
     origin: str,
+    load=None,
 ) -> str:
     """Statements staging the rows x cols tile of x at (row0, col0) into the f16 array
     `name` ([row][col], row stride `stride`), zero outside (row_limit, col_limit). With
-    `vec`, four elements along the contiguous direction per load."""
+    `vec`, four elements along the contiguous direction per load; `load(value, row, col)`
+    (scalar loads) rewrites each loaded value (a norm prologue)."""
     if not vec:
+        value = f"f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u])"
+        if load is not None:
+            value = load(value, "r", "gc")
         fast_cols = x.s_col == 1
         index = (
             f"let r = e / {cols}u; let c = e % {cols}u;"
@@ -642,7 +690,7 @@ def _stage_f16(
       {index}
       let gr = {row0} + r; let gc = {col0} + c;
       var v = 0.0f;
-      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u]); }}
+      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = {value}; }}
       {name}[r * {stride}u + c] = f16(v);
     }}
 """
@@ -676,7 +724,12 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
     bm, bn, bk = tr * 16, tc * 16, MU_BK
     AS, BS = bk + MU_PAD, bn + MU_PAD
     # op(B) is k x n; staged as [k][n] it is the tile of rows k and columns n.
-    vec_a = K % 4 == 0 and (M % 4 == 0 or a.s_col == 1) and mm.use_vec4(a, a.s_col == 1)
+    vec_a = (
+        mm.prologue is None
+        and K % 4 == 0
+        and (M % 4 == 0 or a.s_col == 1)
+        and mm.use_vec4(a, a.s_col == 1)
+    )
     vec_b = (
         (N % 4 == 0 if b.s_col == 1 else K % 4 == 0)
         and (b.s_col == 1 or b.s_row == 1)
@@ -685,7 +738,7 @@ def matrix_unit_kernel(mm: _Matmul, syntax: str) -> KernelSource:
     for vec, x in ((vec_a, a), (vec_b, b)):
         if vec:
             mm.bind.vector.add(mm.plan.buffer_of[x.base])
-    stage_a = _stage_f16(a, vec_a, "As", AS, bm, bk, "m0", "k0", M, K, "a0")
+    stage_a = _stage_f16(a, vec_a, "As", AS, bm, bk, "m0", "k0", M, K, "a0", mm.load_a)
     stage_b = _stage_f16(b, vec_b, "Bs", BS, bk, bn, "k0", "n0", K, N, "b0")
     mma = []
     for kk in range(0, bk, 16):
@@ -714,7 +767,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {b.origin(mm.batch)};
   let m0 = wid.y * {bm}u;
   let n0 = wid.x * {bn}u;
-{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
+{mm.row_statistics(bm, "m0", 32, "lane")}{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
 {stage_a}{stage_b}    workgroupBarrier();
 {chr(10).join(mma)}
     workgroupBarrier();
