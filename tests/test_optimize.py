@@ -507,11 +507,14 @@ BINARY = {
     "div": lambda a, b: a / (b.abs() + 1.0),
     "maximum": lambda a, b: F.maximum(a, b),
     "matmul-t": lambda a, b: (a @ b.transpose(-1, -2)) @ b * 0.1 if a.ndim >= 2 else a * b,
+    "norm-matmul": lambda a, b: (
+        layer_norm_decomposed(a) @ b.transpose(-1, -2) @ b * 0.1 if a.ndim >= 2 else a * b
+    ),
 }
 
 
 @st.composite
-def random_graphs(draw):
+def random_graphs(draw, gradients: bool = True):
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
     g = Graph()
     values = [g.input("x", shape), g.parameter("w", shape, init="normal")]
@@ -527,6 +530,8 @@ def random_graphs(draw):
     out = values[-1]
     g.output("out", out)
     g.output("other", values[draw(st.integers(0, len(values) - 1))])
+    if not gradients:
+        return g
     upstream = g.input("upstream", out.shape)
     loss = (out * upstream).sum()
     gw, gx = grad(loss, [values[1], values[0]])
@@ -538,6 +543,13 @@ def random_graphs(draw):
 @settings(max_examples=60, deadline=None)
 @given(random_graphs(), st.integers(0, 2**32 - 1))
 def test_random_graphs_keep_outputs_and_gradients(graph, seed):
+    check_optimized(graph, seed=seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_graphs(gradients=False), st.integers(0, 2**32 - 1))
+def test_random_inference_graphs_keep_outputs(graph, seed):
+    """Without a backward pass, norms move into the matmuls that read them."""
     check_optimized(graph, seed=seed)
 
 
