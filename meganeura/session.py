@@ -136,7 +136,9 @@ def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, scaler, optim
         from meganeura.optimize import OptimizeReport
 
         report = OptimizeReport()
-        g, ids = _optimized(g, [loss_id], report, "forward", optimizer)
+        g, ids = _optimized(
+            g, [loss_id], report, "forward", optimizer, before_autodiff=optimizer is not None
+        )
         loss_id = None if loss_id is None else ids[loss_id]
     rules = None
     if optimizer is not None:
@@ -167,13 +169,15 @@ def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, scaler, optim
     return g, loss_id, rules, report
 
 
-def _optimized(g: Graph, roots, report, stage: str, optimizer):
+def _optimized(g: Graph, roots, report, stage: str, optimizer, before_autodiff: bool = False):
     """The graph rewritten by the e-graph optimizer, and the new id of each old node. Weights
     are stored together only if the optimizer trains them alike (same parameter group)."""
     from meganeura.optimize import optimize
 
     group = None if optimizer is None else lambda name: id(optimizer.group_of(name))
-    result = optimize(g, [r for r in roots if r is not None], group_key=group)
+    result = optimize(
+        g, [r for r in roots if r is not None], group_key=group, before_autodiff=before_autodiff
+    )
     report.merge(result.report, stage)
     return result.graph, result.ids
 

@@ -195,6 +195,120 @@ def test_rms_norm_over_another_axis_is_not_recognized():
     assert op_counts(result.graph)["rms_norm"] == 0
 
 
+# -- norms into the matmul that reads them -----------------------------------------------------
+
+NORM_SPELLINGS = [
+    ("rms-norm", lambda x, w, b: F.rms_norm(x, w, 1e-5), "rms_norm_matmul"),
+    ("rms-norm-hf", lambda x, w, b: rms_norm_hf(x, w), "rms_norm_matmul"),
+    ("rms-norm-unweighted", lambda x, w, b: rms_norm_onnx(x), "rms_norm_matmul"),
+    ("layer-norm", lambda x, w, b: F.layer_norm(x, w, b), "layer_norm_matmul"),
+    ("layer-norm-decomposed", lambda x, w, b: layer_norm_decomposed(x, w, b), "layer_norm_matmul"),
+    ("layer-norm-plain", lambda x, w, b: layer_norm_decomposed(x), "layer_norm_matmul"),
+]
+
+
+def norm_inputs(g: Graph, shape):
+    x = g.input("x", shape)
+    w, b = (g.parameter(n, (shape[-1],), init="normal") for n in ("nw", "nb"))
+    return x, w, b
+
+
+@pytest.mark.parametrize("trans_b", [True, False])
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8), (1, 8)])
+@pytest.mark.parametrize(
+    ("name", "norm", "fused"), NORM_SPELLINGS, ids=[n for n, _, _ in NORM_SPELLINGS]
+)
+def test_norm_read_by_a_matmul_alone_runs_in_it(name, norm, fused, shape, trans_b):
+    g = Graph()
+    x, w, b = norm_inputs(g, shape)
+    weight = g.input("weight", (6, shape[-1]) if trans_b else (shape[-1], 6))
+    g.output("y", g.apply("matmul", [norm(x, w, b), weight], trans_b=trans_b))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts[fused] == 1 and counts["matmul"] == 0, counts
+    assert result.report.kernels_after == 1
+    assert result.report.fusions[fused] == 1
+
+
+def test_norm_whose_output_is_read_elsewhere_keeps_its_kernel():
+    """Fusing would compute the norm twice and save no launch: the cost model says no."""
+    g = Graph()
+    x, w, _ = norm_inputs(g, (4, 8))
+    h = g.output("h", F.rms_norm(x, w, 1e-5))
+    g.output("y", h @ g.input("weight", (8, 6)))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["rms_norm"] == 1 and counts["rms_norm_matmul"] == 0, counts
+
+
+def test_norm_read_by_two_matmuls_runs_in_both():
+    """Each matmul reads the rows once more for their statistics: cheaper than a launch and
+    a round trip of the normalized rows."""
+    g = Graph()
+    x, w, _ = norm_inputs(g, (4, 8))
+    h = F.rms_norm(x, w, 1e-5)
+    g.output("y", h @ g.input("w1", (8, 6)))
+    g.output("z", h @ g.input("w2", (8, 5)))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["rms_norm_matmul"] == 2 and counts["rms_norm"] == 0, counts
+    assert result.report.kernels_after == 2
+
+
+def test_norm_before_the_last_position_reaches_the_logits_matmul():
+    """A language model's logits of every position and of the last one: the norm moves
+    inside the row slice and the reshape, and both matmuls normalize their rows."""
+    g = Graph()
+    x, w, _ = norm_inputs(g, (2, 5, 8))
+    head = g.input("head", (11, 8))
+    hidden = F.rms_norm(x * 2.0, w, 1e-5)
+    g.output("logits", g.apply("matmul", [hidden, head], trans_b=True))
+    g.output("last", g.apply("matmul", [hidden[:, -1, :], head], trans_b=True))
+    result = check_optimized(g)
+    counts = op_counts(result.graph)
+    assert counts["rms_norm_matmul"] == 2 and counts["rms_norm"] == 0, counts
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda h: h[:, :4],  # a slice of the normalized axis
+        lambda h: h.reshape(4, 4),  # a reshape that regroups the rows
+    ],
+    ids=["slice", "reshape"],
+)
+def test_norm_does_not_move_through_views_that_cut_its_rows(cut):
+    g = Graph()
+    x, w, _ = norm_inputs(g, (2, 8))
+    hidden = cut(F.rms_norm(x, w, 1e-5))
+    g.output("y", hidden @ g.input("weight", (4, 3)))
+    result = check_optimized(g)
+    assert op_counts(result.graph)["rms_norm_matmul"] == 0
+
+
+def test_training_keeps_the_norms_its_weight_gradients_read():
+    """Before autodiff the backward pass does not exist; after it, the weight gradient of the
+    matmul reads the normalized rows, so the norm keeps its kernel and nothing is fused."""
+    g = Graph()
+    x, w, _ = norm_inputs(g, (6, 8))
+    labels = g.input("labels", (6,), "i32")
+    proj = g.parameter("proj", (5, 8), init="normal")
+    logits = g.output("logits", g.apply("matmul", [F.rms_norm(x, w, 1e-5), proj], trans_b=True))
+    loss = F.cross_entropy(logits, labels)
+    forward = optimize(g, [loss.id], before_autodiff=True)
+    assert op_counts(forward.graph, [forward.ids[loss.id]])["rms_norm_matmul"] == 0
+    session = build(g, loss, optim.SGD(lr=0.1), device="cpu")
+    assert op_counts(session.graph)["rms_norm_matmul"] == 0
+    assert "rms_norm_matmul" not in session.optimize_report.fusions
+    plain = build(g, loss, optim.SGD(lr=0.1), device="cpu", optimize=False)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((6, 8)).astype(np.float32),
+        "labels": rng.integers(0, 5, 6).astype(np.int32),
+    }
+    np.testing.assert_allclose(steps(session, feeds), steps(plain, feeds), rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(4, 7), (2, 3, 5), (1, 3)])
 def test_log_softmax_and_label_gather_become_cross_entropy(shape):
     g = Graph()
@@ -393,11 +507,14 @@ BINARY = {
     "div": lambda a, b: a / (b.abs() + 1.0),
     "maximum": lambda a, b: F.maximum(a, b),
     "matmul-t": lambda a, b: (a @ b.transpose(-1, -2)) @ b * 0.1 if a.ndim >= 2 else a * b,
+    "norm-matmul": lambda a, b: (
+        layer_norm_decomposed(a) @ b.transpose(-1, -2) @ b * 0.1 if a.ndim >= 2 else a * b
+    ),
 }
 
 
 @st.composite
-def random_graphs(draw):
+def random_graphs(draw, gradients: bool = True):
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
     g = Graph()
     values = [g.input("x", shape), g.parameter("w", shape, init="normal")]
@@ -413,6 +530,8 @@ def random_graphs(draw):
     out = values[-1]
     g.output("out", out)
     g.output("other", values[draw(st.integers(0, len(values) - 1))])
+    if not gradients:
+        return g
     upstream = g.input("upstream", out.shape)
     loss = (out * upstream).sum()
     gw, gx = grad(loss, [values[1], values[0]])
@@ -424,6 +543,13 @@ def random_graphs(draw):
 @settings(max_examples=60, deadline=None)
 @given(random_graphs(), st.integers(0, 2**32 - 1))
 def test_random_graphs_keep_outputs_and_gradients(graph, seed):
+    check_optimized(graph, seed=seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_graphs(gradients=False), st.integers(0, 2**32 - 1))
+def test_random_inference_graphs_keep_outputs(graph, seed):
+    """Without a backward pass, norms move into the matmuls that read them."""
     check_optimized(graph, seed=seed)
 
 

@@ -24,7 +24,7 @@ from meganeura.optimize.extract import CostModel
 from meganeura.optimize.horizontal import concatenate_siblings
 from meganeura.optimize.region import Template, optimize_region
 from meganeura.optimize.report import OptimizeReport, count_kernels, fusions, step_stats
-from meganeura.optimize.rules import built_ops
+from meganeura.optimize.rules import STAGES, built_ops
 
 __all__ = [
     "CostModel",
@@ -52,15 +52,19 @@ def optimize(
     count: bool = False,
     horizontal: bool = True,
     group_key: Callable[[str], Hashable] | None = None,
+    before_autodiff: bool = False,
 ) -> Optimized:
     """Optimize everything that `roots`, the graph's outputs, updates and write-backs need.
 
     With `count`, the report gives nodes and kernels per run before and after. With
     `horizontal`, matmuls of one input by several weights share one matmul over the weights
     stored together (the new graph's `parameter_views` say where each weight lives), if
-    `group_key` of their names agree.
+    `group_key` of their names agree. With `before_autodiff` (the graph is differentiated
+    next), norms stay out of the matmuls that read them: the backward pass, not built yet,
+    reads the normalized rows; the pass over the whole step graph decides.
     """
     model = model or CostModel()
+    stages = tuple(s for s in STAGES if not (before_autodiff and s == "prologue"))
     report = OptimizeReport()
     start = time.perf_counter()
     original = graph
@@ -100,7 +104,7 @@ def optimize(
     pool = ConstantPool()
     owner: dict[int, tuple[Instance, int]] = {}
     for block in found if blocks else []:
-        _optimize_block(graph, block, users, outside_roots, pool, model, report, owner)
+        _optimize_block(graph, block, users, outside_roots, pool, model, report, owner, stages)
     if rest:
         rest_set = set(rest)
         rest_roots = [
@@ -110,7 +114,7 @@ def optimize(
         ]
         free = _free_roots(graph, rest_roots, users, outside_roots, rest_set)
         template, boundary, stats = optimize_region(
-            graph, rest, rest_roots, pool, model, free_roots=free
+            graph, rest, rest_roots, pool, model, free_roots=free, stages=stages
         )
         _account(report, stats, template, graph, rest, 1)
         instance = Instance(template, boundary, template.roots)
@@ -158,7 +162,7 @@ def deduplicated(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int]]:
     return dataclasses.replace(graph, nodes=nodes), canon
 
 
-def _optimize_block(graph, block: Block, users, outside_roots, pool, model, report, owner):
+def _optimize_block(graph, block: Block, users, outside_roots, pool, model, report, owner, stages):
     """Optimize the block's first chunk; every chunk becomes an instance of its template."""
     rep = block.chunks[0]
     roots = [rep[o] for o in block.outputs]
@@ -182,6 +186,7 @@ def _optimize_block(graph, block: Block, users, outside_roots, pool, model, repo
         model,
         boundary_of=index.__getitem__,
         free_roots={rep[t] for t in free_in_all},
+        stages=stages,
     )
     _account(report, stats, template, graph, rep, len(block.chunks))
     report.blocks.append(

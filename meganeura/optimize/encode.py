@@ -110,6 +110,13 @@ CODECS: dict[str, Codec] = {
     "concat": _int_codec("axis"),
     "rms_norm": _float_codec("eps"),
     "layer_norm": _float_codec("eps"),
+    **{
+        op: Codec(
+            lambda a: f"(ATup (AFloat {num(a['eps'])}) (AInt {int(a['trans_b'])}))",
+            lambda v: {"eps": float(v[0]), "trans_b": bool(v[1])},
+        )
+        for op in ("rms_norm_matmul", "layer_norm_matmul")
+    },
     "attention": Codec(
         lambda a: (
             f"(ATup4 (AFloat {num(a['scale'])}) (AInt {int(a['causal'])}) "

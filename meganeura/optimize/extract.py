@@ -1,10 +1,12 @@
 """Choosing one e-node per e-class: a DAG-aware, shape-aware cost over the frozen e-graph.
 
 The cost of a choice is what the lowering would spend on it (lower/plan.py's rules): every
-kernel pays a launch plus the bytes it writes and the bytes of the buffers it reads; pointwise
-ops and views are inlined into the kernels that read them and cost nothing of their own,
-unless several readers or a matmul-like consumer force them into a buffer. A shared
-subexpression is paid for once.
+kernel pays a launch plus the bytes it writes and the bytes of the buffers it reads (a matmul
+that normalizes its rows reads them once more for their statistics); pointwise ops and views
+are inlined into the kernels that read them and cost nothing of their own, unless several
+readers or a matmul-like consumer force them into a buffer. A shared subexpression is paid
+for once: a norm whose output something else reads keeps its kernel, so moving it into a
+matmul would only add the statistics pass.
 
 Extraction runs in two passes. A bottom-up pass picks, per e-class, the e-node of least
 estimated cost (its own cost plus its inputs'), estimating which values end up in buffers from
@@ -25,6 +27,9 @@ from meganeura.optimize.encode import nbytes, parse_type
 
 LEAVES = ("Ext", "Scalar", "Const")
 COST_CAP = 1e300
+# Matmuls that normalize the rows of their first input as they load it read those rows once
+# more per pass of statistics, before their main loop (mean square; mean, then variance).
+PROLOGUE_PASSES = {"rms_norm_matmul": 1, "layer_norm_matmul": 2}
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,11 @@ class Extraction:
         kind = self.kind[node.op]
         if kind in INLINED_KINDS and c not in self.buffered:
             return 1.0  # free when inlined; the byte breaks ties toward fewer ops
-        reads = sum(self.size[k] for k in set(node.children))
+        reads = sum(self.size[k] for k in set(node.children)) + self.prologue_reads(node)
         return self.model.launch_bytes + self.size[c] + reads
+
+    def prologue_reads(self, node: ENode) -> float:
+        return PROLOGUE_PASSES.get(node.op, 0) * self.size[node.children[0]]
 
     def initial(self) -> None:
         n = len(self.frozen.classes)
@@ -192,6 +200,7 @@ class Extraction:
                 continue
             leaves = self._leaves(choice, c, buffered)
             total += self.model.launch_bytes + self.size[c] + sum(self.size[k] for k in leaves)
+            total += self.prologue_reads(node)
             for k in leaves:
                 readers.setdefault(k, []).append(c)
         if self.model.matmul_epilogues:

@@ -87,10 +87,12 @@ def optimize_region(
     model: CostModel,
     boundary_of=None,
     free_roots: set[int] = frozenset(),
+    stages: tuple[str, ...] = STAGES,
 ) -> tuple[Template, list[int], RegionStats]:
     """Optimize `region` (topologically ordered ids) so that `roots` keep their values.
 
-    `free_roots` are roots that their one outside reader inlines (they need no buffer).
+    `free_roots` are roots that their one outside reader inlines (they need no buffer);
+    `stages` are the rule stages that run.
 
     Returns the template, the boundary (Ext k -> graph node id) and statistics.
     """
@@ -102,7 +104,7 @@ def optimize_region(
     with run:
         run.feed_lines(enc.lines, "encode")
         run.feed_lines(tables(enc, pool), "encode")
-        run.run(schedule(), "saturate")
+        run.run(schedule(stages), "saturate")
         frozen = run.freeze()
     start = time.perf_counter()
     root_classes = [frozen.class_of_node[r] for r in roots]

@@ -6,7 +6,10 @@ Stages run in order, each to saturation together with the stages before it:
   out of products, powers and square roots in one spelling, transposes read by matmul);
 - `recognize`: decomposed patterns become the op that computes them in one kernel (silu,
   gelu in erf and tanh forms, softmax, log_softmax, rms_norm, layer_norm, attention, ...);
-- `fuse`: fusions across ops (swiglu, matmul epilogues).
+- `fuse`: fusions across ops (swiglu, matmul epilogues);
+- `prologue`: a norm moves into the matmul that reads it (rms_norm_matmul, layer_norm_matmul),
+  through the reshapes and row slices between them. The pass before autodiff skips this
+  stage: the backward pass, not built yet, reads the normalized rows.
 
 A rule is only loaded when every op it builds is registered, so rules for fused ops switch on
 as those ops land. Rules that need facts egglog cannot compute (the inverse of a permutation,
@@ -39,7 +42,7 @@ from meganeura.optimize.encode import (
     type_string,
 )
 
-STAGES = ("canon", "recognize", "fuse")
+STAGES = ("canon", "recognize", "fuse", "prologue")
 NONE = "(ANone)"
 
 
@@ -541,6 +544,45 @@ for _n, _kids in enumerate(((P("silu", "?t1", "?g"), "?u"), ("?u", P("silu", "?t
     rewrite(f"swiglu-{_n}", "fuse", P("mul", "?t", *_kids), P("swiglu", "?t", "?g", "?u"))
 
 
+def _prologue_rules() -> None:
+    """matmul(norm(x, params), m) -> norm_matmul(x, params, m) for every arity of the norm;
+    norms move inside reshapes that keep the last axis and slices that take it whole (rows
+    stay whole), so the norm before a model's last-position logits reaches their matmul."""
+    for op, arities in (("rms_norm", (0, 1)), ("layer_norm", (0, 1, 2))):
+        name = op.replace("_", "-")
+        for n in arities:
+            params = ("?w", "?b")[:n]
+            rewrite(
+                f"{name}-matmul-{n}",
+                "prologue",
+                P(
+                    "matmul",
+                    "?t",
+                    P(op, "?tn", "?x", *params, a="(AFloat ?eps)"),
+                    "?m",
+                    a="(ATup (AInt 0) (AInt ?tb))",
+                ),
+                P(f"{op}_matmul", "?t", "?x", *params, "?m", a="(ATup (AFloat ?eps) (AInt ?tb))"),
+            )
+            rewrite(
+                f"reshape-of-{name}-{n}",
+                "prologue",
+                P("reshape", "?t", P(op, "?tn", "?x", *params, a="?e"), a="?a"),
+                P(op, "?t", P("reshape", "?t", "?x", a="?a"), *params, a="?e"),
+                ["(= (last-vec ?t) (last-vec ?tn))"],
+            )
+            rewrite(
+                f"slice-of-{name}-{n}",
+                "prologue",
+                P("slice", "?t", P(op, "?tn", "?x", *params, a="?e"), a="(AStr ?s)"),
+                P(op, "?t", P("slice", "?t", "?x", a="(AStr ?s)"), *params, a="?e"),
+                ["(whole-rows ?s ?tn)"],
+            )
+
+
+_prologue_rules()
+
+
 def available_rules(ops: set[str] | None = None) -> list[Rule]:
     """The rules whose target ops are registered."""
     ops = set(all_ops()) if ops is None else ops
@@ -580,6 +622,7 @@ DECLARATIONS = """
 (relation rope-halves (String String String))
 (relation rope-tables (i64 i64 i64 String i64 String))
 (function rope-attrs () A :merge old)
+(relation whole-rows (String String))
 """
 
 
@@ -617,6 +660,7 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
             unsq = f"{k.dtype}[{b},{h},1,{n_t},{d}]"
             out = f"{k.dtype}[{b},{h * n},{n_t},{d}]"
             lines.append(f"(repeat-kv {quote(tk)} {quote(unsq)} {quote(te)} {quote(out)})")
+    lines += _whole_rows_tables(enc, parsed)
     lines += _attention_tables(rank4)
     lines += _rope_tables(rank4, pool)
     floats = [(q, t) for q, t in parsed if t.dtype in ("f32", "f16") and t.shape]
@@ -627,6 +671,28 @@ def tables(enc: Encoding, pool: ConstantPool) -> list[str]:
         for tl, lab in ints:
             if lab.shape == x.shape[:-1]:
                 lines.append(f"(ce-labels {quote(tx)} {quote(tl)})")
+    return lines
+
+
+def _whole_rows_tables(enc: Encoding, parsed) -> list[str]:
+    """The slices (attribute strings) that take the last axis of a type whole: they select
+    rows and keep each row intact."""
+    lines = []
+    for text in sorted(enc.strings.get("slice", ())):
+        attrs = codec("slice").decode(text)
+        starts, stops, steps = attrs["starts"], attrs["stops"], attrs["steps"]
+        for q, t in parsed:
+            if (
+                len(t.shape) == len(starts)
+                and t.shape
+                and (starts[-1], stops[-1], steps[-1])
+                == (
+                    0,
+                    t.shape[-1],
+                    1,
+                )
+            ):
+                lines.append(f"(whole-rows {quote(text)} {quote(q)})")
     return lines
 
 

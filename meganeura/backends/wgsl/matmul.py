@@ -17,6 +17,10 @@ Variants, chosen per kernel:
 - tiled SIMT f32 otherwise: 128 x 128 tiles with 8 x 8 outputs per invocation for large
   products (32 TFLOP/s at 4096^3 on an H200); for the rest, tiles from 64 x 64 down to
   16 x 16 chosen by the number of workgroups they make, k split inside the workgroup.
+
+rms_norm_matmul and layer_norm_matmul run through the same variants (but never the matrix
+loads of f16 operands, which cannot normalize): each computes the statistics of its rows
+first and normalizes A as it loads it (the norm prologue, see norm_prologue).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         if mm.b.s_row == 1:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
-    if syntax and MU_DIRECT_F16 and _direct_operands(mm):
+    # A norm prologue normalizes A as it loads it: never by the matrix loads themselves.
+    if syntax and MU_DIRECT_F16 and mm.prologue is None and _direct_operands(mm):
         return matrix_unit_direct(mm, syntax)
     staged = plan.options.get("staged_matrix_units")
     if syntax and staged and (mm.dtype == "f16" or plan.options.get("matmul_precision") == "high"):
@@ -115,11 +120,15 @@ def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
         if vec:
             load = f"      let {w} = vec4<f32>({b.buf}[(brow + {k}) / 4u]);\n"
             x = f"vec4<f32>({a.buf}[(a0 + {{}}u + {k}) / 4u])"
-            uses = [f"      acc{m} += dot({x.format(m * a.s_row)}, {w});" for m in range(M)]
+            uses = [
+                f"      acc{m} += dot({mm.load_a(x.format(m * a.s_row), f'{m}u', k, True)}, {w});"
+                for m in range(M)
+            ]
         else:
             load = f"      let {w} = f32({b.buf}[brow + {k} * {b.s_row}u]);\n"
+            x = f"f32({a.buf}[a0 + {{}}u + {k} * {a.s_col}u])"
             uses = [
-                f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};"
+                f"      acc{m} += {mm.load_a(x.format(m * a.s_row), f'{m}u', k)} * {w};"
                 for m in range(M)
             ]
         return load, "\n".join(uses) + "\n"
@@ -134,7 +143,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n = wid.x * {teams}u + team; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
-{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
+{mm.row_statistics(M, "0u", size, "tid")}{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
 {_k_pieces(step, K, f"lane * {step // 32}u", piece)}  }}
 {reduce_rows}  workgroupBarrier();
   for (var s = 16u; s > 0u; s = s >> 1u) {{
@@ -176,8 +185,9 @@ def _gemv_columns(mm: Matmul) -> KernelSource:
             load = f"      let {w} = vec4<f32>({b.buf}[(b0 + {k} * {b.s_row}u) / 4u]);\n"
         else:
             load = f"      let {w} = f32({b.buf}[b0 + {k} * {b.s_row}u]);\n"
+        x = f"f32({a.buf}[a0 + {{}}u + {k} * {a.s_col}u])"
         uses = "".join(
-            f"      acc{m} += f32({a.buf}[a0 + {m * a.s_row}u + {k} * {a.s_col}u]) * {w};\n"
+            f"      acc{m} += {mm.load_a(x.format(m * a.s_row), f'{m}u', k)} * {w};\n"
             for m in range(M)
         )
         return load, uses
@@ -210,7 +220,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let n0 = wid.x * {cols}u + lane * {width}u; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let b0 = {b.origin(mm.batch)} + min(n0, {N - width}u) * {b.s_col}u;
-{"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
+{mm.row_statistics(M, "0u", 256, "tid")}{"".join(f"  var acc{m} = {vt}(0.0);" + chr(10) for m in range(M))}  if (n0 < {N}u) {{
 {_k_pieces(slices, K, "ks", piece)}  }}
 {"".join(reductions)}}}
 """
@@ -339,11 +349,16 @@ def _stage_f16(
     row_limit: int,
     col_limit: int,
     origin: str,
+    load=None,
 ) -> str:
     """Statements staging the rows x cols tile of x at (row0, col0) into the f16 array
     `name` ([row][col], row stride `stride`), zero outside (row_limit, col_limit). With
-    `vec`, four elements along the contiguous direction per load."""
+    `vec`, four elements along the contiguous direction per load; `load(value, row, col)`
+    (scalar loads) rewrites each loaded value (a norm prologue)."""
     if not vec:
+        value = f"f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u])"
+        if load is not None:
+            value = load(value, "r", "gc")
         fast_cols = x.s_col == 1
         index = (
             f"let r = e / {cols}u; let c = e % {cols}u;"
@@ -354,7 +369,7 @@ def _stage_f16(
       {index}
       let gr = {row0} + r; let gc = {col0} + c;
       var v = 0.0f;
-      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u]); }}
+      if (gr < {row_limit}u && gc < {col_limit}u) {{ v = {value}; }}
       {name}[r * {stride}u + c] = f16(v);
     }}
 """
@@ -388,7 +403,12 @@ def matrix_unit_kernel(mm: Matmul, syntax: str) -> KernelSource:
     bm, bn, bk = tr * 16, tc * 16, MU_BK
     AS, BS = bk + MU_PAD, bn + MU_PAD
     # op(B) is k x n; staged as [k][n] it is the tile of rows k and columns n.
-    vec_a = K % 4 == 0 and (M % 4 == 0 or a.s_col == 1) and mm.use_vec4(a, a.s_col == 1)
+    vec_a = (
+        mm.prologue is None
+        and K % 4 == 0
+        and (M % 4 == 0 or a.s_col == 1)
+        and mm.use_vec4(a, a.s_col == 1)
+    )
     vec_b = (
         (N % 4 == 0 if b.s_col == 1 else K % 4 == 0)
         and (b.s_col == 1 or b.s_row == 1)
@@ -397,7 +417,7 @@ def matrix_unit_kernel(mm: Matmul, syntax: str) -> KernelSource:
     for vec, x in ((vec_a, a), (vec_b, b)):
         if vec:
             mm.bind.vector.add(mm.plan.buffer_of[x.base])
-    stage_a = _stage_f16(a, vec_a, "As", AS, bm, bk, "m0", "k0", M, K, "a0")
+    stage_a = _stage_f16(a, vec_a, "As", AS, bm, bk, "m0", "k0", M, K, "a0", mm.load_a)
     stage_b = _stage_f16(b, vec_b, "Bs", BS, bk, bn, "k0", "n0", K, N, "b0")
     mma = []
     for kk in range(0, bk, 16):
@@ -426,7 +446,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {b.origin(mm.batch)};
   let m0 = wid.y * {bm}u;
   let n0 = wid.x * {bn}u;
-{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
+{mm.row_statistics(bm, "m0", 32, "lane")}{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
 {stage_a}{stage_b}    workgroupBarrier();
 {chr(10).join(mma)}
     workgroupBarrier();

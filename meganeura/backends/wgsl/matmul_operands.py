@@ -1,5 +1,6 @@
 """What every matmul kernel shares: sizes, operands as strided views of buffers (transposes
-and broadcasts read in place), bindings (vec4 where the layout allows) and the epilogue store
+and broadcasts read in place), bindings (vec4 where the layout allows), the norm prologue of
+rms_norm_matmul and layer_norm_matmul (A normalized as it is loaded) and the epilogue store
 (the pointwise DAG that reads the product, fused into the kernel's store)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
 from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, product_store
+from meganeura.backends.wgsl.norm_prologue import NormPrologue
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.linalg import matmul_dims
 
@@ -72,16 +74,24 @@ class Matmul:
         self.core = kernel.core if kernel.core is not None else kernel.node
         self.node = graph.nodes[self.core]
         self.out_node = graph.nodes[kernel.node]
-        ta, tb = self.node.attrs["trans_a"], self.node.attrs["trans_b"]
-        a_node, b_node = (graph.nodes[i] for i in self.node.inputs)
-        self.batch, self.M, self.K, self.N = matmul_dims(a_node.type, b_node.type, ta, tb)
+        # A norm_matmul op's inputs are x, the norm's parameters and b; it never transposes x.
+        ta, tb = self.node.attrs.get("trans_a", False), self.node.attrs["trans_b"]
+        a_id, b_id = self.node.inputs[0], self.node.inputs[-1]
+        a_type, b_type = graph.nodes[a_id].type, graph.nodes[b_id].type
+        self.batch, self.M, self.K, self.N = matmul_dims(a_type, b_type, ta, tb)
         self.nbatch = math.prod(self.batch)
-        self.dtype = a_node.type.dtype
+        self.dtype = a_type.dtype
         self.bind = VecBindings(plan, kernel.node)
         self.out = f"buf{self.bind.out_buffer}"
-        self.a = self._operand(self.node.inputs[0], ta)
-        self.b = self._operand(self.node.inputs[1], tb)
-        self.label = f"matmul%{self.core}" + (
+        self.a = self._operand(a_id, ta)
+        self.b = self._operand(b_id, tb)
+        self.prologue = None
+        if self.node.op in ("rms_norm_matmul", "layer_norm_matmul"):
+            a = self.a
+            self.prologue = NormPrologue(
+                plan, self.node, a.buf, a.s_row, a.s_col, self.M, self.K, self.bind.name_of
+            )
+        self.label = f"{self.node.op}%{self.core}" + (
             f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
         )
 
@@ -113,7 +123,34 @@ class Matmul:
         buf = self.plan.buffer_of[operand.base]
         others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
         ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
-        return ok and buf not in self.epilogue_reads() and buf != self.bind.out_buffer
+        scalar = self.epilogue_reads() | {self.bind.out_buffer}
+        if self.prologue is not None:
+            scalar |= {self.plan.buffer_of[p] for p in self.prologue.bases}
+        return ok and buf not in scalar
+
+    def load_a(self, value: str, row: str, k: str, vec: bool = False) -> str:
+        """A's element as the product uses it: `value` (loaded, f32; with `vec` the vec4 of
+        columns k..k+3) at tile row `row` and column `k`, normalized under a norm prologue."""
+        return value if self.prologue is None else self.prologue.load(value, row, k, vec)
+
+    def row_statistics(
+        self, rows: int, first: str, threads: int, tid: str, scratch: str | None = None
+    ) -> str:
+        """Statements computing the norm prologue's statistics of the `rows` rows of A from
+        row `first` (the kernel's tile), before the main loop; empty without a prologue.
+        With `scratch`, they borrow that vec4<f32> workgroup array (the kernel's staging
+        memory): call this before generating the A loads, which then read registers that
+        `keep_statistics` fills before the kernel reuses the array."""
+        if self.prologue is None:
+            return ""
+        vec = self.plan.buffer_of[self.a.base] in self.bind.vector
+        return self.prologue.statistics(rows, first, threads, tid, vec, scratch)
+
+    def keep_statistics(self) -> str:
+        """Statements holding in registers the statistics of the tile rows that the A loads
+        generated so far read, out of the scratch memory given to `row_statistics`; to be
+        placed before those loads. Empty without a prologue."""
+        return "" if self.prologue is None else self.prologue.keep()
 
     def store(self, acc: str, idx: str, indent: str) -> str:
         """Statements writing product value `acc` (f32) at output index `idx`, through the
@@ -121,6 +158,8 @@ class Matmul:
         return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
 
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
+        if self.prologue is not None:
+            shared += self.prologue.shared
         decls = self.bind.declarations()
         if "f16" in body or "f16" in decls or "f16" in shared:
             header = "enable f16;\n" + header

@@ -5,6 +5,10 @@ per invocation. The rest take the largest tile, from 64 x 64 down to 16 x 16, th
 makes enough workgroups; a tile smaller than 64 x 64 keeps 256 invocations with 4 x 4 outputs
 each by splitting k among groups of them inside the workgroup, so a small product (an LLM
 prefill: 128 rows) runs on every SM in few serial steps, in one kernel.
+
+With a norm prologue (rms_norm_matmul, layer_norm_matmul) both kernels first compute the
+statistics of their tile's rows over the whole of k in the staging memory, which then holds
+operands as before: each invocation keeps the statistics of the rows it loads in registers.
 """
 
 from __future__ import annotations
@@ -84,10 +88,14 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     vec_b = (K % 4 == 0 and K > 0) if b.s_row == 1 else (N % 4 == 0 and b.s_col == 1)
     vec_a = vec_a and mm.use_vec4(a, a.s_col == 1)
     vec_b = vec_b and mm.use_vec4(b, b.s_row != 1)
+    # A norm prologue normalizes the vec4 of one row (k..k+3), not one of four rows.
+    vec_a = vec_a and (mm.prologue is None or a.s_col == 1)
     for vec, x in ((vec_a, a), (vec_b, b)):
         if vec:
             mm.bind.vector.add(mm.plan.buffer_of[x.base])
-    ia, fa, sa = _stage(mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0")
+    # Before the loads that read them: the statistics of the tile's rows, in `tile`.
+    statistics = mm.row_statistics(R, "m0", 256, "tid", scratch="tile")
+    ia, fa, sa = _stage(mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", normalized=True)
     ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0")
     k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
     store = mm.store("acc_v", "idx", "        ")
@@ -136,7 +144,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {R}u;
   let n0 = wid.x * {C}u;
-{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+{statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
   var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
   {{
     let k0 = 0u; let st = 0u;
@@ -177,15 +185,22 @@ def _stage(
     rows: int,
     start: str,
     origin: str,
+    normalized: bool = False,
 ) -> tuple[str, str, str]:
     """Staging of one operand, seen as rows x k, into `tile` at vec4 `at`: stage `st` holds
     k rows of tile_rows / 4 vec4s. Returns the per-invocation index lets and register
-    declarations, the fetch of step k0 into registers, and their store into stage st."""
+    declarations, the fetch of step k0 into registers, and their store into stage st.
+    `normalized` (A) passes the loads through the matmul's norm prologue, if it has one,
+    and holds the statistics of the rows they read in registers (after the index lets)."""
     K = mm.K
     quads = tile_rows // 4
     along_k = x.s_col == 1
     count = tile_rows * depth // 4  # vec4s per stage
     lets, fetch, store = [], [], []
+
+    def normalize(value: str, row: str, k: str, vec: bool = False) -> str:
+        return mm.load_a(value, row, k, vec) if normalized else value
+
     for j in range(math.ceil(count / 256)):
         e = f"(tid + {256 * j}u)" if j else "tid"
         r, k, reg = f"{name}r{j}", f"{name}k{j}", f"{name}{j}"
@@ -194,7 +209,7 @@ def _stage(
                 f"  let {r} = ({e} / 2u) % {tile_rows}u;"
                 f" let {k} = 4u * ({e} % 2u + 2u * ({e} / {2 * tile_rows}u));"
             )
-            parts = [(f"{start} + {r}", f"k0 + {k} + {i}u") for i in range(4)]
+            parts = [(f"{start} + {r}", f"k0 + {k} + {i}u", r) for i in range(4)]
             at_row = f"min({start} + {r}, {rows - 1}u) * {x.s_row}u"
             at_vec = f"({origin} + {at_row} + min(k0 + {k}, {K - 4}u)) / 4u"
             in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
@@ -205,7 +220,7 @@ def _stage(
             )
         else:  # four rows per invocation, one k
             lets.append(f"  let {r} = 4u * ({e} % {quads}u); let {k} = {e} / {quads}u;")
-            parts = [(f"{start} + {r} + {i}u", f"k0 + {k}") for i in range(4)]
+            parts = [(f"{start} + {r} + {i}u", f"k0 + {k}", f"{r} + {i}u") for i in range(4)]
             at_vec = (
                 f"({origin} + min({start} + {r}, {rows - 4}u)"
                 f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u) / 4u"
@@ -213,15 +228,22 @@ def _stage(
             in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
             put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
         lets.append(f"  var {reg} = vec4<f32>(0.0);")
-        if vec:
-            value = f"select(vec4<f32>(0.0), vec4<f32>({x.buf}[{at_vec}]), {in_range})"
+        if vec:  # along k under a prologue: the vec4 of one row at k..k+3
+            loaded = normalize(f"vec4<f32>({x.buf}[{at_vec}])", r, f"min(k0 + {k}, {K - 4}u)", True)
+            value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
         else:
             value = (
                 "vec4<f32>("
                 + ", ".join(
-                    f"select(0.0, f32({x.buf}[{origin} + min({row}, {rows - 1}u) * {x.s_row}u"
-                    f" + min({kk}, {K - 1}u) * {x.s_col}u]), {row} < {rows}u && {kk} < {K}u)"
-                    for row, kk in parts
+                    "select(0.0, "
+                    + normalize(
+                        f"f32({x.buf}[{origin} + min({row}, {rows - 1}u) * {x.s_row}u"
+                        f" + min({kk}, {K - 1}u) * {x.s_col}u])",
+                        local,
+                        f"min({kk}, {K - 1}u)",
+                    )
+                    + f", {row} < {rows}u && {kk} < {K}u)"
+                    for row, kk, local in parts
                 )
                 + ")"
             )
@@ -232,7 +254,7 @@ def _stage(
         fetch.append(load)
         store.append(put)
     return (
-        "\n".join(lets) + "\n",
+        "\n".join(lets) + "\n" + (mm.keep_statistics() if normalized else ""),
         "\n".join(fetch) + "\n",
         "\n".join(store) + "\n",
     )
@@ -265,13 +287,26 @@ def _tiled_large(mm: Matmul) -> KernelSource:
             regs = ", ".join(f"{name}{i}" for i in range(4))
             store = f"{name}[(st * 8u + {name}k) * 32u + tid % 32u] = vec4<f32>({regs});"
         origin = "a0" if name == "As" else "b0"
+
+        def value(r: str, k: str) -> str:
+            kk = f"min(k0 + {k}, {K - 1}u)"
+            v = (
+                f"f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
+                f" + {kk} * {x.s_col}u])"
+            )
+            return mm.load_a(v, r, kk) if name == "As" else v
+
         loads = " ".join(
-            f"{name}{i} = select(0.0, f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
-            f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u]), {start} + {r} < {rows}u && k0 + {k} < {K}u);"
+            f"{name}{i} = select(0.0, {value(r, k)}, {start} + {r} < {rows}u && k0 + {k} < {K}u);"
             for i, (r, k) in enumerate(at)
         )
+        keep = mm.keep_statistics() if name == "As" else ""
+        if keep:  # a norm prologue: the statistics of the rows it loads, in registers
+            index += "\n" + keep.rstrip("\n")
         return index, loads, store
 
+    # Before the loads that read them: the statistics of the tile's rows, in `As`.
+    statistics = mm.row_statistics(LARGE, "m0", 256, "tid", scratch="As")
     ia, la, sa = operand(a, "As", M, "m0")
     ib, lb, sb = operand(bt, "Bs", N, "n0")
     fmas = []
@@ -289,7 +324,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {LARGE}u;
   let n0 = wid.x * {LARGE}u;
-  {ia}
+{statistics}  {ia}
   {ib}
   var acc: array<vec4<f32>, 16>;
   var As0 = 0.0f; var As1 = 0.0f; var As2 = 0.0f; var As3 = 0.0f;
