@@ -127,3 +127,38 @@ def test_quantized_matmul_runs_its_residual_and_activation_in_its_store(device, 
     np.testing.assert_allclose(got, z / (1 + np.exp(-z)), rtol=1e-5, atol=1e-5)
     if device != "cpu":
         assert session.kernel_count == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_runs_inside_the_quantized_matmul_that_reads_it(device, qtype, weighted):
+    # Inference: the norm's output has no other reader, so the optimizer moves the norm into
+    # the quantized product, which normalizes rows of x as it reads them; the gradients (of
+    # the unfused ops) agree with the graph as written.
+    weight = quantized(11, 64, qtype, seed=8)
+    rng = np.random.default_rng(9)
+    x_data = rng.normal(size=(3, 2, 64)).astype(np.float32)
+    g_data = rng.normal(1.0, 0.2, size=(64,)).astype(np.float32)
+
+    def graph():
+        g = Graph()
+        x = g.input("x", x_data.shape)
+        gamma = g.input("g", (64,)) if weighted else None
+        w = quantized_parameter(g, "w", weight)
+        y = g.output("y", quantized_matmul(F.rms_norm(x, gamma, eps=1e-5), w))
+        g.output("dx", grad((y * y).sum(), [x])[0])
+        return g
+
+    feeds = {"x": x_data, **({"g": g_data} if weighted else {})}
+    fused = build(graph(), device=device)
+    got = fused.run(feeds, outputs=["y"])["y"]
+    assert fused.optimize_report.fusions.get("rms_norm_quantized_matmul", 0) >= 1
+    if device != "cpu":
+        assert fused.kernel_count == 1
+    x64 = x_data.astype(np.float64)
+    h = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * (g_data if weighted else 1)
+    np.testing.assert_allclose(got, h @ weight.dequantize().T, rtol=1e-4, atol=1e-4)
+    plain = build(graph(), device=device, optimize=False).run(feeds)
+    both = fused.run(feeds)
+    np.testing.assert_allclose(both["dx"], plain["dx"], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meganeura.graph import Graph, Tensor, TensorType, matmul
-from meganeura.ops import OpDef, register
+from meganeura.ops import OpDef, get_op, register
 
 # Bytes of one block of 32 values, and where its parts sit: Q8_0 is an f16 scale d and 32 i8
 # q (d * q); Q4_0 is d and 16 bytes of nibbles, low nibbles first ((q - 8) * d); Q4_1 is d,
@@ -122,6 +122,51 @@ register(
         normalize=_normalize,
         strided_inputs=True,
         doc="x @ Wᵀ for a GGUF-quantized weight W [out, in], decoded inside the kernel",
+    )
+)
+
+
+def _norm_qmm_infer(types, attrs):
+    x, *params, raw = types
+    if len(params) > 1:
+        raise ValueError(
+            f"rms_norm_quantized_matmul: takes x, at most one rms_norm weight and the raw "
+            f"weight; got {len(types)} inputs"
+        )
+    try:
+        h = get_op("rms_norm").infer([x, *params], {"eps": attrs["eps"]})
+    except ValueError as error:
+        raise ValueError(f"rms_norm_quantized_matmul: {error}") from None
+    return _qmm_infer([h, raw], attrs)
+
+
+def _norm_qmm_reference(arrays, attrs):
+    h = get_op("rms_norm").reference(arrays[:-1], {"eps": attrs["eps"]})
+    return _qmm_reference([h, arrays[-1]], attrs)
+
+
+def _norm_qmm_vjp(g, inputs, out, attrs):
+    x, raw = inputs[:-1], inputs[-1]
+    h = raw.graph.apply("rms_norm", x, eps=attrs["eps"])
+    dh, _ = _qmm_vjp(g, [h, raw], out, {"qtype": attrs["qtype"], "shape": attrs["shape"]})
+    return [*get_op("rms_norm").vjp(dh, x, h, {"eps": attrs["eps"]}), None]
+
+
+def _norm_qmm_normalize(types, attrs):
+    return {**_normalize(types, attrs), "eps": float(attrs["eps"])}
+
+
+register(
+    OpDef(
+        "rms_norm_quantized_matmul",
+        "quantized_matmul",
+        _norm_qmm_infer,
+        _norm_qmm_reference,
+        _norm_qmm_vjp,
+        normalize=_norm_qmm_normalize,
+        strided_inputs=True,
+        doc="quantized_matmul(rms_norm(x, weight, eps), raw): the norm applied as the kernel "
+        "loads x (built by the e-graph optimizer)",
     )
 )
 

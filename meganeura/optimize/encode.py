@@ -117,6 +117,17 @@ CODECS: dict[str, Codec] = {
         )
         for op in ("rms_norm_matmul", "layer_norm_matmul")
     },
+    "quantized_matmul": Codec(
+        lambda a: f"(ATup (AStr {quote(a['qtype'])}) (AStr {quote(ints(a['shape']))}))",
+        lambda v: {"qtype": v[0], "shape": parse_ints(v[1])},
+    ),
+    "rms_norm_quantized_matmul": Codec(
+        lambda a: (
+            f"(ATup3 (AFloat {num(a['eps'])}) (AStr {quote(a['qtype'])}) "
+            f"(AStr {quote(ints(a['shape']))}))"
+        ),
+        lambda v: {"eps": float(v[0]), "qtype": v[1], "shape": parse_ints(v[2])},
+    ),
     "attention": Codec(
         lambda a: (
             f"(ATup4 (AFloat {num(a['scale'])}) (AInt {int(a['causal'])}) "

@@ -29,7 +29,7 @@ LEAVES = ("Ext", "Scalar", "Const")
 COST_CAP = 1e300
 # Matmuls that normalize the rows of their first input as they load it read those rows once
 # more per pass of statistics, before their main loop (mean square; mean, then variance).
-PROLOGUE_PASSES = {"rms_norm_matmul": 1, "layer_norm_matmul": 2}
+PROLOGUE_PASSES = {"rms_norm_matmul": 1, "layer_norm_matmul": 2, "rms_norm_quantized_matmul": 1}
 
 
 @dataclass(frozen=True)

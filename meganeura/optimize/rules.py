@@ -582,6 +582,29 @@ def _prologue_rules() -> None:
 
 _prologue_rules()
 
+# GGUF-quantized projections take the RMSNorm in as well.
+for _n in (0, 1):
+    _params = ("?w",)[:_n]
+    rewrite(
+        f"rms-norm-quantized-matmul-{_n}",
+        "prologue",
+        P(
+            "quantized_matmul",
+            "?t",
+            P("rms_norm", "?tn", "?x", *_params, a="(AFloat ?eps)"),
+            "?raw",
+            a="(ATup (AStr ?q) (AStr ?s))",
+        ),
+        P(
+            "rms_norm_quantized_matmul",
+            "?t",
+            "?x",
+            *_params,
+            "?raw",
+            a="(ATup3 (AFloat ?eps) (AStr ?q) (AStr ?s))",
+        ),
+    )
+
 
 def available_rules(ops: set[str] | None = None) -> list[Rule]:
     """The rules whose target ops are registered."""

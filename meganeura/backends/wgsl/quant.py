@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import Emitter, inline_value
+from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
@@ -76,30 +76,26 @@ def _row_offset(var: str, shape, strides, offset: int) -> str:
     return " + ".join(terms) or "0u"
 
 
-def _dot_loop(qtype: str, w: str, xb: str, blocks: int, tile: int, x_step: int) -> str:
+def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int) -> str:
     """The lanes' loop over weight row n, adding its dot products with the tile's rows of x
     into acc. Q4_1 blocks are whole words (the f16 pair d, m, then four words of nibbles), so
     a lane takes one nibble word at a time: values 4c..4c+3 (low nibbles) and 16+4c..19+4c
     (high), summed as d * (q . x) + m * sum(x). Other types go a block per lane, value by
-    value."""
+    value. `x_at(k)` is the WGSL value of x at column k of row slot t."""
     if qtype != "Q4_1":
         return f"""    for (var blk = lane; blk < {blocks}u; blk += {LANES}u) {{
       let base = n * {blocks * QUANT_LAYOUTS[qtype]}u + blk * {QUANT_LAYOUTS[qtype]}u;
       for (var j = 0u; j < {BLOCK}u; j++) {{
         let v = {_value(qtype, w, "base", "j")};
-        let k = (blk * {BLOCK}u + j) * {x_step}u;
-        for (var t = 0u; t < {tile}u; t++) {{ acc[t] += v * {xb}[rows[t] + k]; }}
+        let k = blk * {BLOCK}u + j;
+        for (var t = 0u; t < {tile}u; t++) {{ acc[t] += v * {x_at("k")}; }}
       }}
     }}
 """
     words = QUANT_LAYOUTS[qtype] // 4
 
     def x4(k: str) -> str:
-        return (
-            "vec4<f32>("
-            + ", ".join(f"{xb}[rows[t] + ({k} + {c}u) * {x_step}u]" for c in range(4))
-            + ")"
-        )
+        return "vec4<f32>(" + ", ".join(x_at(f"{k} + {c}u") for c in range(4)) + ")"
 
     return f"""    for (var u = lane; u < {blocks * 4}u; u += {LANES}u) {{
       let blk = u / 4u; let c = u % 4u;
@@ -122,7 +118,7 @@ def _dot_loop(qtype: str, w: str, xb: str, blocks: int, tile: int, x_step: int) 
 def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
     node = graph.nodes[kernel.node if kernel.core is None else kernel.core]
-    x_id, raw_id = node.inputs
+    x_id, raw_id = node.inputs[0], node.inputs[-1]
     qtype = node.attrs["qtype"]
     N, K = node.attrs["shape"]
     x_shape = graph.nodes[x_id].type.shape
@@ -136,6 +132,42 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     tile = min(M, MAX_TILE)
     grid = (math.ceil(N / OUTPUTS), math.ceil(M / tile), 1)
     blocks = K // BLOCK
+    step = x_strides[-1]
+
+    def x_at(k: str) -> str:
+        return f"{xb}[rows[t] + ({k}) * {step}u]"
+
+    statistics = ""
+    if node.op == "rms_norm_quantized_matmul":
+        # RMSNorm of the tile's rows of x, applied as x is read: 1/rms of each row first
+        # (the workgroup's 256 invocations over its columns, a tree sum in `red`).
+        statistics = f"""  var rstd: array<f32, {tile}>;
+  for (var t = 0u; t < {tile}u; t++) {{
+    var q = 0.0;
+    for (var k = slot; k < {K}u; k += {OUTPUTS * LANES}u) {{ let v = {x_at("k")}; q += v * v; }}
+    red[slot] = q;
+    workgroupBarrier();
+    for (var s = {OUTPUTS * LANES // 2}u; s > 0u; s = s >> 1u) {{
+      if (slot < s) {{ red[slot] += red[slot + s]; }}
+      workgroupBarrier();
+    }}
+    rstd[t] = inverseSqrt(red[0] / {float(K)!r} + {literal(node.attrs["eps"], "f32")});
+    workgroupBarrier();
+  }}
+"""
+        plain = x_at
+        if len(node.inputs) == 3:
+            g_base, g_strides, g_offset = strided_view(graph, node.inputs[1], plan.materialized)
+            gb = b.name_of(g_base)
+
+            def x_at(k: str) -> str:
+                weight = f"{gb}[{g_offset}u + ({k}) * {g_strides[-1]}u]"
+                return f"({plain(k)} * rstd[t] * {weight})"
+        else:
+
+            def x_at(k: str) -> str:
+                return f"({plain(k)} * rstd[t])"
+
     body = f"""var<workgroup> red: array<f32, {OUTPUTS * LANES}>;
 fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
 @compute @workgroup_size({LANES}, {OUTPUTS})
@@ -146,9 +178,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   let m0 = wid.y * {tile}u;
   var rows: array<u32, {tile}>;
   for (var t = 0u; t < {tile}u; t++) {{ rows[t] = x_row(min(m0 + t, {M - 1}u)); }}
-  var acc: array<f32, {tile}>;
+{statistics}  var acc: array<f32, {tile}>;
   if (n < {N}u) {{
-{_dot_loop(qtype, w, xb, blocks, tile, x_strides[-1])}  }}
+{_dot_loop(qtype, w, x_at, blocks, tile)}  }}
   for (var t = 0u; t < {tile}u; t++) {{
     red[slot] = acc[t];
     workgroupBarrier();
@@ -163,7 +195,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   }}
 }}
 """
-    label = f"quantized_matmul%{node.id}"
+    label = f"{node.op}%{node.id}"
     if kernel.core is not None:
         label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
     return KernelSource(_assemble(b, body), b.order, grid, label)
