@@ -25,7 +25,15 @@ def quantized(rows: int, cols: int, qtype: str, seed: int = 0) -> QuantizedWeigh
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize(
     ("x_shape", "rows", "cols"),
-    [((1, 64), 13, 64), ((3, 5, 96), 9, 96), ((19, 32), 1, 32), ((32,), 40, 32)],
+    # Workgroups take 2, 4 or 8 weight rows (2100 rows: 8; 1100: 4; fewer: 2).
+    [
+        ((1, 64), 13, 64),
+        ((3, 5, 96), 9, 96),
+        ((19, 32), 1, 32),
+        ((32,), 40, 32),
+        ((1, 64), 2100, 64),
+        ((2, 32), 1100, 32),
+    ],
 )
 def test_quantized_matmul_matches_dequantized_weights(device, qtype, x_shape, rows, cols):
     weight = quantized(rows, cols, qtype)

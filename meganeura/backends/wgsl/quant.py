@@ -2,9 +2,12 @@
 
 Bytes are read out of the u32 words holding them; an f16 scale sits at an even byte offset,
 so it is one half of a word. `dequantize` is inlined into its readers, one value per read.
-`quantized_matmul` gives each workgroup 8 output features (weight rows) and a tile of rows of
-x; its 32 lanes per feature take turns over the 32-value blocks of the weight row, decode a
-block once and dot it with every row of the tile, and a tree sum across the lanes finishes.
+`quantized_matmul` gives each workgroup 8 output features (weight rows; 4 or 2 where 8 would
+launch fewer than 256 workgroups) and a tile of rows of x; its 32 lanes per feature take
+turns over the blocks of the weight row (Q4_1: over its nibble words), decode them once and
+dot them with every row of the tile, and a tree sum across the lanes finishes.
+`rms_norm_quantized_matmul` first computes 1/rms of its rows of x and normalizes x as it
+reads it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from meganeura.backends.wgsl.kernels import (
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
-OUTPUTS = 8  # weight rows per workgroup
+OUTPUTS = 8  # weight rows per workgroup, fewer (down to 2) where that leaves few workgroups
+WORKGROUPS = 256  # two for each SM of a large GPU: a short product is one round of them
 LANES = 32  # threads sharing one weight row
 MAX_TILE = 8  # rows of x per workgroup
 
@@ -130,7 +134,10 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     w = b.name_of(raw_id)
     row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
-    grid = (math.ceil(N / OUTPUTS), math.ceil(M / tile), 1)
+    outputs = OUTPUTS
+    while outputs > 2 and math.ceil(N / outputs) * math.ceil(M / tile) < WORKGROUPS:
+        outputs //= 2
+    grid = (math.ceil(N / outputs), math.ceil(M / tile), 1)
     blocks = K // BLOCK
     step = x_strides[-1]
 
@@ -144,10 +151,10 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         statistics = f"""  var rstd: array<f32, {tile}>;
   for (var t = 0u; t < {tile}u; t++) {{
     var q = 0.0;
-    for (var k = slot; k < {K}u; k += {OUTPUTS * LANES}u) {{ let v = {x_at("k")}; q += v * v; }}
+    for (var k = slot; k < {K}u; k += {outputs * LANES}u) {{ let v = {x_at("k")}; q += v * v; }}
     red[slot] = q;
     workgroupBarrier();
-    for (var s = {OUTPUTS * LANES // 2}u; s > 0u; s = s >> 1u) {{
+    for (var s = {outputs * LANES // 2}u; s > 0u; s = s >> 1u) {{
       if (slot < s) {{ red[slot] += red[slot + s]; }}
       workgroupBarrier();
     }}
@@ -168,13 +175,13 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
             def x_at(k: str) -> str:
                 return f"({plain(k)} * rstd[t])"
 
-    body = f"""var<workgroup> red: array<f32, {OUTPUTS * LANES}>;
+    body = f"""var<workgroup> red: array<f32, {outputs * LANES}>;
 fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
-@compute @workgroup_size({LANES}, {OUTPUTS})
+@compute @workgroup_size({LANES}, {outputs})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
   let lane = lid.x;
   let slot = lid.y * {LANES}u + lane;
-  let n = wid.x * {OUTPUTS}u + lid.y;
+  let n = wid.x * {outputs}u + lid.y;
   let m0 = wid.y * {tile}u;
   var rows: array<u32, {tile}>;
   for (var t = 0u; t < {tile}u; t++) {{ rows[t] = x_row(min(m0 + t, {M - 1}u)); }}
