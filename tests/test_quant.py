@@ -25,8 +25,10 @@ def quantized(rows: int, cols: int, qtype: str, seed: int = 0) -> QuantizedWeigh
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize(
     ("x_shape", "rows", "cols"),
-    # Workgroups take 2, 4 or 8 weight rows (2100 rows: 8; 1100: 4; fewer: 2).
+    # Workgroups take 2, 4 or 8 weight rows (2100 rows: 8; 1100: 4; fewer: 2); Q4_1 rows of
+    # more than 2048 values are read in a loop, shorter ones in straight-line code.
     [
+        ((2, 2080), 5, 2080),
         ((1, 64), 13, 64),
         ((3, 5, 96), 9, 96),
         ((19, 32), 1, 32),

@@ -30,6 +30,7 @@ OUTPUTS = 8  # weight rows per workgroup, fewer (down to 2) where that leaves fe
 WORKGROUPS = 256  # two for each SM of a large GPU: a short product is one round of them
 LANES = 32  # threads sharing one weight row
 MAX_TILE = 8  # rows of x per workgroup
+UNROLLED_ROUNDS = 8  # Q4_1 rows of up to 8 words per lane are read in straight-line code
 
 
 def _byte(buf: str, b: str) -> str:
@@ -101,7 +102,33 @@ def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int) -> str:
     def x4(k: str) -> str:
         return "vec4<f32>(" + ", ".join(x_at(f"{k} + {c}u") for c in range(4)) + ")"
 
-    return f"""    for (var u = lane; u < {blocks * 4}u; u += {LANES}u) {{
+    units = blocks * 4
+    rounds = math.ceil(units / LANES)
+    if rounds <= UNROLLED_ROUNDS:
+        # Short rows (decoding's projections): every lane's words are loaded first, in
+        # straight-line code, so the row costs one round trip to memory.
+        loads, uses = [], []
+        for i in range(rounds):
+            loads.append(
+                f"    let u{i} = min(lane + {i * LANES}u, {units - 1}u);\n"
+                f"    let base{i} = n * {blocks * words}u + (u{i} / 4u) * {words}u;\n"
+                f"    let dm{i} = unpack2x16float({w}[base{i}]);\n"
+                f"    let q{i} = {w}[base{i} + 1u + u{i} % 4u];\n"
+            )
+            guard = f"lane + {i * LANES}u < {units}u" if (i + 1) * LANES > units else "true"
+            uses.append(
+                f"    if ({guard}) {{\n"
+                f"      let q = q{i}; let dm = dm{i}; let k = (u{i} / 4u) * {BLOCK}u + 4u * (u{i} % 4u);\n"
+                "      let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));\n"
+                "      let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));\n"
+                f"      for (var t = 0u; t < {tile}u; t++) {{\n"
+                f"        let xl = {x4('k')};\n"
+                f"        let xh = {x4('k + 16u')};\n"
+                "        acc[t] += dm.x * (dot(lo, xl) + dot(hi, xh)) + dm.y * dot(xl + xh, vec4<f32>(1.0));\n"
+                "      }\n    }\n"
+            )
+        return "".join(loads) + "".join(uses)
+    return f"""    for (var u = lane; u < {units}u; u += {LANES}u) {{
       let blk = u / 4u; let c = u % 4u;
       let base = n * {blocks * words}u + blk * {words}u;
       let dm = unpack2x16float({w}[base]);
