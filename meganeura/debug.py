@@ -89,3 +89,41 @@ def kernel_error(
     if reads:
         lines.append("  read (all finite): " + "; ".join(graph.nodes[i].describe() for i in reads))
     return NonFiniteError("\n".join(lines), nid, kernel)
+
+
+# Views whose elements are elements of their first input (index values pass through them).
+_VALUE_VIEWS = ("reshape", "permute", "broadcast_to", "slice", "flip", "tile")
+
+
+def index_limits(graph: Graph) -> dict[int, list[tuple[int, tuple, str]]]:
+    """For each graph input read as indices (through views only), the ranges its values must
+    lie in: [(n, extra values allowed, the reading op)], from the ops' `index_inputs`."""
+    from meganeura.ops import get_op
+
+    limits: dict[int, list[tuple[int, tuple, str]]] = {}
+    inputs = set(graph.inputs.values())
+    for node in graph.nodes:
+        declare = get_op(node.op).index_inputs
+        if declare is None:
+            continue
+        types = [graph.nodes[i].type for i in node.inputs]
+        for position, (n, extra) in declare(types, node.attrs).items():
+            nid = node.inputs[position]
+            while graph.nodes[nid].op in _VALUE_VIEWS:
+                nid = graph.nodes[nid].inputs[0]
+            if nid in inputs:
+                limits.setdefault(nid, []).append((n, tuple(extra), node.describe()))
+    return limits
+
+
+def check_indices(name: str, array: np.ndarray, limits) -> None:
+    """Raise IndexError if input `name` holds an index outside a range it is read with."""
+    for n, extra, reader in limits:
+        bad = ((array < 0) | (array >= n)) & ~np.isin(array, extra)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            allowed = f"0..{n - 1}" + "".join(f" or {e}" for e in extra)
+            raise IndexError(
+                f"input {name!r}: value {int(array[where])} at {list(where)} is out of range "
+                f"for {reader} (valid: {allowed})"
+            )

@@ -24,7 +24,7 @@ from meganeura import checkpoint
 from meganeura.amp import LossScaler, check_device, to_mixed_precision
 from meganeura.autodiff import grad
 from meganeura.checkpoint import CheckpointError
-from meganeura.debug import check_sources, enabled_by_env
+from meganeura.debug import check_indices, check_sources, enabled_by_env, index_limits
 from meganeura.graph import Graph, Tensor, numpy_dtype
 from meganeura.init import initial_value
 from meganeura.optim import ACCUMULATE_INPUT, UpdateRules, storage_aliases
@@ -226,6 +226,7 @@ class Session:
         self._last: Any = None
         self._last_update: Any = None
         self.optimize_report = None  # what the e-graph optimizer did (build(optimize=True))
+        self._index_limits: dict | None = None  # inputs read as indices: their valid ranges
         # Parameters are initialized in the order they were created, whether they have a
         # buffer of their own or live in another's (graph.parameter_views), so one seed gives
         # the same values with and without the optimizer.
@@ -613,10 +614,15 @@ class Session:
         missing = sorted(needed - set(values))
         if missing:
             raise KeyError(f"missing input {missing[0]!r}; this computation needs {sorted(needed)}")
-        return {
-            g.inputs[name]: check_feed(name, values[name], g.nodes[g.inputs[name]].type)
-            for name in needed
-        }
+        if self._index_limits is None:
+            self._index_limits = index_limits(g)
+        feeds = {}
+        for name in needed:
+            nid = g.inputs[name]
+            feeds[nid] = check_feed(name, values[name], g.nodes[nid].type)
+            if nid in self._index_limits:  # GPU kernels would read out of range silently
+                check_indices(name, feeds[nid], self._index_limits[nid])
+        return feeds
 
 
 def check_feed(name: str, value: Any, ttype) -> np.ndarray:

@@ -264,3 +264,30 @@ def test_float_scalar_with_int_tensor_is_an_error_not_a_truncation():
     with pytest.raises(TypeError, match=r"i32 tensor .* float value 1\.5.*astype"):
         x * 1.5
     assert (x * 2.0).dtype == "i32"  # a whole number is exact in i32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fed_indices_out_of_range_are_named_before_anything_runs(device):
+    # GPU kernels do not raise, so the session checks indices on the host: token ids read by
+    # an embedding (here through a reshape), labels read by cross-entropy (ignore_index is
+    # allowed), before the step runs and changes anything.
+    g = mn.Graph()
+    ids = g.input("ids", (2, 3), "i32")
+    labels = g.input("labels", (2, 3), "i32")
+    table = g.parameter("table", (10, 4), init="normal")
+    h = mf.embedding(table, ids.reshape(3, 2)).reshape(2, 3, 4)
+    logits = h @ g.parameter("w", (4, 5), init="normal")
+    loss = mf.cross_entropy(logits, labels, ignore_index=-100)
+    session = mn.build(g, loss, mn.optim.SGD(0.1), device=device)
+    good = {"ids": np.array([[1, 2, 3], [4, 5, 9]], np.int32), "labels": np.full((2, 3), -100)}
+    good["labels"][0, 0] = 4
+    session.step(good)
+    before = session.parameters()
+    bad_ids = dict(good, ids=np.array([[1, 2, 3], [4, 10, 9]], np.int32))
+    with pytest.raises(IndexError, match=r"input 'ids': value 10 at \[1, 1\].*valid: 0\.\.9\)"):
+        session.step(bad_ids)
+    bad_labels = dict(good, labels=np.array([[0, -1, 1], [1, 2, 3]], np.int32))
+    with pytest.raises(IndexError, match=r"input 'labels': value -1 .*valid: 0\.\.4 or -100\)"):
+        session.step(bad_labels)
+    assert session.step_count == 1
+    assert all(np.array_equal(session.parameters()[k], v) for k, v in before.items())

@@ -38,6 +38,10 @@ class OpDef:
     # The kernel can write its output into this input's buffer, touching only what changes
     # (write_rows); the planner shares the buffer when nothing reads the old value afterwards.
     in_place: int | None = None
+    # Inputs holding integer indices: (types, attrs) -> {input position: (n, extra)}, valid
+    # values being 0..n-1 and those in `extra` (cross-entropy's ignore_index). Sessions check
+    # the indices fed to them against this, since GPU kernels do not raise.
+    index_inputs: Callable[[list[TensorType], dict], dict[int, tuple[int, tuple]]] | None = None
     doc: str = ""
 
 

@@ -73,6 +73,7 @@ register(
         _gather_ref,
         _gather_vjp,
         normalize=_axis_normalize("gather"),
+        index_inputs=lambda types, attrs: {1: (types[0].shape[attrs["axis"]], ())},
         doc="torch.gather: out[c] = x[c with c[axis] = index[c]]",
     )
 )
@@ -116,6 +117,7 @@ register(
             None,
         ],
         normalize=_scatter_add_normalize,
+        index_inputs=lambda types, attrs: {1: (attrs["shape"][attrs["axis"]], ())},
         doc="zeros(shape) with src[c] added at c with c[axis] = index[c] (gather's gradient)",
     )
 )
@@ -154,6 +156,7 @@ register(
         _index_select_ref,
         _index_select_vjp,
         normalize=_axis_normalize("index_select"),
+        index_inputs=lambda types, attrs: {1: (types[0].shape[attrs["axis"]], ())},
         doc="torch.index_select: the slices of x along axis at the positions in index",
     )
 )
@@ -199,6 +202,7 @@ register(
             None,
         ],
         normalize=_index_add_normalize,
+        index_inputs=lambda types, attrs: {1: (attrs["size"], ())},
         doc="zeros with src's slices along axis summed at the positions in index "
         "(the gradient of index_select and embedding)",
     )

@@ -122,6 +122,7 @@ register(
         _ce_ref,
         _ce_vjp,
         normalize=_ce_normalize,
+        index_inputs=lambda types, attrs: {1: (types[0].shape[-1], (attrs["ignore_index"],))},
         doc="per-row cross-entropy of logits[..., C] against integer labels",
     )
 )
@@ -153,6 +154,7 @@ register(
         _ce_grad_ref,
         None,
         normalize=_ce_normalize,
+        index_inputs=lambda types, attrs: {1: (types[0].shape[-1], (attrs["ignore_index"],))},
         doc="(softmax(logits) - onehot(labels)) * g per row, recomputed from the logits",
     )
 )
