@@ -175,3 +175,16 @@ def test_rms_norm_runs_inside_the_quantized_matmul_that_reads_it(device, qtype, 
     plain = build(graph(), device=device, optimize=False).run(feeds)
     both = fused.run(feeds)
     np.testing.assert_allclose(both["dx"], plain["dx"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_residual_of_its_own_input(device):
+    # y = x W^T + x: the store reads x element by element, so x is not bound as vec4 there.
+    weight = quantized(64, 64, "Q4_1", seed=10)
+    graph = Graph()
+    x = graph.input("x", (3, 64))
+    w = quantized_parameter(graph, "w", weight)
+    graph.output("y", quantized_matmul(x, w) + x)
+    data = np.random.default_rng(11).normal(size=(3, 64)).astype(np.float32)
+    got = build(graph, device=device).run({"x": data})["y"]
+    np.testing.assert_allclose(got, data @ weight.dequantize().T + data, rtol=1e-5, atol=1e-4)

@@ -18,11 +18,11 @@ from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
-    _Bindings,
     _pointwise,
     archetype,
     product_store,
 )
+from meganeura.backends.wgsl.matmul_operands import VecBindings
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
@@ -81,12 +81,13 @@ def _row_offset(var: str, shape, strides, offset: int) -> str:
     return " + ".join(terms) or "0u"
 
 
-def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int) -> str:
+def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int, x_vec4=None) -> str:
     """The lanes' loop over weight row n, adding its dot products with the tile's rows of x
     into acc. Q4_1 blocks are whole words (the f16 pair d, m, then four words of nibbles), so
     a lane takes one nibble word at a time: values 4c..4c+3 (low nibbles) and 16+4c..19+4c
     (high), summed as d * (q . x) + m * sum(x). Other types go a block per lane, value by
-    value. `x_at(k)` is the WGSL value of x at column k of row slot t."""
+    value. `x_at(k)` is the WGSL value of x at column k of row slot t; `x_vec4(k)`, where it
+    gives one, columns k..k+3 in one load."""
     if qtype != "Q4_1":
         return f"""    for (var blk = lane; blk < {blocks}u; blk += {LANES}u) {{
       let base = n * {blocks * QUANT_LAYOUTS[qtype]}u + blk * {QUANT_LAYOUTS[qtype]}u;
@@ -100,7 +101,8 @@ def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int) -> str:
     words = QUANT_LAYOUTS[qtype] // 4
 
     def x4(k: str) -> str:
-        return "vec4<f32>(" + ", ".join(x_at(f"{k} + {c}u") for c in range(4)) + ")"
+        whole = x_vec4(k) if x_vec4 is not None else None
+        return whole or "vec4<f32>(" + ", ".join(x_at(f"{k} + {c}u") for c in range(4)) + ")"
 
     units = blocks * 4
     rounds = math.ceil(units / LANES)
@@ -145,6 +147,23 @@ def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int) -> str:
 """
 
 
+def _epilogue_buffers(plan: Plan, kernel: Kernel) -> set[int]:
+    """Buffers the kernel's epilogue reads (besides the product)."""
+    if kernel.core is None:
+        return set()
+    out, stack, seen = set(), [kernel.node], set()
+    while stack:
+        i = stack.pop()
+        if i in seen or i == kernel.core:
+            continue
+        seen.add(i)
+        if i in plan.materialized and i != kernel.node:
+            out.add(plan.buffer_of[i])
+        else:
+            stack.extend(plan.graph.nodes[i].inputs)
+    return out
+
+
 @archetype("quantized_matmul")
 def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
@@ -154,13 +173,26 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     N, K = node.attrs["shape"]
     x_shape = graph.nodes[x_id].type.shape
     M = math.prod(x_shape[:-1])
-    b = _Bindings(plan, kernel.node)
+    b = VecBindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
     x_base, x_strides, x_offset = strided_view(graph, x_id, plan.materialized)
     xb = b.name_of(x_base)
     w = b.name_of(raw_id)
     row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
+    # x read four columns at a time where its rows are contiguous and 16-byte aligned (and
+    # its buffer is not the output's, which the epilogue may read as scalars).
+    x_buf = plan.buffer_of[x_base]
+    vec = (
+        qtype == "Q4_1"
+        and x_strides[-1] == 1
+        and all(st % 4 == 0 for st in (x_offset, *x_strides[:-1]))
+        and x_buf != b.out_buffer
+        and x_buf not in {plan.buffer_of[i] for i in node.inputs[1:]}
+        and x_buf not in _epilogue_buffers(plan, kernel)
+    )
+    if vec:
+        b.vector.add(x_buf)
     outputs = OUTPUTS
     while outputs > 2 and math.ceil(N / outputs) * math.ceil(M / tile) < WORKGROUPS:
         outputs //= 2
@@ -169,7 +201,12 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     step = x_strides[-1]
 
     def x_at(k: str) -> str:
+        if vec:
+            return f"{xb}[(rows[t] + {k}) / 4u][(rows[t] + {k}) % 4u]"
         return f"{xb}[rows[t] + ({k}) * {step}u]"
+
+    def x_vec4(k: str) -> str | None:  # x at columns k..k+3 (k a multiple of 4) as one load
+        return f"{xb}[(rows[t] + {k}) / 4u]" if vec else None
 
     statistics = ""
     if node.op == "rms_norm_quantized_matmul":
@@ -202,6 +239,9 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
             def x_at(k: str) -> str:
                 return f"({plain(k)} * rstd[t])"
 
+        def x_vec4(k: str) -> str | None:  # the norm is applied value by value
+            return None
+
     body = f"""var<workgroup> red: array<f32, {outputs * LANES}>;
 fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
 @compute @workgroup_size({LANES}, {outputs})
@@ -214,7 +254,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   for (var t = 0u; t < {tile}u; t++) {{ rows[t] = x_row(min(m0 + t, {M - 1}u)); }}
 {statistics}  var acc: array<f32, {tile}>;
   if (n < {N}u) {{
-{_dot_loop(qtype, w, x_at, blocks, tile)}  }}
+{_dot_loop(qtype, w, x_at, blocks, tile, x_vec4)}  }}
   for (var t = 0u; t < {tile}u; t++) {{
     red[slot] = acc[t];
     workgroupBarrier();
