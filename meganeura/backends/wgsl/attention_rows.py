@@ -322,9 +322,10 @@ def _block(s: _Shape, attrs, k: _Operand, v: _Operand, mask: _Operand | None) ->
     )
 
 
-def _finish(s: _Shape, out: str) -> str:
-    """Add the key subsets' partial sums; write each row's output and log-sum-exp."""
-    R, Dv, Tq, Hq, v4, subsets = s.layout.rows, s.Dv, s.Tq, s.Hq, s.v4, s.subsets
+def _row_totals(s: _Shape) -> str:
+    """Add the key subsets' partial sums: opens a block where invocation (row r, vec4 column
+    c) of a real row holds its unnormalized output `acc` and softmax sum `total`."""
+    R, Tq, v4, subsets = s.layout.rows, s.Tq, s.v4, s.subsets
     return (
         f"  if (tid < {s.workers}u) {{\n"
         f"    tile[(pr * {subsets}u + ks) * {v4}u + c] = o;\n"
@@ -336,7 +337,14 @@ def _finish(s: _Shape, out: str) -> str:
         f"    for (var e = 0u; e < {subsets}u; e++) {{\n"
         f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += row_sums[r * {subsets}u + e];\n"
         "    }\n"
-        "    acc *= select(0.0, 1.0 / total, total > 0.0);\n"
+    )
+
+
+def _finish(s: _Shape, out: str) -> str:
+    """Write each row's output and log-sum-exp."""
+    Dv, Tq, Hq = s.Dv, s.Tq, s.Hq
+    return (
+        _row_totals(s) + "    acc *= select(0.0, 1.0 / total, total > 0.0);\n"
         f"    let row = (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
         "    for (var t = 0u; t < 4u; t++) {\n"
         "      let d = 4u * c + t;\n"
@@ -350,23 +358,13 @@ def _finish(s: _Shape, out: str) -> str:
 
 
 def _finish_partial(s: _Shape, out: str, first: int) -> str:
-    """Add the key subsets' partial sums; write each row's unnormalized output, running max
-    and sum into the scratch buffers (bindings `first`, `first` + 1) at this split's place."""
-    R, Tq, Hq, v4, subsets = s.layout.rows, s.Tq, s.Hq, s.v4, s.subsets
-    rows = s.B * Hq * Tq
+    """Write each row's unnormalized output, running max and sum into the scratch buffers
+    (bindings `first`, `first` + 1) at this split's place."""
+    rows = s.B * s.Hq * s.Tq
     return (
-        f"  if (tid < {s.workers}u) {{\n"
-        f"    tile[(pr * {subsets}u + ks) * {v4}u + c] = o;\n"
-        f"    if (c == 0u) {{ row_sums[pr * {subsets}u + ks] = l; }}\n"
-        "  }\n  workgroupBarrier();\n"
-        f"  let r = tid / {v4}u; let i = {_query(s, 'r')};\n"
-        f"  if (r < {R}u && i < {Tq}u) {{\n"
-        "    var acc = vec4<f32>(0.0); var total = 0.0;\n"
-        f"    for (var e = 0u; e < {subsets}u; e++) {{\n"
-        f"      acc += tile[(r * {subsets}u + e) * {v4}u + c]; total += row_sums[r * {subsets}u + e];\n"
-        "    }\n"
-        f"    let row = split * {rows}u + (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
-        f"    part{first}[row * {v4}u + c] = acc;\n"
+        _row_totals(s)
+        + f"    let row = split * {rows}u + (b * {s.Hq}u + {_head(s, 'r')}) * {s.Tq}u + i;\n"
+        f"    part{first}[row * {s.v4}u + c] = acc;\n"
         f"    if (c == 0u) {{ part{first + 1}[row] = vec2<f32>(row_max[r], total); }}\n"
         "  }\n"
         # The output is the combining dispatch's to write; naming it keeps its binding in the
