@@ -207,6 +207,24 @@ def _cast_out(expr: str, dtype: str) -> str:
     return f"f16({expr})" if dtype == "f16" else expr
 
 
+def epilogue_buffers(plan: Plan, kernel: Kernel) -> set[int]:
+    """Buffers a kernel's epilogue reads (besides the value of its core), so that a product
+    kernel knows which of its operands' buffers are also read element by element."""
+    if kernel.core is None:
+        return set()
+    out, stack, seen = set(), [kernel.node], set()
+    while stack:
+        i = stack.pop()
+        if i in seen or i == kernel.core:
+            continue
+        seen.add(i)
+        if i in plan.materialized and i != kernel.node:
+            out.add(plan.buffer_of[i])
+        else:
+            stack.extend(plan.graph.nodes[i].inputs)
+    return out
+
+
 def product_store(
     plan: Plan, kernel: Kernel, name_of, out: str, acc: str, idx: str, indent: str
 ) -> str:

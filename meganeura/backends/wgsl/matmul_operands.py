@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
-from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, product_store
+from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, epilogue_buffers, product_store
 from meganeura.backends.wgsl.norm_prologue import NormPrologue
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.linalg import matmul_dims
@@ -105,19 +105,7 @@ class Matmul:
 
     def epilogue_reads(self) -> set[int]:
         """Buffers the epilogue loads (besides the product itself)."""
-        if self.kernel.core is None:
-            return set()
-        out, stack, seen = set(), [self.kernel.node], set()
-        while stack:
-            i = stack.pop()
-            if i in seen or i == self.core:
-                continue
-            seen.add(i)
-            if i in self.plan.materialized and i != self.kernel.node:
-                out.add(self.plan.buffer_of[i])
-            else:
-                stack.extend(self.graph.nodes[i].inputs)
-        return out
+        return epilogue_buffers(self.plan, self.kernel)
 
     def use_vec4(self, operand: Operand, cols_contiguous: bool) -> bool:
         buf = self.plan.buffer_of[operand.base]

@@ -20,6 +20,7 @@ from meganeura.backends.wgsl.kernels import (
     _assemble,
     _pointwise,
     archetype,
+    epilogue_buffers,
     product_store,
 )
 from meganeura.backends.wgsl.matmul_operands import VecBindings
@@ -105,63 +106,48 @@ def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int, x_vec4=None) -> 
         return whole or "vec4<f32>(" + ", ".join(x_at(f"{k} + {c}u") for c in range(4)) + ")"
 
     units = blocks * 4
+
+    def load(u: str, n: str) -> str:
+        """Word u of the row: the f16 pair d, m of its block (dm<n>) and its nibbles (q<n>)."""
+        return (
+            f"let base{n} = n * {blocks * words}u + ({u} / 4u) * {words}u;\n"
+            f"let dm{n} = unpack2x16float({w}[base{n}]);\n"
+            f"let q{n} = {w}[base{n} + 1u + {u} % 4u];\n"
+        )
+
+    def accumulate(u: str, n: str) -> str:
+        """Add word u's values (loaded as dm<n>, q<n>) times x to acc, for every row slot."""
+        return (
+            f"let q = q{n}; let dm = dm{n}; let k = ({u} / 4u) * {BLOCK}u + 4u * ({u} % 4u);\n"
+            "let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));\n"
+            "let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));\n"
+            f"for (var t = 0u; t < {tile}u; t++) {{\n"
+            f"  let xl = {x4('k')};\n"
+            f"  let xh = {x4('k + 16u')};\n"
+            "  acc[t] += dm.x * (dot(lo, xl) + dot(hi, xh)) + dm.y * dot(xl + xh, vec4<f32>(1.0));\n"
+            "}\n"
+        )
+
+    def indent(text: str, by: str) -> str:
+        return "".join(by + line + "\n" for line in text.splitlines())
+
     rounds = math.ceil(units / LANES)
     if rounds <= UNROLLED_ROUNDS:
         # Short rows (decoding's projections): every lane's words are loaded first, in
         # straight-line code, so the row costs one round trip to memory.
         loads, uses = [], []
         for i in range(rounds):
-            loads.append(
-                f"    let u{i} = min(lane + {i * LANES}u, {units - 1}u);\n"
-                f"    let base{i} = n * {blocks * words}u + (u{i} / 4u) * {words}u;\n"
-                f"    let dm{i} = unpack2x16float({w}[base{i}]);\n"
-                f"    let q{i} = {w}[base{i} + 1u + u{i} % 4u];\n"
-            )
+            u = f"u{i}"
+            loads.append(f"    let {u} = min(lane + {i * LANES}u, {units - 1}u);\n")
+            loads.append(indent(load(u, str(i)), "    "))
             guard = f"lane + {i * LANES}u < {units}u" if (i + 1) * LANES > units else "true"
-            uses.append(
-                f"    if ({guard}) {{\n"
-                f"      let q = q{i}; let dm = dm{i}; let k = (u{i} / 4u) * {BLOCK}u + 4u * (u{i} % 4u);\n"
-                "      let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));\n"
-                "      let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));\n"
-                f"      for (var t = 0u; t < {tile}u; t++) {{\n"
-                f"        let xl = {x4('k')};\n"
-                f"        let xh = {x4('k + 16u')};\n"
-                "        acc[t] += dm.x * (dot(lo, xl) + dot(hi, xh)) + dm.y * dot(xl + xh, vec4<f32>(1.0));\n"
-                "      }\n    }\n"
-            )
+            uses.append(f"    if ({guard}) {{\n{indent(accumulate(u, str(i)), '      ')}    }}\n")
         return "".join(loads) + "".join(uses)
-    return f"""    for (var u = lane; u < {units}u; u += {LANES}u) {{
-      let blk = u / 4u; let c = u % 4u;
-      let base = n * {blocks * words}u + blk * {words}u;
-      let dm = unpack2x16float({w}[base]);
-      let q = {w}[base + 1u + c];
-      let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
-      let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
-      let k = blk * {BLOCK}u + 4u * c;
-      for (var t = 0u; t < {tile}u; t++) {{
-        let xl = {x4("k")};
-        let xh = {x4("k + 16u")};
-        acc[t] += dm.x * (dot(lo, xl) + dot(hi, xh)) + dm.y * dot(xl + xh, vec4<f32>(1.0));
-      }}
-    }}
-"""
-
-
-def _epilogue_buffers(plan: Plan, kernel: Kernel) -> set[int]:
-    """Buffers the kernel's epilogue reads (besides the product)."""
-    if kernel.core is None:
-        return set()
-    out, stack, seen = set(), [kernel.node], set()
-    while stack:
-        i = stack.pop()
-        if i in seen or i == kernel.core:
-            continue
-        seen.add(i)
-        if i in plan.materialized and i != kernel.node:
-            out.add(plan.buffer_of[i])
-        else:
-            stack.extend(plan.graph.nodes[i].inputs)
-    return out
+    return (
+        f"    for (var u = lane; u < {units}u; u += {LANES}u) {{\n"
+        + indent(load("u", "0") + accumulate("u", "0"), "      ")
+        + "    }\n"
+    )
 
 
 @archetype("quantized_matmul")
@@ -189,7 +175,7 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         and all(st % 4 == 0 for st in (x_offset, *x_strides[:-1]))
         and x_buf != b.out_buffer
         and x_buf not in {plan.buffer_of[i] for i in node.inputs[1:]}
-        and x_buf not in _epilogue_buffers(plan, kernel)
+        and x_buf not in epilogue_buffers(plan, kernel)
     )
     if vec:
         b.vector.add(x_buf)
