@@ -384,17 +384,25 @@ class Session:
 
         The loss is computed too when `inputs` hold everything it needs (labels included).
         """
-        g = self.graph
         inputs = dict(inputs or {})
+        names, roots = self._forward_roots("run", inputs, outputs)
+        program = self._run(roots, "forward", inputs)
+        return {name: program.read(self.graph.outputs[name]) for name in names}
+
+    def _forward_roots(self, caller: str, inputs, outputs) -> tuple[list[str], tuple[int, ...]]:
+        """The outputs `outputs` names (all by default), checked, and the roots of the forward
+        program computing them: the loss too when `inputs` hold everything it needs."""
+        g = self.graph
         names = list(g.outputs) if outputs is None else list(outputs)
         for name in names:
             if name not in g.outputs:
-                raise KeyError(f"run: no output named {name!r}; outputs are {sorted(g.outputs)}")
+                raise KeyError(
+                    f"{caller}: no output named {name!r}; outputs are {sorted(g.outputs)}"
+                )
         roots = tuple(g.outputs[n] for n in names)
         if self._loss_id is not None and self._needed_inputs([self._loss_id]) <= set(inputs):
             roots += (self._loss_id,)
-        program = self._run(roots, "forward", inputs)
-        return {name: program.read(g.outputs[name]) for name in names}
+        return names, roots
 
     def profile(self, inputs: Mapping[str, Any] | None = None, outputs=None) -> list:
         """GPU time of every kernel of the forward program that `run(inputs, outputs)` uses,
@@ -403,16 +411,10 @@ class Session:
         results are not kept. Needs a WebGPU adapter that offers timestamp-query."""
         if not hasattr(self.executor, "gpu"):
             raise RuntimeError("profile: the NumPy executor has no kernels to time")
-        g = self.graph
-        names = list(g.outputs) if outputs is None else list(outputs)
-        for name in names:
-            if name not in g.outputs:
-                raise KeyError(
-                    f"profile: no output named {name!r}; outputs are {sorted(g.outputs)}"
-                )
-        roots = tuple(g.outputs[n] for n in names)
+        inputs = dict(inputs or {})
+        _, roots = self._forward_roots("profile", inputs, outputs)
         program, needed = self._program(roots, "forward")
-        return program.profile(self._feeds(dict(inputs or {}), needed))
+        return program.profile(self._feeds(inputs, needed))
 
     @property
     def kernel_count(self) -> int | None:

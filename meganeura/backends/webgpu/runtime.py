@@ -218,9 +218,7 @@ class WebGPUProgram:
         each submission the next run's command buffer is encoded while the device works:
         a program run again, a token of decoding or a training step, submits at once."""
         queue = self.executor.device.queue
-        for nid, array in feeds.items():
-            if nid in self.inputs:
-                queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
+        self._upload(feeds)
         if check_finite:
             self._fresh = set()  # the staged copies are of the previous run
             self._run_checked()
@@ -231,6 +229,13 @@ class WebGPUProgram:
                 queue.submit([part])
             self._next = self._encode()
         self._fresh = set(self.staging)
+
+    def _upload(self, feeds) -> None:
+        """Write the program's inputs among `feeds` into their buffers (queued in order)."""
+        queue = self.executor.device.queue
+        for nid, array in feeds.items():
+            if nid in self.inputs:
+                queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
 
     def _encode(self, dispatch: bool = True) -> list:
         """Command buffers of every kernel (unless not `dispatch`), the last of them ending
@@ -298,9 +303,7 @@ class WebGPUProgram:
         resolved = device.create_buffer(
             size=8 * count, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
         )
-        for nid, array in feeds.items():
-            if nid in self.inputs:
-                device.queue.write_buffer(self.inputs[nid], 0, _storage_bytes(array))
+        self._upload(feeds)
         encoder = device.create_command_encoder()
         for n, (pipeline, bind_group, grid) in enumerate(self.dispatches):
             cpass = encoder.begin_compute_pass(
