@@ -292,6 +292,26 @@ MATRIX_UNIT_HEADER = (
 )
 
 
+def _matrix_unit_entry(mm: Matmul, bm: int, bn: int) -> str:
+    """The entry point of a one-subgroup matrix-unit kernel: its tile's origins."""
+    return f"""@compute @workgroup_size(32)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {{
+  let bz = wid.z;
+  let a0 = {mm.a.origin(mm.batch)};
+  let b0 = {mm.b.origin(mm.batch)};
+  let m0 = wid.y * {bm}u;
+  let n0 = wid.x * {bn}u;
+"""
+
+
+def _matrix_unit_accumulators(tr: int, tc: int) -> str:
+    return "".join(
+        f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
+        for i in range(tr)
+        for j in range(tc)
+    )
+
+
 def matrix_unit_direct(mm: Matmul, syntax: str) -> KernelSource:
     """One subgroup per workgroup, (tile rows x 16) x (tile cols x 16) outputs, each 16 x 16
     operand block loaded by the matrix load itself from the f16 buffers (row- or
@@ -314,19 +334,7 @@ def matrix_unit_direct(mm: Matmul, syntax: str) -> KernelSource:
         for i in range(tr)
         for j in range(tc)
     ]
-    accs = "".join(
-        f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
-        for i in range(tr)
-        for j in range(tc)
-    )
-    body = f"""@compute @workgroup_size(32)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {{
-  let bz = wid.z;
-  let a0 = {a.origin(mm.batch)};
-  let b0 = {b.origin(mm.batch)};
-  let m0 = wid.y * {bm}u;
-  let n0 = wid.x * {bn}u;
-{accs}  for (var k = 0u; k < {K}u; k += 16u) {{
+    body = f"""{_matrix_unit_entry(mm, bm, bn)}{_matrix_unit_accumulators(tr, tc)}  for (var k = 0u; k < {K}u; k += 16u) {{
 {chr(10).join(loads)}
 {chr(10).join(mmas)}
   }}
@@ -434,19 +442,7 @@ def matrix_unit_kernel(mm: Matmul, syntax: str) -> KernelSource:
                     f"      acc{i}_{j} = subgroupMatrixMultiplyAccumulate(l{i}, r{j}, acc{i}_{j});"
                 )
         mma.append("    }")
-    accs = "".join(
-        f"  var acc{i}_{j} = subgroup_matrix_result<f32, 16, 16>();\n"
-        for i in range(tr)
-        for j in range(tc)
-    )
-    body = f"""@compute @workgroup_size(32)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {{
-  let bz = wid.z;
-  let a0 = {a.origin(mm.batch)};
-  let b0 = {b.origin(mm.batch)};
-  let m0 = wid.y * {bm}u;
-  let n0 = wid.x * {bn}u;
-{mm.row_statistics(bm, "m0", 32, "lane")}{accs}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
+    body = f"""{_matrix_unit_entry(mm, bm, bn)}{mm.row_statistics(bm, "m0", 32, "lane")}{_matrix_unit_accumulators(tr, tc)}  for (var k0 = 0u; k0 < {K}u; k0 += {bk}u) {{
 {stage_a}{stage_b}    workgroupBarrier();
 {chr(10).join(mma)}
     workgroupBarrier();
