@@ -270,11 +270,13 @@ class WebGPUProgram:
 
     def _run_checked(self) -> None:
         device = self.executor.device
-        for index, kernel in enumerate(self.plan.kernels):
+        parts: list[list[tuple]] = [[] for _ in self.plan.kernels]
+        for dispatch, index in zip(self.dispatches, self.kernel_of, strict=True):
+            parts[index].append(dispatch)
+        for kernel, dispatches in zip(self.plan.kernels, parts, strict=True):
             encoder = device.create_command_encoder()
             cpass = encoder.begin_compute_pass()
-            for n in (n for n, k in enumerate(self.kernel_of) if k == index):
-                pipeline, bind_group, grid = self.dispatches[n]
+            for pipeline, bind_group, grid in dispatches:
                 cpass.set_pipeline(pipeline)
                 cpass.set_bind_group(0, bind_group)
                 cpass.dispatch_workgroups(*grid)
