@@ -130,6 +130,28 @@ class WebGPUExecutor:
         return WebGPUProgram(self, graph, roots, updates, self.codegen_options)
 
 
+def _record(cpass, dispatches) -> None:
+    """Record `dispatches` (pipeline, bind group, grid) into compute pass `cpass`. A decode
+    step records a few hundred: where the binding exposes the C entry points it wraps (Dawn's
+    `wgpuComputePassEncoder*` through cffi), they are called straight, skipping a Python
+    method call and argument checks per command."""
+    kind = type(cpass)
+    direct = getattr(kind, "_dispatch_workgroups_function", None)
+    null = getattr(sys.modules.get(kind.__module__), "_NULL", None)
+    if direct is None or null is None or not hasattr(cpass, "_internal"):
+        for pipeline, bind_group, grid in dispatches:
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
+            cpass.dispatch_workgroups(*grid)
+        return
+    handle = cpass._internal
+    set_pipeline, set_bind_group = kind._set_pipeline_function, kind._set_bind_group_function
+    for pipeline, bind_group, (x, y, z) in dispatches:
+        set_pipeline(handle, pipeline._internal)
+        set_bind_group(handle, 0, bind_group._internal, 0, null)
+        direct(handle, x, y, z)
+
+
 class WebGPUProgram:
     def __init__(self, executor: WebGPUExecutor, graph: Graph, roots, updates, options: dict):
         start = time.perf_counter()
@@ -253,10 +275,7 @@ class WebGPUProgram:
         for lo, hi in itertools.pairwise(bounds) if dispatch else []:
             encoder = device.create_command_encoder()
             cpass = encoder.begin_compute_pass()
-            for pipeline, bind_group, grid in self.dispatches[lo:hi]:
-                cpass.set_pipeline(pipeline)
-                cpass.set_bind_group(0, bind_group)
-                cpass.dispatch_workgroups(*grid)
+            _record(cpass, self.dispatches[lo:hi])
             cpass.end()
             parts.append(encoder)
         if not parts:
