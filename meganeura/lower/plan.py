@@ -139,8 +139,9 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
         node = graph.nodes[nid]
         opdef = get_op(node.op)
         if opdef.strided_inputs:
-            for i in node.inputs:
-                if strided_view(graph, i, materialized) is None:
+            computed = _computed_inputs(graph, node, users, materialized)
+            for n, i in enumerate(node.inputs):
+                if n not in computed and strided_view(graph, i, materialized) is None:
                     materialized.add(i)
                     required.add(i)
         if opdef.in_place is not None:
@@ -187,6 +188,57 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
             kind = get_op(graph.nodes[nid if core is None else core].op).kind
             kernels.append(Kernel(kind, nid, leaves(nid), core))
     return materialized, _merge_side_outputs(graph, kernels, materialized, max_reads)
+
+
+# A computed operand (OpDef.computed_inputs) is re-evaluated by the workgroups that read it:
+# allowed while that is at most this many element evaluations, through at most
+# COMPUTED_OPS computing ops (views are index arithmetic and free).
+COMPUTED_EVALUATIONS = 1 << 24
+COMPUTED_OPS = 8
+
+
+def _computed_inputs(graph: Graph, node, users, materialized: set[int]) -> set[int]:
+    """Positions of `node`'s inputs that its kernel reads through a generated function
+    evaluating their inlined DAG, rather than from a buffer stored by a launch of its own:
+    those its op allows (OpDef.computed_inputs) that are not affine views of a buffer, read
+    by this node alone, and cheap enough to evaluate again in every workgroup that reads them.
+    """
+    opdef = get_op(node.op)
+    if opdef.computed_inputs is None:
+        return set()
+    types = [graph.nodes[i].type for i in node.inputs]
+    allowed = opdef.computed_inputs(types, node.attrs)
+    out = set()
+    for n, reads in allowed.items():
+        i = node.inputs[n]
+        if (
+            i in materialized
+            or users[i] != [node.id]
+            or strided_view(graph, i, materialized) is not None
+            or graph.nodes[i].type.size * reads > COMPUTED_EVALUATIONS
+        ):
+            continue
+        ops, stack, seen, epilogue = 0, [i], set(), False
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            kind = get_op(graph.nodes[nid].op).kind
+            if nid in materialized or kind == "source":
+                # A product of the operand's shape can run the DAG in its store instead, once
+                # per element (a Linear's activation): that fusion is preferred.
+                epilogue |= (
+                    kind in EPILOGUE_KINDS
+                    and graph.nodes[nid].type.size == graph.nodes[i].type.size
+                    and _pointwise_path_is_identity(graph, i, nid, materialized)
+                )
+                continue
+            ops += kind in ("pointwise", "inline")
+            stack.extend(graph.nodes[nid].inputs)
+        if ops <= COMPUTED_OPS and not epilogue:
+            out.add(n)
+    return out
 
 
 def _unshare_single_kernel_values(graph: Graph, live, users, materialized, candidates) -> None:
@@ -319,6 +371,22 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
     return None
 
 
+def buffers_read(graph: Graph, nid: int, materialized: set[int]) -> set[int]:
+    """The materialized nodes whose buffers reading node `nid` loads: its view's buffer, or
+    the leaves of its DAG when a kernel computes it (a computed operand)."""
+    out, stack, seen = set(), [nid], set()
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if i in materialized:
+            out.add(i)
+        else:
+            stack.extend(graph.nodes[i].inputs)
+    return out
+
+
 def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
     """Strides of a strided view reshaped to `new_shape` without a copy, or None when the
     reshape merges dims that are not laid out one after another (NumPy's no-copy rule)."""
@@ -423,7 +491,7 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                     core is not None
                     and kern.kind != "norm"  # a norm reads whole rows
                     and all(
-                        strided_view(graph, i, materialized)[0] != target
+                        target not in buffers_read(graph, i, materialized)
                         for i in graph.nodes[core].inputs
                     )
                 )

@@ -305,6 +305,9 @@ register(
         _vjp,
         normalize=_normalize,
         strided_inputs=True,
+        # q (RoPE'd, say) may be computed as it is staged: once per workgroup of its rows, and
+        # of each of their key splits.
+        computed_inputs=lambda types, attrs: {0: 16},
         doc="packed [output | log-sum-exp] of scaled dot-product attention",
     )
 )

@@ -11,6 +11,7 @@ The NumPy references dequantize with the gguf package, the format's own implemen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,11 @@ def _qmm_vjp(g, inputs, out, attrs):
     return [matmul(g, w), None]
 
 
+def _computed_x(types, attrs) -> dict[int, int]:
+    """x may be computed as it is loaded: each workgroup (two outputs at the least) reads it."""
+    return {0: math.ceil(attrs["shape"][0] / 2)}
+
+
 register(
     OpDef(
         "quantized_matmul",
@@ -121,6 +127,7 @@ register(
         _qmm_vjp,
         normalize=_normalize,
         strided_inputs=True,
+        computed_inputs=_computed_x,
         doc="x @ Wᵀ for a GGUF-quantized weight W [out, in], decoded inside the kernel",
     )
 )

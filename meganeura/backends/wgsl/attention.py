@@ -25,8 +25,14 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import literal
-from meganeura.backends.wgsl.kernels import KernelSource, _assemble, _Bindings, archetype
+from meganeura.backends.wgsl.emit import contiguous_strides, literal
+from meganeura.backends.wgsl.kernels import (
+    KernelSource,
+    _assemble,
+    _Bindings,
+    archetype,
+    operand_function,
+)
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.attention import attention_dims
 
@@ -38,16 +44,25 @@ POS_INF = "mn_bits(0x7f800000u)"
 
 
 class _Operand:
-    """A strided input: buffer name, 4-D strides (0 where broadcast) and element offset."""
+    """A strided input: buffer name, 4-D strides (0 where broadcast) and element offset; or a
+    computed one (OpDef.computed_inputs: q under its RoPE), read through `function`, which
+    the kernel's WGSL must include."""
 
     def __init__(self, plan: Plan, bind: _Bindings, nid: int, full_shape: tuple[int, ...]):
         graph = plan.graph
-        base, strides, offset = strided_view(graph, nid, plan.materialized)
         shape = graph.nodes[nid].type.shape
+        view = strided_view(graph, nid, plan.materialized)
+        self.computed = view is None
+        self.function = ""
+        if view is None:
+            strides, offset, self.buf = contiguous_strides(shape), 0, f"mn_operand{nid}"
+            self.function = operand_function(plan, nid, bind.name_of, self.buf)
+        else:
+            base, strides, offset = view
+            self.buf = bind.name_of(base)
         lead = len(full_shape) - len(shape)
         self.strides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape))]
         self.offset = offset
-        self.buf = bind.name_of(base)
 
     def addr(self, *coords: str) -> str:
         terms = [f"{self.offset}u"] if self.offset else []
@@ -57,6 +72,8 @@ class _Operand:
         return " + ".join(terms) or "0u"
 
     def load(self, *coords: str) -> str:
+        if self.computed:
+            return f"{self.buf}({self.addr(*coords)})"
         return f"f32({self.buf}[{self.addr(*coords)}])"
 
 
@@ -348,7 +365,10 @@ def blocks_forward(plan: Plan, kernel: Kernel) -> KernelSource:
         + "}\n"
     )
     return KernelSource(
-        _assemble(bind, body, _shared(D, Dv)), bind.order, (nqb, Hq, B), f"attention%{node.id}"
+        _assemble(bind, body + q.function, _shared(D, Dv)),
+        bind.order,
+        (nqb, Hq, B),
+        f"attention%{node.id}",
     )
 
 

@@ -448,6 +448,7 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         )
         + "}\n"
     )
+    body += q.function
     shared = (
         f"var<workgroup> tile: array<vec4<f32>, {s.tile_len}>;\n"
         f"var<workgroup> sq: array<vec4<f32>, {R * s.d4}>;\n"

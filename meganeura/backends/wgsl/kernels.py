@@ -74,6 +74,15 @@ class _Bindings:
         return "\n".join(lines)
 
 
+def operand_function(plan: Plan, nid: int, name_of, name: str) -> str:
+    """WGSL `fn name(i: u32) -> f32`: the value of the inlined node `nid` at linear index i.
+    Archetypes read a computed operand (OpDef.computed_inputs) through it; `name_of` binds the
+    buffers its DAG loads."""
+    em = Emitter(plan.graph, plan.materialized, name_of, "  ")
+    value = em.value(nid, "i")
+    return "\n".join([f"fn {name}(i: u32) -> f32 {{", *em.lines, f"  return f32({value});", "}\n"])
+
+
 def _assemble(bindings: _Bindings, body: str, extra_decls: str = "") -> str:
     header = ""
     if "f16" in body or "f16" in bindings.declarations():

@@ -109,9 +109,12 @@ def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
     workgroup reduce their sums in workgroup memory."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
-    vec = K % 4 == 0 and mm.use_vec4(b, False) and mm.use_vec4(a, True)
+    # A computed x is evaluated element by element, the weights still read in vec4s.
+    vec = K % 4 == 0 and mm.use_vec4(b, False) and (a.computed or mm.use_vec4(a, True))
     if vec:
-        mm.bind.vector |= {mm.plan.buffer_of[a.base], mm.plan.buffer_of[b.base]}
+        mm.bind.vector.add(mm.plan.buffer_of[b.base])
+        if not a.computed:
+            mm.bind.vector.add(mm.plan.buffer_of[a.base])
     step = 128 if vec else 32
     teams = _gemv_teams(N, mm.nbatch)
     size = 32 * teams
@@ -120,13 +123,19 @@ def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
         if vec:
             load = f"      let {w} = vec4<f32>({b.buf}[(brow + {k}) / 4u]);\n"
             x = f"vec4<f32>({a.buf}[(a0 + {{}}u + {k}) / 4u])"
+            if a.computed:
+                x = (
+                    "vec4<f32>("
+                    + ", ".join(a.at(f"a0 + {{0}}u + {k} + {j}u") for j in range(4))
+                    + ")"
+                )
             uses = [
                 f"      acc{m} += dot({mm.load_a(x.format(m * a.s_row), f'{m}u', k, True)}, {w});"
                 for m in range(M)
             ]
         else:
             load = f"      let {w} = f32({b.buf}[brow + {k} * {b.s_row}u]);\n"
-            x = f"f32({a.buf}[a0 + {{}}u + {k} * {a.s_col}u])"
+            x = a.at(f"a0 + {{}}u + {k} * {a.s_col}u")
             uses = [
                 f"      acc{m} += {mm.load_a(x.format(m * a.s_row), f'{m}u', k)} * {w};"
                 for m in range(M)
@@ -185,7 +194,7 @@ def _gemv_columns(mm: Matmul) -> KernelSource:
             load = f"      let {w} = vec4<f32>({b.buf}[(b0 + {k} * {b.s_row}u) / 4u]);\n"
         else:
             load = f"      let {w} = f32({b.buf}[b0 + {k} * {b.s_row}u]);\n"
-        x = f"f32({a.buf}[a0 + {{}}u + {k} * {a.s_col}u])"
+        x = a.at(f"a0 + {{}}u + {k} * {a.s_col}u")
         uses = "".join(
             f"      acc{m} += {mm.load_a(x.format(m * a.s_row), f'{m}u', k)} * {w};\n"
             for m in range(M)
@@ -254,7 +263,7 @@ def _direct_operands(mm: Matmul) -> bool:
     if mm.dtype != "f16" or mm.M % (16 * tr) or mm.N % (16 * tc) or mm.K % 16:
         return False
     for x in (mm.a, mm.b):
-        if 1 not in (x.s_row, x.s_col):
+        if x.computed or 1 not in (x.s_row, x.s_col):
             return False
         other = x.s_col if x.s_row == 1 else x.s_row
         if any(st % 8 for st in (other, x.offset, *x.batch_strides)):
@@ -364,7 +373,7 @@ def _stage_f16(
     `vec`, four elements along the contiguous direction per load; `load(value, row, col)`
     (scalar loads) rewrites each loaded value (a norm prologue)."""
     if not vec:
-        value = f"f32({x.buf}[{origin} + gr * {x.s_row}u + gc * {x.s_col}u])"
+        value = x.at(f"{origin} + gr * {x.s_row}u + gc * {x.s_col}u")
         if load is not None:
             value = load(value, "r", "gc")
         fast_cols = x.s_col == 1

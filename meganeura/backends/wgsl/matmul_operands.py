@@ -8,10 +8,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
-from meganeura.backends.wgsl.kernels import KernelSource, _Bindings, epilogue_buffers, product_store
+from meganeura.backends.wgsl.emit import STORAGE_TYPE, contiguous_strides, prelude_for
+from meganeura.backends.wgsl.kernels import (
+    KernelSource,
+    _Bindings,
+    epilogue_buffers,
+    operand_function,
+    product_store,
+)
 from meganeura.backends.wgsl.norm_prologue import NormPrologue
-from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.lower.plan import Kernel, Plan, buffers_read, strided_view
 from meganeura.ops.linalg import matmul_dims
 
 
@@ -38,12 +44,17 @@ class Operand:
     """op(X) as rows x cols of a buffer: element (r, c) of batch bz sits at
     origin + r * s_row + c * s_col."""
 
-    base: int  # the materialized node whose buffer holds it
-    buf: str
+    base: int  # the materialized node whose buffer holds it (else the computed node)
+    buf: str  # its buffer, or the WGSL function computing it (a computed operand)
     s_row: int
     s_col: int
     offset: int
     batch_strides: list[int]
+    computed: bool = False
+
+    def at(self, index: str) -> str:
+        """The element at buffer (or, computed, linear) index `index`, as f32."""
+        return f"{self.buf}({index})" if self.computed else f"f32({self.buf}[{index}])"
 
     def origin(self, batch: tuple[int, ...]) -> str:
         terms = [f"{self.offset}u"] if self.offset else []
@@ -83,6 +94,7 @@ class Matmul:
         self.dtype = a_type.dtype
         self.bind = VecBindings(plan, kernel.node)
         self.out = f"buf{self.bind.out_buffer}"
+        self.functions: list[str] = []  # WGSL functions of computed operands
         self.a = self._operand(a_id, ta)
         self.b = self._operand(b_id, tb)
         self.prologue = None
@@ -96,22 +108,37 @@ class Matmul:
         )
 
     def _operand(self, nid: int, trans: bool) -> Operand:
-        base, strides, offset = strided_view(self.graph, nid, self.plan.materialized)
         shape = self.graph.nodes[nid].type.shape
+        view = strided_view(self.graph, nid, self.plan.materialized)
+        if view is None:  # computed as it is loaded, at its own linear index
+            strides, offset, buf = contiguous_strides(shape), 0, f"mn_operand{nid}"
+            self.functions.append(operand_function(self.plan, nid, self.bind.name_of, buf))
+        else:
+            base, strides, offset = view
+            buf = self.bind.name_of(base)
         s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
         lead = len(self.batch) - (len(shape) - 2)
         bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
-        return Operand(base, self.bind.name_of(base), s_row, s_col, offset, bstrides)
+        base = nid if view is None else view[0]
+        return Operand(base, buf, s_row, s_col, offset, bstrides, view is None)
 
     def epilogue_reads(self) -> set[int]:
         """Buffers the epilogue loads (besides the product itself)."""
         return epilogue_buffers(self.plan, self.kernel)
 
     def use_vec4(self, operand: Operand, cols_contiguous: bool) -> bool:
+        if operand.computed:
+            return False
         buf = self.plan.buffer_of[operand.base]
-        others = [o for o in (self.a, self.b) if self.plan.buffer_of[o.base] == buf]
+        others = [
+            o for o in (self.a, self.b) if not o.computed and self.plan.buffer_of[o.base] == buf
+        ]
         ok = all(o.aligned4(cols_contiguous) for o in others) and len(others) == 1
         scalar = self.epilogue_reads() | {self.bind.out_buffer}
+        for o in (self.a, self.b):  # computed operands load their buffers one element at a time
+            if o.computed:
+                reads = buffers_read(self.graph, o.base, self.plan.materialized)
+                scalar |= {self.plan.buffer_of[i] for i in reads}
         if self.prologue is not None:
             scalar |= {self.plan.buffer_of[p] for p in self.prologue.bases}
         return ok and buf not in scalar
@@ -149,6 +176,7 @@ class Matmul:
         if self.prologue is not None:
             shared += self.prologue.shared
         decls = self.bind.declarations()
+        body += "".join(self.functions)
         if "f16" in body or "f16" in decls or "f16" in shared:
             header = "enable f16;\n" + header
         return f"{header}{decls}\n{shared}{prelude_for(body)}\n{body}"

@@ -13,6 +13,7 @@ operands as before: each invocation keeps the statistics of the rows it loads in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     GX, P = C // 4, R * C // 16  # invocations per group along n, per group in all
     b_at = 2 * D * R // 4  # where the B stages start in `tile` (vec4s)
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
-    bt = Operand(b.base, b.buf, b.s_col, b.s_row, b.offset, b.batch_strides)
+    bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     # 16-byte loads: along k (both operands of x @ W^T), or along rows (A^T, B as [K, N]).
     vec_a = (K % 4 == 0 and K > 0) if a.s_col == 1 else (M % 4 == 0 and a.s_row == 1)
     vec_b = (K % 4 == 0 and K > 0) if b.s_row == 1 else (N % 4 == 0 and b.s_col == 1)
@@ -237,8 +238,10 @@ def _stage(
                 + ", ".join(
                     "select(0.0, "
                     + normalize(
-                        f"f32({x.buf}[{origin} + min({row}, {rows - 1}u) * {x.s_row}u"
-                        f" + min({kk}, {K - 1}u) * {x.s_col}u])",
+                        x.at(
+                            f"{origin} + min({row}, {rows - 1}u) * {x.s_row}u"
+                            f" + min({kk}, {K - 1}u) * {x.s_col}u"
+                        ),
                         local,
                         f"min({kk}, {K - 1}u)",
                     )
@@ -268,7 +271,7 @@ def _tiled_large(mm: Matmul) -> KernelSource:
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
-    bt = Operand(b.base, b.buf, b.s_col, b.s_row, b.offset, b.batch_strides)
+    bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     steps = math.ceil(K / LARGE_BK)
 
     def operand(x: Operand, name: str, rows: int, start: str):
@@ -290,10 +293,7 @@ def _tiled_large(mm: Matmul) -> KernelSource:
 
         def value(r: str, k: str) -> str:
             kk = f"min(k0 + {k}, {K - 1}u)"
-            v = (
-                f"f32({x.buf}[{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u"
-                f" + {kk} * {x.s_col}u])"
-            )
+            v = x.at(f"{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u + {kk} * {x.s_col}u")
             return mm.load_a(v, r, kk) if name == "As" else v
 
         loads = " ".join(

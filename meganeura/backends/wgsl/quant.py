@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
+from meganeura.backends.wgsl.emit import Emitter, contiguous_strides, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
     _pointwise,
     archetype,
     epilogue_buffers,
+    operand_function,
     product_store,
 )
 from meganeura.backends.wgsl.matmul_operands import VecBindings
@@ -161,16 +162,24 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     M = math.prod(x_shape[:-1])
     b = VecBindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
-    x_base, x_strides, x_offset = strided_view(graph, x_id, plan.materialized)
-    xb = b.name_of(x_base)
+    x_view = strided_view(graph, x_id, plan.materialized)
+    functions = ""
+    if x_view is None:  # computed as it is read (OpDef.computed_inputs), at its linear index
+        x_base, x_strides, x_offset = None, contiguous_strides(x_shape), 0
+        xb = f"mn_operand{x_id}"
+        functions = operand_function(plan, x_id, b.name_of, xb)
+    else:
+        x_base, x_strides, x_offset = x_view
+        xb = b.name_of(x_base)
     w = b.name_of(raw_id)
     row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
     # x read four columns at a time where its rows are contiguous and 16-byte aligned (and
     # its buffer is not the output's, which the epilogue may read as scalars).
-    x_buf = plan.buffer_of[x_base]
+    x_buf = None if x_base is None else plan.buffer_of[x_base]
     vec = (
-        qtype == "Q4_1"
+        x_base is not None
+        and qtype == "Q4_1"
         and x_strides[-1] == 1
         and all(st % 4 == 0 for st in (x_offset, *x_strides[:-1]))
         and x_buf != b.out_buffer
@@ -189,7 +198,8 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     def x_at(k: str) -> str:
         if vec:
             return f"{xb}[(rows[t] + {k}) / 4u][(rows[t] + {k}) % 4u]"
-        return f"{xb}[rows[t] + ({k}) * {step}u]"
+        at = f"rows[t] + ({k}) * {step}u"
+        return f"{xb}({at})" if x_base is None else f"{xb}[{at}]"
 
     def x_vec4(k: str) -> str | None:  # x at columns k..k+3 (k a multiple of 4) as one load
         return f"{xb}[(rows[t] + {k}) / 4u]" if vec else None
@@ -258,4 +268,4 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     label = f"{node.op}%{node.id}"
     if kernel.core is not None:
         label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
-    return KernelSource(_assemble(b, body), b.order, grid, label)
+    return KernelSource(_assemble(b, body + functions), b.order, grid, label)
