@@ -239,11 +239,10 @@ def _visible_keys(
     The 256 invocations share the scan, key by key ([lo, hi) only; rows along which the mask
     is broadcast are read once), and meet through two workgroup atomics: the min of the visible
     keys (Tk where none is) and the max of key + 1 (0 where none is). One invocation sets them
-    before a barrier (even where they would start at 0, as WGSL zero-initializes workgroup
-    memory, wgpu-native on lavapipe was seen to leave what the previous workgroup wrote),
-    another barrier follows the scan, one invocation copies them out and
-    `workgroupUniformLoad` hands them to all: the key loop that follows holds barriers, so its
-    bounds must be workgroup-uniform."""
+    before a barrier (relying on WGSL's zero-initialized workgroup memory instead gave wrong
+    results through wgpu-native on lavapipe), another barrier follows the scan, one
+    invocation copies them out and `workgroupUniformLoad` hands them to all: the key loop
+    that follows holds barriers, so its bounds must be workgroup-uniform."""
     mheads = heads if mask.strides[1] else 1
     mqueries = queries if mask.strides[2] else 1
     neg_inf = "0xff800000u"  # the bits of -inf: no float comparison a compiler could relax
