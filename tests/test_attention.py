@@ -332,6 +332,142 @@ def test_queries_with_no_visible_key_give_zeros(device, forward):
     np.testing.assert_allclose(got["dk"], ref[1].grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
+# -- keys hidden by the mask ---------------------------------------------------------------------
+#
+# A KV cache of fixed capacity hides its unwritten slots (and padding) with -inf; the forward
+# kernels skip the key blocks that the mask hides from all of a workgroup's rows. Shapes as
+# SmolLM2-135M's: 9 query heads over 3 kv heads, head dim 64.
+
+MASKED_SHAPES = {
+    # (B, Tq, Tk); the kernels chosen by shape: decode splits the keys over 5 workgroups,
+    # 5 queries over 4, a 128-query prefill runs 3 heads x 3 queries per workgroup.
+    "decode": (1, 1, 300),
+    "chunk5": (2, 5, 200),
+    "prefill": (1, 128, 512),
+}
+
+
+def cache_mask(kind: str, B: int, Hq: int, Tq: int, Tk: int) -> np.ndarray:
+    """An additive mask (0 visible, -inf hidden) of `kind`:
+
+    - "cache": a cache filled up to slot `filled`, queries at its end (as generation feeds
+      them): keys past each query hidden, [B, 1, Tq, Tk];
+    - "left_padding": each batch row's first 70 + 60 b slots hidden, as padding of prompts of
+      different lengths, broadcast over queries too: [B, 1, 1, Tk];
+    - "hidden_rows": "cache", per head, with query rows (h + i) % 4 == 1 and the last batch
+      row's last three heads (a kv group: workgroups that see nothing) hiding every key,
+      [B, Hq, Tq, Tk];
+    - "finite": "cache" with keys from filled / 2 on at -1e9, a finite value that must still
+      be computed; query 0 sees only -1e9 keys.
+    """
+    filled = Tk * 3 // 5
+    visible = np.arange(Tk)[None, :] <= np.arange(filled - Tq, filled)[:, None]  # [Tq, Tk]
+    mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
+    if kind == "cache":
+        return np.broadcast_to(mask, (B, 1, Tq, Tk)).copy()
+    if kind == "left_padding":
+        keys = np.arange(Tk)[None, None, None, :]
+        start = 70 + 60 * np.arange(B)[:, None, None, None]
+        return np.where(keys >= start, 0.0, -np.inf).astype(np.float32)
+    if kind == "hidden_rows":
+        full = np.broadcast_to(mask, (B, Hq, Tq, Tk)).copy()
+        heads, queries = np.meshgrid(np.arange(Hq), np.arange(Tq), indexing="ij")
+        full[:, (heads + queries) % 4 == 1] = -np.inf
+        full[-1, -3:] = -np.inf
+        return full
+    assert kind == "finite", kind
+    mask[:, filled // 2 : filled] = np.where(visible[:, filled // 2 : filled], -1e9, -np.inf)
+    mask[0, : filled // 2] = -np.inf
+    return np.broadcast_to(mask, (B, 1, Tq, Tk)).copy()
+
+
+def check_masked_forward(device, B, Hq, Hkv, Tq, Tk, D, mask, causal=False, nan_keys=()):
+    """The packed forward output (rows, then log-sum-exp) against PyTorch's SDPA; query rows
+    that see no key give 0 and +inf, as the op defines (SDPA gives NaN there). K and V at
+    `nan_keys` are NaN: keys the kernels must not read. The reference computes in the
+    device's precision: float64 for the NumPy executor, where s - 1e9 keeps s, float32 for
+    the kernels, where it rounds to -1e9."""
+    rng = np.random.default_rng(Tq * Tk + B)
+    q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32) for _ in "kv")
+    kn, vn = k.copy(), v.copy()
+    kn[:, :, list(nan_keys)] = np.nan
+    vn[:, :, list(nan_keys)] = np.nan
+    g = Graph()
+    inputs = [g.input(n, a.shape) for n, a in zip("qkvm", (q, kn, vn, mask), strict=True)]
+    attrs = dict(scale=None, causal=causal, window=0, softcap=0.0)
+    g.output("packed", g.apply("attention", inputs, **attrs))
+    feeds = dict(zip("qkvm", (q, kn, vn, mask), strict=True))
+    got = build(g, device=device).run(feeds)["packed"]
+
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    tq, tk, tv, tm = (torch.tensor(a, dtype=dtype) for a in (q, k, v, mask))
+    scale = 1 / math.sqrt(D)
+    logits = torch_logits(tq, tk, tm, causal, 0, 0.0, scale)
+    seen = torch.isfinite(logits).any(-1)  # [B, Hq, Tq]
+    out = torch_attention(tq, tk, tv, tm, causal, 0, 0.0, scale)
+    out = torch.where(seen[..., None], out, 0.0)
+    lse = torch.where(seen, torch.logsumexp(logits, dim=-1), math.inf)
+    n = out.numel()
+    np.testing.assert_allclose(got[:n], out.numpy().reshape(-1), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got[n:], lse.numpy().reshape(-1), rtol=2e-5, atol=2e-5)
+    return seen
+
+
+MASKED_KERNELS = [(None, "cpu")] + [
+    pytest.param(name, "vulkan-cpu", marks=pytest.mark.lavapipe, id=f"vulkan-cpu-{name}")
+    for name in ("by_shape", "rows", "rows_packed", "blocks")
+]
+
+
+@pytest.mark.parametrize("kind", ["cache", "left_padding", "hidden_rows", "finite"])
+@pytest.mark.parametrize("shape", ["decode", "chunk5"])
+@pytest.mark.parametrize(("forward", "device"), MASKED_KERNELS)
+def test_keys_hidden_by_the_mask(forward, device, shape, kind):
+    B, Tq, Tk = MASKED_SHAPES[shape]
+    with forward_kernel(None if forward == "by_shape" else forward):
+        seen = check_masked_forward(device, B, 9, 3, Tq, Tk, 64, cache_mask(kind, B, 9, Tq, Tk))
+    if kind == "hidden_rows":
+        assert not seen.all() and seen.any()
+
+
+@pytest.mark.parametrize(("forward", "device"), MASKED_KERNELS[:2] + MASKED_KERNELS[-1:])
+def test_prefill_into_a_larger_cache(forward, device):
+    B, Tq, Tk = MASKED_SHAPES["prefill"]
+    with forward_kernel(None if forward == "by_shape" else forward):
+        check_masked_forward(device, B, 9, 3, Tq, Tk, 64, cache_mask("hidden_rows", B, 9, Tq, Tk))
+
+
+def test_masked_shapes_reach_each_layout():
+    assert forward_layout(1, 9, 3, *MASKED_SHAPES["decode"][1:], 64, 64).splits == 5
+    assert forward_layout(2, 9, 3, *MASKED_SHAPES["chunk5"][1:], 64, 64).splits == 4
+    assert forward_layout(1, 9, 3, *MASKED_SHAPES["prefill"][1:], 64, 64) == RowsLayout(3, 3, 64)
+    with forward_kernel("rows"):
+        assert forward_layout(2, 9, 3, 5, 200, 64, 64) == RowsLayout(3, 1, 64)
+    with forward_kernel("rows_packed"):
+        assert forward_layout(2, 9, 3, 5, 200, 64, 64) == RowsLayout(3, 5, 64)
+    with forward_kernel("blocks"):
+        assert forward_layout(2, 9, 3, 5, 200, 64, 64) is None
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("forward", ["by_shape", "rows", "rows_packed", "blocks"])
+def test_key_blocks_the_mask_hides_are_not_read(forward):
+    # Keys 0..63 (left padding) and 192.. (unwritten cache slots) are hidden from every row:
+    # whole 64-key blocks, the walk's unit, so that no block walked reads their NaN K and V.
+    # Where the keys are split over workgroups (by shape here, one block each), the first
+    # and the last two walk nothing and leave empty partial softmaxes to the combination.
+    B, Hq, Tq, Tk = 1, 9, 3, 320
+    mask = cache_mask("cache", B, Hq, Tq, Tk)
+    mask[..., :64] = -np.inf
+    assert np.isneginf(mask[..., 192:]).all()
+    with forward_kernel(None if forward == "by_shape" else forward):
+        if forward == "by_shape":
+            assert forward_layout(B, Hq, 3, Tq, Tk, 64, 64).splits == 5
+        nan_keys = [*range(64), *range(192, Tk)]
+        check_masked_forward("vulkan-cpu", B, Hq, 3, Tq, Tk, 64, mask, nan_keys=nan_keys)
+
+
 def test_boolean_mask_means_may_attend():
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((1, 2, 4, 8)).astype(np.float32) for _ in range(3))

@@ -17,6 +17,13 @@ invocations by key. Per block of `keys` keys (64 for head dims up to 64):
 - invocation (vec4 column of the value, row, key subset) rescales its partial output and row
   sum, and adds p V over its subset's keys, four keys per read of p.
 
+Before the walk, the workgroup narrows its keys to the blocks that hold a key its mask does
+not hide (-inf) from all its rows (`attention._visible_keys`): a prefill of 128 tokens into a
+512-slot KV cache walks the written slots only, and a decode split over unwritten slots walks
+nothing and leaves the empty partial softmax (max NEG_MAX, sum 0) it left when it walked
+them: the combination weighs it by exp(NEG_MAX - max) = 0 (rows that no split sees still
+give 0 and log-sum-exp +inf).
+
 The key subsets' partial sums (under the same running max) are added once at the end. Output
 rows and log-sum-exps are written as `attention.py`'s forward writes them, so the backward
 kernels there read them unchanged. Workgroup memory stays under 28 KiB (K or V block 16 KiB
@@ -32,10 +39,11 @@ cannot be filled, the fewest rows per workgroup finish first. SmolLM2-135M (9 qu
 over 3 kv heads, head dim 64): decode runs 3 workgroups of 3 rows, a 128-token prefill 129
 workgroups of 3 heads x 3 queries.
 
-Not done: splitting the keys of one row over several workgroups (flash-decoding). It would
-shorten decode over thousands of keys when batch x kv heads is far below the SM count, but
-needs a second pass to combine the partial softmaxes, and scratch memory for them that the
-packed output does not have.
+When even that launches fewer than FILL_WORKGROUPS / 2 workgroups, each walking at least
+SPLIT_BLOCKS key blocks (decode: batch x kv heads far below the SM count), the keys are split
+over several workgroups per row group (flash-decoding), in whole blocks: each writes its
+unnormalized output, running max and sum to scratch buffers, and a second dispatch combines
+them (f32 outputs only). SmolLM2-135M decoding over a 512-slot cache: 3 x 8 workgroups.
 """
 
 from __future__ import annotations
@@ -48,10 +56,12 @@ from meganeura.backends.wgsl.attention import (
     BLOCK,
     NEG_MAX,
     POS_INF,
+    VISIBLE_KEYS_SHARED,
     _inputs,
     _key_range,
     _logits,
     _Operand,
+    _visible_keys,
     blocks_forward,
 )
 from meganeura.backends.wgsl.emit import prelude_for
@@ -427,6 +437,11 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         f"  let hb = wid.y * {layout.heads}u; let b = wid.z; let hk = hb / {Hq // Hkv}u;\n"
         + _key_range(node.attrs, Tq, Tk, layout.queries)
         + split_range
+        + (
+            _visible_keys(mask, "hb", layout.heads, "q0", layout.queries, Tq, Tk, KB)
+            if mask
+            else ""
+        )
         + _stage_queries(s, q)
         + f"  if (tid < {R}u) {{ row_max[tid] = {NEG_MAX}; }}\n"
         f"  var kr: array<f32, {math.ceil(KB * s.d4 * 4 / WG)}>;\n"
@@ -456,7 +471,7 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
         f"var<workgroup> row_sums: array<f32, {R * s.subsets}>;\n"
         f"var<workgroup> row_max: array<f32, {R}>;\n"
         f"var<workgroup> row_scale: array<f32, {R}>;\n"
-    )
+    ) + (VISIBLE_KEYS_SHARED if mask else "")
     grid = (nqb * splits, Hq // layout.heads, B)
     label = f"attention%{node.id}"
     if splits == 1:
