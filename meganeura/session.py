@@ -27,6 +27,7 @@ from meganeura.checkpoint import CheckpointError
 from meganeura.debug import check_indices, check_sources, enabled_by_env, index_limits
 from meganeura.graph import Graph, Tensor, numpy_dtype
 from meganeura.init import initial_value
+from meganeura.lower.quantized import dense_quantized_products
 from meganeura.optim import ACCUMULATE_INPUT, UpdateRules, storage_aliases
 
 
@@ -159,14 +160,23 @@ def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, scaler, optim
         if optimize:
             extra = [rules.grad_norm, rules.found_inf, *rules.accumulate_updates.values()]
             g, ids = _optimized(g, [loss_id, *extra], report, "train", optimizer)
-            loss_id = ids[loss_id]
-            rules = dataclasses.replace(
-                rules,
-                grad_norm=None if rules.grad_norm is None else ids[rules.grad_norm],
-                found_inf=None if rules.found_inf is None else ids[rules.found_inf],
-                accumulate_updates={ids[t]: ids[v] for t, v in rules.accumulate_updates.items()},
-            )
+            loss_id, rules = ids[loss_id], _remapped(rules, ids)
+    # Quantized products of many rows (a prompt) run dense on the dequantized weight.
+    g, ids = dense_quantized_products(g)
+    if ids is not None:
+        loss_id = None if loss_id is None else ids[loss_id]
+        rules = None if rules is None else _remapped(rules, ids)
     return g, loss_id, rules, report
+
+
+def _remapped(rules: UpdateRules, ids: dict[int, int]) -> UpdateRules:
+    """`rules` with the nodes they name renumbered by `ids` (a rewritten graph's)."""
+    return dataclasses.replace(
+        rules,
+        grad_norm=None if rules.grad_norm is None else ids[rules.grad_norm],
+        found_inf=None if rules.found_inf is None else ids[rules.found_inf],
+        accumulate_updates={ids[t]: ids[v] for t, v in rules.accumulate_updates.items()},
+    )
 
 
 def _optimized(g: Graph, roots, report, stage: str, optimizer, before_autodiff: bool = False):

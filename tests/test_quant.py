@@ -9,6 +9,7 @@ from meganeura import Graph, build
 from meganeura import functional as F
 from meganeura.autodiff import grad
 from meganeura.io.gguf import QuantizedWeight
+from meganeura.lower.quantized import QUANTIZED_ROWS
 from meganeura.ops.quant import dequantize, pack_words, quantized_matmul, quantized_parameter
 
 DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
@@ -31,7 +32,8 @@ def quantized(rows: int, cols: int, qtype: str, seed: int = 0) -> QuantizedWeigh
         ((2, 2080), 5, 2080),
         ((1, 64), 13, 64),
         ((3, 5, 96), 9, 96),
-        ((19, 32), 1, 32),
+        ((19, 32), 1, 32),  # more than QUANTIZED_ROWS: dense, on the dequantized weight
+        ((12, 64), 5, 64),  # two tiles of rows in the quantized kernel
         ((32,), 40, 32),
         ((1, 64), 2100, 64),
         ((2, 32), 1100, 32),
@@ -188,3 +190,28 @@ def test_quantized_residual_of_its_own_input(device):
     data = np.random.default_rng(11).normal(size=(3, 64)).astype(np.float32)
     got = build(graph, device=device).run({"x": data})["y"]
     np.testing.assert_allclose(got, data @ weight.dequantize().T + data, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [QUANTIZED_ROWS, QUANTIZED_ROWS + 1])
+def test_products_of_many_rows_run_dense_on_the_dequantized_weight(device, rows):
+    # A prompt's rows: the optimizer still stores the siblings together and moves the norm
+    # into their product, which then runs dense on the dequantized weight (one transient).
+    weights = {n: quantized(r, 64, "Q4_1", seed=s) for s, (n, r) in enumerate((("a", 9), ("b", 6)))}
+    graph = Graph()
+    x = graph.input("x", (rows, 64))
+    params = {n: quantized_parameter(graph, n, w) for n, w in weights.items()}
+    h = F.rms_norm(x, None, eps=1e-5)
+    for n, p in params.items():
+        graph.output(n, quantized_matmul(h, p) + 1.0)
+    data = np.random.default_rng(12).normal(size=(rows, 64)).astype(np.float32)
+    session = build(graph, device=device)
+    got = session.run({"x": data})
+    products = [n.op for n in session.graph.nodes if "matmul" in n.op]
+    dense = rows > QUANTIZED_ROWS
+    assert products == ["rms_norm_matmul" if dense else "rms_norm_quantized_matmul"]
+    assert any(n.op == "dequantize" for n in session.graph.nodes) == dense
+    x64 = data.astype(np.float64)
+    norm = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
+    for n, w in weights.items():
+        np.testing.assert_allclose(got[n], norm @ w.dequantize().T + 1, rtol=1e-4, atol=1e-4)
