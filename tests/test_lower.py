@@ -203,3 +203,36 @@ def test_side_outputs_match_the_numpy_executor(data):
     got = mn.build(g, device="vulkan-cpu", optimize=False).run(feeds)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("size", [1, 7, 1029, 4 * 256 + 3])
+def test_pointwise_kernels_of_several_elements_per_invocation(monkeypatch, size):
+    # Large pointwise kernels give each invocation four elements (here forced on small ones):
+    # values loaded before any store, the last round clamped and guarded, side outputs and
+    # AdamW's in-place updates included.
+    from meganeura.backends.wgsl import kernels
+
+    monkeypatch.setattr(kernels, "POINTWISE_MANY", 1)
+    g = mn.Graph()
+    x = g.input("x", (size,))
+    y = g.input("y", (size,))
+    w = g.parameter("w", (size,), init="normal")
+    a = g.output("a", (x * 0.5 + y.tanh()).exp())
+    g.output("b", (a * y - w).sigmoid())
+    loss = ((x * w - y) ** 2).sum()
+    rng = np.random.default_rng(size)
+    feeds = {n: rng.normal(size=(size,)).astype(np.float32) for n in ("x", "y")}
+    sessions = [
+        mn.build(g, loss, mn.optim.AdamW(1e-2), device=d, seed=3, optimize=False)
+        for d in ("cpu", "vulkan-cpu")
+    ]
+    for session in sessions:
+        session.step(feeds)
+        session.step(feeds)
+    want, got = (s.run(feeds, outputs=["a", "b"]) for s in sessions)
+    for name in ("a", "b"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sessions[1].parameters()["w"], sessions[0].parameters()["w"], rtol=1e-5, atol=1e-6
+    )
