@@ -27,7 +27,7 @@ from meganeura.checkpoint import CheckpointError
 from meganeura.debug import check_indices, check_sources, enabled_by_env, index_limits
 from meganeura.graph import Graph, Tensor, numpy_dtype
 from meganeura.init import initial_value
-from meganeura.lower.quantized import dense_quantized_products
+from meganeura.lower.rewrite import lowered
 from meganeura.optim import ACCUMULATE_INPUT, UpdateRules, storage_aliases
 
 
@@ -161,8 +161,9 @@ def _step_graph(graph: Graph, loss: Tensor | None, optimizer: Any, scaler, optim
             extra = [rules.grad_norm, rules.found_inf, *rules.accumulate_updates.values()]
             g, ids = _optimized(g, [loss_id, *extra], report, "train", optimizer)
             loss_id, rules = ids[loss_id], _remapped(rules, ids)
-    # Quantized products of many rows (a prompt) run dense on the dequantized weight.
-    g, ids = dense_quantized_products(g)
+    # Lowering choices every graph goes through (lower/rewrite.py): quantized prompts run
+    # dense, attention outputs merged into rows are stored tokens first.
+    g, ids = lowered(g)
     if ids is not None:
         loss_id = None if loss_id is None else ids[loss_id]
         rules = None if rules is None else _remapped(rules, ids)

@@ -16,6 +16,7 @@ from meganeura.backends.wgsl.attention_rows import RowsLayout, forward_layout
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.lower.plan import plan as make_plan
 from meganeura.ops import all_ops
+from meganeura.ops.attention import attention
 from meganeura.ops.packed import segment
 from tests.harness import check_finite_differences, normal, op_graph
 
@@ -577,3 +578,58 @@ def test_finite_difference_cases_cover_every_vjp():
     modules = ("meganeura.ops.attention", "meganeura.ops.packed")
     with_vjp = {n for n, op in all_ops().items() if op.vjp and op.vjp.__module__ in modules}
     assert with_vjp - covered == set()
+
+
+@pytest.mark.parametrize(("device", "forward"), DEVICE_KERNELS)
+@pytest.mark.parametrize("tq", [1, 6])
+@pytest.mark.parametrize("asked", [False, True], ids=["chosen", "asked"])
+def test_tokens_first_output_matches_torch(device, forward, tq, asked):
+    # The output stored [B, Tq, Hq, Dv] (asked for, or chosen by the lowering because the
+    # heads are merged back into rows, as a model does before its output projection): the
+    # rows read it in place; values and gradients are those of the heads-first layout.
+    B, Hq, Hkv, Tk, D = 2, 4, 2, 70, 8  # two key blocks: rows_split combines two splits
+    rng = np.random.default_rng(tq)
+    arrays = {
+        "q": rng.standard_normal((B, Hq, tq, D)).astype(np.float32),
+        "k": rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32),
+        "v": rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32),
+        "w": rng.standard_normal((5, Hq * D)).astype(np.float32),
+    }
+    g = Graph()
+    q, k, v, w = (g.parameter(n, a.shape, init=a) for n, a in arrays.items())
+    out = attention(q, k, v, causal=True, tokens_first=asked)
+    rows = out.permute(0, 2, 1, 3).reshape(B, tq, Hq * D)
+    y = g.output("y", rows @ w.T)
+    for name, d in zip(("dq", "dk", "dv"), grad((y * y).sum(), [q, k, v]), strict=True):
+        g.output(name, d)
+    with forward_kernel(forward):
+        session = build(g, device=device)
+        got = session.run({})
+    stored = [n.attrs["tokens_first"] for n in session.graph.nodes if n.op == "attention"]
+    assert stored == [True]
+    if device != "cpu":  # the projection reads the attention's buffer: no copy in between
+        kernels = [session.graph.nodes[kern.node].op for kern in session._last.plan.kernels]
+        assert "reshape" not in kernels, kernels
+    t = {n: torch.tensor(a, dtype=torch.float64, requires_grad=True) for n, a in arrays.items()}
+    kk, vv = (x.repeat_interleave(Hq // Hkv, 1) for x in (t["k"], t["v"]))
+    visible = torch.ones(tq, Tk, dtype=torch.bool).tril(Tk - tq)
+    ref = torch.nn.functional.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=visible)
+    ref_y = ref.permute(0, 2, 1, 3).reshape(B, tq, Hq * D) @ t["w"].T
+    (ref_y * ref_y).sum().backward()
+    np.testing.assert_allclose(got["y"], ref_y.detach().numpy(), rtol=2e-4, atol=2e-5)
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(
+            got[f"d{name}"], t[name].grad.numpy(), rtol=2e-4, atol=2e-4, err_msg=name
+        )
+
+
+def test_outputs_not_merged_into_rows_stay_heads_first():
+    from meganeura.lower.rewrite import lowered
+
+    g = Graph()
+    q, k, v = (g.input(n, (1, 2, 3, 4)) for n in "qkv")
+    out = attention(q, k, v)
+    g.output("heads", out * 2.0)
+    g.output("rows", out.permute(0, 1, 3, 2))  # another transpose: not the heads merged
+    lowered_graph, ids = lowered(g)
+    assert ids is None and lowered_graph is g

@@ -9,7 +9,7 @@ from meganeura import Graph, build
 from meganeura import functional as F
 from meganeura.autodiff import grad
 from meganeura.io.gguf import QuantizedWeight
-from meganeura.lower.quantized import QUANTIZED_ROWS
+from meganeura.lower.rewrite import QUANTIZED_ROWS
 from meganeura.ops.quant import dequantize, pack_words, quantized_matmul, quantized_parameter
 
 DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]

@@ -14,10 +14,15 @@ otherwise. A query with no allowed key outputs zeros (and a zero gradient).
 
 The graph op `attention` writes one packed buffer: the output [B, Hq, Tq, Dv] followed by
 the log-sum-exp of each query row [B, Hq, Tq] (+inf for rows with no allowed key), read back
-through `segment` views. The backward ops recompute the logits from q, k and the saved
-log-sum-exp: `attention_grad_q` gives dq, `attention_grad_kv` gives dk and dv packed (each kv
-head summing over the query heads that share it). Their inputs are
-(q, k, v, dout, lse, delta[, mask]) with delta = rowsum(dout * out).
+through `segment` views. With `tokens_first` the output part is laid out [B, Tq, Hq, Dv]
+instead (`attention()` still returns a [B, Hq, Tq, Dv] view of it): the layout in which a
+model merges the heads back into its rows for the output projection, which then reads the
+buffer in place rather than through a copy.
+
+The backward ops recompute the logits from q, k and the saved log-sum-exp:
+`attention_grad_q` gives dq, `attention_grad_kv` gives dk and dv packed (each kv head summing
+over the query heads that share it). Their inputs are (q, k, v, dout, lse, delta[, mask])
+with delta = rowsum(dout * out).
 """
 
 from __future__ import annotations
@@ -97,13 +102,23 @@ def _normalize(types, attrs):
         "causal": bool(attrs.get("causal", False)),
         "window": window,
         "softcap": softcap,
+        "tokens_first": bool(attrs.get("tokens_first", False)),
     }
 
 
-def packed_layout(q: TensorType, v: TensorType) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def packed_layout(
+    q: TensorType, v: TensorType, tokens_first: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the output and of the log-sum-exp inside attention's packed buffer."""
     B, Hq, Tq, _ = q.shape
-    return (B, Hq, Tq, v.shape[3]), (B, Hq, Tq)
+    out = (B, Tq, Hq, v.shape[3]) if tokens_first else (B, Hq, Tq, v.shape[3])
+    return out, (B, Hq, Tq)
+
+
+def _output(packed: Tensor, q: TensorType, v: TensorType, tokens_first: bool) -> Tensor:
+    """The output part of a packed buffer (or of its gradient) as [B, Hq, Tq, Dv]."""
+    out = segment(packed, 0, packed_layout(q, v, tokens_first)[0])
+    return out.permute(0, 2, 1, 3) if tokens_first else out
 
 
 def _infer(types, attrs):
@@ -165,6 +180,8 @@ def _reference(arrays, attrs):
     p, lse = _probabilities(_logits(q, k, mask, attrs)[0])
     group = q.shape[1] // k.shape[1]
     out = p @ np.repeat(v.astype(np.float64), group, axis=1)
+    if attrs.get("tokens_first"):
+        out = out.transpose(0, 2, 1, 3)
     return np.concatenate([out.reshape(-1), lse.reshape(-1)]).astype(_result_dtype(q))
 
 
@@ -194,15 +211,17 @@ def _grad_parts(arrays, attrs):
 def _vjp(g, x, out, attrs):
     q, k, v = x[:3]
     mask = x[3] if len(x) > 3 else None
-    out_shape, lse_shape = packed_layout(q.type, v.type)
+    tokens_first = attrs["tokens_first"]
+    out_shape, lse_shape = packed_layout(q.type, v.type, tokens_first)
     n_out = math.prod(out_shape)
-    o = segment(out, 0, out_shape)
+    o = _output(out, q.type, v.type, tokens_first)
     lse = segment(out, n_out, lse_shape)
     inner = Tensor(g.graph, g.node.inputs[0]) if g.node.op == "unsegment" else None
     if inner is not None and g.node.attrs["start"] == 0 and inner.shape == out_shape:
-        dout, dlse = inner, None  # only the output was used: no log-sum-exp gradient
+        # Only the output was used: no log-sum-exp gradient.
+        dout, dlse = (inner.permute(0, 2, 1, 3) if tokens_first else inner), None
     else:
-        dout, dlse = segment(g, 0, out_shape), segment(g, n_out, lse_shape)
+        dout, dlse = _output(g, q.type, v.type, tokens_first), segment(g, n_out, lse_shape)
     delta = (dout * o).sum(-1)
     if dlse is not None:
         delta = delta - dlse  # d lse_i / d s_ij = p_ij: the lse's gradient shifts delta
@@ -346,14 +365,24 @@ def attention(
     causal: bool = False,
     window: int = 0,
     softcap: float = 0.0,
+    tokens_first: bool = False,
 ) -> Tensor:
     """softmax(logits) @ v for q [B,Hq,Tq,D], k [B,Hkv,Tk,D], v [B,Hkv,Tk,Dv] -> [B,Hq,Tq,Dv].
 
     `scale` defaults to 1/sqrt(D). See the module docstring for the logits and masks.
+    `tokens_first` stores the output as [B, Tq, Hq, Dv] (the result is a view of it), for
+    callers that merge the heads into rows next: `out.permute(0, 2, 1, 3).reshape(...)` then
+    reads the buffer as it is.
     """
     inputs = [q, k, v] + ([mask] if mask is not None else [])
     packed = q.graph.apply(
-        "attention", inputs, scale=scale, causal=causal, window=window, softcap=softcap
+        "attention",
+        inputs,
+        scale=scale,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        tokens_first=tokens_first,
     )
-    out = segment(packed, 0, packed_layout(q.type, v.type)[0])
+    out = _output(packed, q.type, v.type, tokens_first)
     return out if q.dtype == "f32" else out.astype(q.dtype)

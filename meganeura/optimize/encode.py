@@ -128,12 +128,20 @@ CODECS: dict[str, Codec] = {
         ),
         lambda v: {"eps": float(v[0]), "qtype": v[1], "shape": parse_ints(v[2])},
     ),
+    # The second field holds two flags: causal (1) and the tokens-first output layout (2).
     "attention": Codec(
         lambda a: (
-            f"(ATup4 (AFloat {num(a['scale'])}) (AInt {int(a['causal'])}) "
+            f"(ATup4 (AFloat {num(a['scale'])}) "
+            f"(AInt {int(a['causal']) + 2 * int(a.get('tokens_first', False))}) "
             f"(AInt {int(a['window'])}) (AFloat {num(a['softcap'])}))"
         ),
-        lambda v: {"scale": v[0], "causal": bool(v[1]), "window": v[2], "softcap": v[3]},
+        lambda v: {
+            "scale": v[0],
+            "causal": bool(v[1] & 1),
+            "window": v[2],
+            "softcap": v[3],
+            "tokens_first": bool(v[1] & 2),
+        },
     ),
     "segment": Codec(
         lambda a: f"(ATup (AInt {int(a['start'])}) (AStr {quote(ints(a['shape']))}))",

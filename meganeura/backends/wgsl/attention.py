@@ -354,6 +354,14 @@ def _transpose_to_shared(name: str) -> str:
     )
 
 
+def _output_row(attrs, Hq: int, Tq: int, b: str, h: str, i: str) -> str:
+    """WGSL index of output row (b, h, i) of [B, Hq, Tq, Dv], stored [B, Tq, Hq, Dv] under
+    the `tokens_first` layout."""
+    if attrs.get("tokens_first"):
+        return f"({b} * {Tq}u + {i}) * {Hq}u + {h}"
+    return f"({b} * {Hq}u + {h}) * {Tq}u + {i}"
+
+
 def _store_rows(out: str, acc: str, row0: str, rows: int, row_index: str, dim: int, base: int):
     """out[base + row_index(row) * dim + d] = acc[p * nj + j][c] for the block's rows."""
     nj = _pad64(dim) // BLOCK
@@ -427,7 +435,7 @@ def blocks_forward(plan: Plan, kernel: Kernel) -> KernelSource:
         + f"    if (tx == 0u && i < {Tq}u) {{\n"
         + f"      {out}[{B * Hq * Tq * Dv}u + (b * {Hq}u + h) * {Tq}u + i] = "
         + f"select({POS_INF}, m[p] + log(l[p]), l[p] > 0.0);\n    }}\n  }}\n"
-        + _store_rows(out, "o", "q0", Tq, f"(b * {Hq}u + h) * {Tq}u + r", Dv, 0)
+        + _store_rows(out, "o", "q0", Tq, _output_row(attrs, Hq, Tq, "b", "h", "r"), Dv, 0)
         + "}\n"
     )
     shared = _shared(D, Dv) + (VISIBLE_KEYS_SHARED if mask else "")

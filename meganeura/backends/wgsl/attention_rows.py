@@ -61,6 +61,7 @@ from meganeura.backends.wgsl.attention import (
     _key_range,
     _logits,
     _Operand,
+    _output_row,
     _visible_keys,
     blocks_forward,
 )
@@ -176,6 +177,7 @@ class _Shape:
     D: int
     Dv: int
     layout: RowsLayout
+    attrs: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     @property
     def d4(self) -> int:  # vec4s per q or k row
@@ -356,9 +358,10 @@ def _finish(s: _Shape, out: str) -> str:
     return (
         _row_totals(s) + "    acc *= select(0.0, 1.0 / total, total > 0.0);\n"
         f"    let row = (b * {Hq}u + {_head(s, 'r')}) * {Tq}u + i;\n"
+        f"    let orow = {_output_row(s.attrs, Hq, Tq, 'b', _head(s, 'r'), 'i')};\n"
         "    for (var t = 0u; t < 4u; t++) {\n"
         "      let d = 4u * c + t;\n"
-        f"      if (d < {Dv}u) {{ {out}[row * {Dv}u + d] = acc[t]; }}\n"
+        f"      if (d < {Dv}u) {{ {out}[orow * {Dv}u + d] = acc[t]; }}\n"
         "    }\n"
         f"    if (c == 0u) {{\n"
         f"      {out}[{s.B * Hq * Tq * Dv}u + row] = "
@@ -400,9 +403,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     acc += w * part1[(t * {rows}u + row) * {v4}u + c]; total += w * ml.y;
   }}
   acc *= select(0.0, 1.0 / total, total > 0.0);
+  let orow = {_output_row(s.attrs, s.Hq, s.Tq, f"(row / {s.Hq * s.Tq}u)", f"((row / {s.Tq}u) % {s.Hq}u)", f"(row % {s.Tq}u)")};
   for (var t = 0u; t < 4u; t++) {{
     let d = 4u * c + t;
-    if (d < {Dv}u) {{ {out}[row * {Dv}u + d] = acc[t]; }}
+    if (d < {Dv}u) {{ {out}[orow * {Dv}u + d] = acc[t]; }}
   }}
   if (c == 0u) {{ {out}[{rows * Dv}u + row] = select({POS_INF}, m + log(total), total > 0.0); }}
 }}
@@ -417,7 +421,7 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
     bind = _Bindings(plan, kernel.node)
     q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
     mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
-    s = _Shape(B, Hq, Tq, Tk, D, Dv, layout)
+    s = _Shape(B, Hq, Tq, Tk, D, Dv, layout, node.attrs)
     R, KB = layout.rows, layout.keys
     nqb = math.ceil(Tq / layout.queries)
     splits = layout.splits
