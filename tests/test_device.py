@@ -185,3 +185,18 @@ def test_ops_command_lists_every_op_with_a_lowering(capsys):
     assert missing == []
     assert main(["ops"]) == 0
     assert f"{len(rows)} ops" in capsys.readouterr().out
+
+
+@pytest.mark.lavapipe
+def test_pipelines_compile_together_once_each_and_name_a_failing_kernel():
+    from meganeura.backends import open_executor
+
+    executor = open_executor("vulkan-cpu")
+    kernel = (
+        "@group(0) @binding(0) var<storage, read_write> b: array<f32>;\n"
+        "@compute @workgroup_size(1) fn main() { b[0] = 1.0; }"
+    )
+    first, again = executor.pipelines([(kernel, "one"), (kernel, "same")])
+    assert first is again and executor.pipeline(kernel, "later") is first
+    with pytest.raises(RuntimeError, match="kernel broken failed to compile"):
+        executor.pipelines([(kernel, "one"), ("@compute @workgroup_size(1) fn main() {", "broken")])

@@ -115,16 +115,36 @@ class WebGPUExecutor:
         return np.frombuffer(data, storage, count=int(np.prod(shape))).reshape(shape).astype(dtype)
 
     def pipeline(self, wgsl: str, label: str):
-        wgsl = canonical_wgsl(wgsl)
-        if wgsl not in self._pipelines:
+        return self.pipelines([(wgsl, label)])[0]
+
+    def pipelines(self, sources: list[tuple[str, str]]) -> list:
+        """The compute pipelines of (WGSL, label) pairs, compiled once per distinct kernel.
+        The new ones are all requested before any is waited for: Dawn compiles pipelines
+        created asynchronously on its worker threads, so a program's kernels (hundreds for a
+        language model) compile side by side instead of one after another."""
+        texts = [canonical_wgsl(wgsl) for wgsl, _ in sources]
+        pending = {}
+        for wgsl, (_, label) in zip(texts, sources, strict=True):
+            if wgsl in self._pipelines or wgsl in pending:
+                continue
             try:
                 module = self.device.create_shader_module(code=wgsl, label=label)
-                self._pipelines[wgsl] = self.device.create_compute_pipeline(
-                    layout="auto", compute={"module": module, "entry_point": "main"}, label=label
+                pending[wgsl] = (
+                    label,
+                    self.device.create_compute_pipeline_async(
+                        layout="auto",
+                        compute={"module": module, "entry_point": "main"},
+                        label=label,
+                    ),
                 )
             except Exception as error:
                 raise RuntimeError(f"kernel {label} failed to compile:\n{wgsl}\n{error}") from error
-        return self._pipelines[wgsl]
+        for wgsl, (label, promise) in pending.items():
+            try:
+                self._pipelines[wgsl] = promise.sync_wait()
+            except Exception as error:
+                raise RuntimeError(f"kernel {label} failed to compile:\n{wgsl}\n{error}") from error
+        return [self._pipelines[wgsl] for wgsl in texts]
 
     def compile(self, graph: Graph, roots: list[int], updates: dict[int, int]) -> WebGPUProgram:
         return WebGPUProgram(self, graph, roots, updates, self.codegen_options)
@@ -183,13 +203,15 @@ class WebGPUProgram:
         self.labels: list[str] = []
         self.kernel_of: list[int] = []  # the plan kernel of each dispatch
         device = executor.device
-        for index, kernel in enumerate(plan.kernels):
-            source = generate(plan, kernel)
+        sources = [generate(plan, kernel) for kernel in plan.kernels]
+        parts = [part for source in sources for part in (source, *source.after)]
+        pipelines = iter(executor.pipelines([(part.wgsl, part.label) for part in parts]))
+        for index, source in enumerate(sources):
             scratch = [
                 executor.buffer(n, f"scratch{index}.{j}") for j, n in enumerate(source.scratch)
             ]
             for part in (source, *source.after):
-                pipeline = executor.pipeline(part.wgsl, part.label)
+                pipeline = next(pipelines)
                 bound = [buffers[b] for b in part.bindings] + scratch
                 entries = [
                     {"binding": n, "resource": {"buffer": buf, "offset": 0, "size": buf.size}}
