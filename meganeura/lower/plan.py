@@ -13,6 +13,7 @@ end of the step. The memory plan gives transient values buffers by liveness.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meganeura.graph import Graph
@@ -150,17 +151,7 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
     _unshare_single_kernel_values(graph, live, users, materialized, shared - required)
 
     def leaves(nid: int) -> list[int]:
-        out, stack, seen = [], list(graph.nodes[nid].inputs), set()
-        while stack:
-            i = stack.pop()
-            if i in seen:
-                continue
-            seen.add(i)
-            if i in materialized:
-                out.append(i)
-            elif not _is_scalar_constant(graph.nodes[i]):
-                stack.extend(graph.nodes[i].inputs)
-        return sorted(out)
+        return sorted(buffers_read(graph, graph.nodes[nid].inputs, materialized))
 
     # Respect the binding limit: materialize the widest inlined input until the kernel fits.
     changed = True
@@ -371,10 +362,11 @@ def strided_view(graph: Graph, nid: int, materialized: set[int]):
     return None
 
 
-def buffers_read(graph: Graph, nid: int, materialized: set[int]) -> set[int]:
-    """The materialized nodes whose buffers reading node `nid` loads: its view's buffer, or
-    the leaves of its DAG when a kernel computes it (a computed operand)."""
-    out, stack, seen = set(), [nid], set()
+def buffers_read(graph: Graph, nids: Iterable[int], materialized: set[int]) -> set[int]:
+    """The materialized nodes whose buffers a kernel loads to read nodes `nids`: their own
+    buffers, their views' buffers, or the leaves of the DAGs it computes inline (its
+    pointwise prologue, a computed operand)."""
+    out, stack, seen = set(), list(nids), set()
     while stack:
         i = stack.pop()
         if i in seen:
@@ -491,7 +483,7 @@ def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int
                     core is not None
                     and kern.kind != "norm"  # a norm reads whole rows
                     and all(
-                        target not in buffers_read(graph, i, materialized)
+                        target not in buffers_read(graph, [i], materialized)
                         for i in graph.nodes[core].inputs
                     )
                 )

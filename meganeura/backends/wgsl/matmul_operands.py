@@ -137,7 +137,7 @@ class Matmul:
         scalar = self.epilogue_reads() | {self.bind.out_buffer}
         for o in (self.a, self.b):  # computed operands load their buffers one element at a time
             if o.computed:
-                reads = buffers_read(self.graph, o.base, self.plan.materialized)
+                reads = buffers_read(self.graph, [o.base], self.plan.materialized)
                 scalar |= {self.plan.buffer_of[i] for i in reads}
         if self.prologue is not None:
             scalar |= {self.plan.buffer_of[p] for p in self.prologue.bases}
