@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import contiguous_strides, literal
+from meganeura.backends.wgsl.emit import literal
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
     _Bindings,
     archetype,
-    operand_function,
+    operand_view,
 )
-from meganeura.lower.plan import Kernel, Plan, strided_view
+from meganeura.lower.plan import Kernel, Plan
 from meganeura.ops.attention import attention_dims
 
 BLOCK = 64  # queries or keys per block
@@ -55,17 +55,9 @@ class _Operand:
     the kernel's WGSL must include."""
 
     def __init__(self, plan: Plan, bind: _Bindings, nid: int, full_shape: tuple[int, ...]):
-        graph = plan.graph
-        shape = graph.nodes[nid].type.shape
-        view = strided_view(graph, nid, plan.materialized)
-        self.computed = view is None
-        self.function = ""
-        if view is None:
-            strides, offset, self.buf = contiguous_strides(shape), 0, f"mn_operand{nid}"
-            self.function = operand_function(plan, nid, bind.name_of, self.buf)
-        else:
-            base, strides, offset = view
-            self.buf = bind.name_of(base)
+        shape = plan.graph.nodes[nid].type.shape
+        base, strides, offset, self.buf, self.function = operand_view(plan, nid, bind.name_of)
+        self.computed = base is None
         lead = len(full_shape) - len(shape)
         self.strides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape))]
         self.offset = offset

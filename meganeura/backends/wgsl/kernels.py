@@ -19,7 +19,7 @@ from meganeura.backends.wgsl.emit import (
     prelude_for,
     store_value,
 )
-from meganeura.lower.plan import Kernel, Plan
+from meganeura.lower.plan import Kernel, Plan, strided_view
 
 MAX_GROUPS = 65535
 
@@ -72,6 +72,21 @@ class _Bindings:
             ty = STORAGE_TYPE[self.dtypes[buf]]
             lines.append(f"@group(0) @binding({n}) var<storage, {access}> buf{buf}: array<{ty}>;")
         return "\n".join(lines)
+
+
+def operand_view(plan: Plan, nid: int, name_of):
+    """How a strided archetype reads its input `nid`: (base node, strides, element offset,
+    name, function). An affine view of a buffer gives that buffer's node and WGSL name and no
+    function; a computed operand (OpDef.computed_inputs) gives base None, the contiguous
+    strides of its own shape and the WGSL function evaluating it, named `name`, which the
+    kernel must include."""
+    view = strided_view(plan.graph, nid, plan.materialized)
+    if view is not None:
+        base, strides, offset = view
+        return base, strides, offset, name_of(base), ""
+    name = f"mn_operand{nid}"
+    shape = plan.graph.nodes[nid].type.shape
+    return None, contiguous_strides(shape), 0, name, operand_function(plan, nid, name_of, name)
 
 
 def operand_function(plan: Plan, nid: int, name_of, name: str) -> str:

@@ -8,16 +8,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meganeura.backends.wgsl.emit import STORAGE_TYPE, contiguous_strides, prelude_for
+from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _Bindings,
     epilogue_buffers,
-    operand_function,
+    operand_view,
     product_store,
 )
 from meganeura.backends.wgsl.norm_prologue import NormPrologue
-from meganeura.lower.plan import Kernel, Plan, buffers_read, strided_view
+from meganeura.lower.plan import Kernel, Plan, buffers_read
 from meganeura.ops.linalg import matmul_dims
 
 
@@ -109,18 +109,14 @@ class Matmul:
 
     def _operand(self, nid: int, trans: bool) -> Operand:
         shape = self.graph.nodes[nid].type.shape
-        view = strided_view(self.graph, nid, self.plan.materialized)
-        if view is None:  # computed as it is loaded, at its own linear index
-            strides, offset, buf = contiguous_strides(shape), 0, f"mn_operand{nid}"
-            self.functions.append(operand_function(self.plan, nid, self.bind.name_of, buf))
-        else:
-            base, strides, offset = view
-            buf = self.bind.name_of(base)
+        base, strides, offset, buf, function = operand_view(self.plan, nid, self.bind.name_of)
+        if function:  # computed as it is loaded, at its own linear index
+            self.functions.append(function)
         s_row, s_col = (strides[-1], strides[-2]) if trans else (strides[-2], strides[-1])
         lead = len(self.batch) - (len(shape) - 2)
         bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
-        base = nid if view is None else view[0]
-        return Operand(base, buf, s_row, s_col, offset, bstrides, view is None)
+        computed = base is None
+        return Operand(nid if computed else base, buf, s_row, s_col, offset, bstrides, computed)
 
     def epilogue_reads(self) -> set[int]:
         """Buffers the epilogue loads (besides the product itself)."""

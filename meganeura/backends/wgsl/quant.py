@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.emit import Emitter, contiguous_strides, inline_value, literal
+from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
     _assemble,
     _pointwise,
     archetype,
     epilogue_buffers,
-    operand_function,
+    operand_view,
     product_store,
 )
 from meganeura.backends.wgsl.matmul_operands import VecBindings
@@ -162,15 +162,8 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     M = math.prod(x_shape[:-1])
     b = VecBindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
-    x_view = strided_view(graph, x_id, plan.materialized)
-    functions = ""
-    if x_view is None:  # computed as it is read (OpDef.computed_inputs), at its linear index
-        x_base, x_strides, x_offset = None, contiguous_strides(x_shape), 0
-        xb = f"mn_operand{x_id}"
-        functions = operand_function(plan, x_id, b.name_of, xb)
-    else:
-        x_base, x_strides, x_offset = x_view
-        xb = b.name_of(x_base)
+    # x_base None: x is computed as it is read (OpDef.computed_inputs), at its linear index.
+    x_base, x_strides, x_offset, xb, functions = operand_view(plan, x_id, b.name_of)
     w = b.name_of(raw_id)
     row_offset = _row_offset("m", x_shape[:-1], x_strides[:-1], x_offset)
     tile = min(M, MAX_TILE)
