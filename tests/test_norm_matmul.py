@@ -212,17 +212,39 @@ def test_a_norm_prologue_changes_no_kernel_choice(op, case, tile):
 
 
 def test_matrix_units_stage_normalized_rows():
-    """With matrix units, the normalized rows are staged through workgroup memory (the
-    matrix loads cannot normalize); f16 operands that the loads could read directly too."""
+    """With matrix units, the normalized rows are staged through workgroup memory as f16
+    (the matrix loads cannot normalize)."""
     options = {
         "matrix_unit": "load_layout",
-        "staged_matrix_units": True,
+        "f32_on_units": True,
         "matmul_precision": "high",
     }
     program, kernel = _plan("rms_norm_matmul", 1, (64, 32), (32, 64), False, options)
     source = generate(program, kernel)
     assert "subgroupMatrixMultiplyAccumulate" in source.wgsl
     assert "nm_rstd" in source.wgsl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(PARAMS))
+@pytest.mark.parametrize("case", [((150, 72), (200, 72), True), ((2, 128, 64), (64, 256), False)])
+def test_norm_matmul_on_matrix_units(op, case):
+    """Under matmul_precision="high", normalized rows staged as f16 on the matrix units
+    (where the executor found them faster): the error is f16 rounding of the operands."""
+    x_shape, b_shape, trans_b = case
+    inputs = inputs_for(op, len(PARAMS[op]) - 1, x_shape, b_shape)
+    g = Graph()
+    tensors = [g.input(name, value.shape) for name, value in inputs.items()]
+    g.output("y", norm_matmul(op, trans_b)(*tensors))
+    session = build(g, device="gpu", matmul_precision="high")
+    program, _ = session._program((g.outputs["y"],), "forward")
+    wgsl = "".join(generate(program.plan, k).wgsl for k in program.plan.kernels)
+    assert ("subgroupMatrix" in wgsl) == session.executor.f32_on_units
+    got = session.run(inputs)["y"]
+    want = torch_norm_matmul(op, trans_b)(
+        *(torch.tensor(v, dtype=torch.float64) for v in inputs.values())
+    ).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
 
 
 @pytest.mark.parametrize(

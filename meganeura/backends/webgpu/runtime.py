@@ -18,7 +18,11 @@ import time
 import numpy as np
 
 from meganeura.backends.webgpu.device import GPUDevice
-from meganeura.backends.webgpu.matrix_units import probe_matrix_units, staged_matrix_units_pay
+from meganeura.backends.webgpu.matrix_units import (
+    f32_on_units_pays,
+    probe_matrix_units,
+    workgroup_storage,
+)
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
@@ -80,10 +84,8 @@ class WebGPUExecutor:
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
         self.matmul_precision = matmul_precision
         self.matrix_unit = probe_matrix_units(self)
-        self.staged_matrix_units = (
-            matmul_precision == "high"
-            and self.matrix_unit is not None
-            and staged_matrix_units_pay(self)
+        self.f32_on_units = (
+            matmul_precision == "high" and self.matrix_unit is not None and f32_on_units_pays(self)
         )
 
     @property
@@ -91,7 +93,8 @@ class WebGPUExecutor:
         return {
             "matmul_precision": self.matmul_precision,
             "matrix_unit": self.matrix_unit,
-            "staged_matrix_units": self.staged_matrix_units,
+            "f32_on_units": self.f32_on_units,
+            "workgroup_storage": workgroup_storage(self),
         }
 
     def buffer(self, nbytes: int, label: str = ""):

@@ -91,7 +91,7 @@ class Matmul:
         a_type, b_type = graph.nodes[a_id].type, graph.nodes[b_id].type
         self.batch, self.M, self.K, self.N = matmul_dims(a_type, b_type, ta, tb)
         self.nbatch = math.prod(self.batch)
-        self.dtype = a_type.dtype
+        self.dtype, self.b_dtype = a_type.dtype, b_type.dtype
         self.bind = VecBindings(plan, kernel.node)
         self.out = f"buf{self.bind.out_buffer}"
         self.functions: list[str] = []  # WGSL functions of computed operands
