@@ -48,8 +48,10 @@ def quantize_projections(weights: dict[str, np.ndarray], qtype: str = "Q4_1"):
     }
 
 
-def bench_ours(config, weights, device, runs, quantized):
-    model = LanguageModel(config, weights, None, device, keep_quantized=quantized)
+def bench_ours(config, weights, device, runs, quantized, precision="highest"):
+    model = LanguageModel(
+        config, weights, None, device, keep_quantized=quantized, matmul_precision=precision
+    )
     start = time.perf_counter()
     engine = model.engine(1, CONTEXT)
     prompt = np.arange(PREFILL, dtype=np.int32)[None] % config.vocab_size
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=SMOLLM2_135M.num_hidden_layers)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--high", action="store_true", help='also f32 weights under matmul_precision="high"'
+    )
     args = parser.parse_args()
     config = dataclasses.replace(SMOLLM2_135M, num_hidden_layers=args.layers)
     weights = random_weights(config)
@@ -122,14 +127,18 @@ def main() -> None:
     results["f32"], device = bench_ours(config, weights, args.device, args.runs, False)
     q4 = quantize_projections(weights)
     results["q4_1"], _ = bench_ours(config, q4, args.device, args.runs, True)
+    if args.high:
+        results["f32_high"], _ = bench_ours(config, weights, args.device, args.runs, False, "high")
     if not args.no_torch:
         results["torch"], results["torch_device"] = bench_torch(config, weights, args.runs)
     results["device"] = device
     print(f"meganeura on {device}; {args.layers} layers, SmolLM2-135M shapes")
-    for key in ("f32", "q4_1"):
+    for key in ("f32", "q4_1", "f32_high"):
+        if key not in results:
+            continue
         r = results[key]
         print(
-            f"  {key:5s} build {r['build_s']:.2f} s, prefill {PREFILL} {r['prefill_ms']:.2f} ms, "
+            f"  {key:8s} build {r['build_s']:.2f} s, prefill {PREFILL} {r['prefill_ms']:.2f} ms, "
             f"decode {r['decode_ms']:.2f} ms/token"
         )
     if "torch" in results:

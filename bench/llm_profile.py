@@ -3,6 +3,7 @@ queries), grouped by kernel kind, against the wall-clock time of a token and the
 share of it (encoding and submitting the kernels, waiting for the logits).
 
     python bench/llm_profile.py [--device gpu] [--layers 30] [--quantized] [--top 25]
+                                [--precision highest|high]
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--precision", default="highest", choices=("highest", "high"))
     args = parser.parse_args()
     config = dataclasses.replace(SMOLLM2_135M, num_hidden_layers=args.layers)
     weights = random_weights(config)
     if args.quantized:
         weights = quantize_projections(weights)
-    model = LanguageModel(config, weights, None, args.device, keep_quantized=args.quantized)
+    model = LanguageModel(
+        config,
+        weights,
+        None,
+        args.device,
+        keep_quantized=args.quantized,
+        matmul_precision=args.precision,
+    )
     engine = model.engine(1, CONTEXT)
     session = engine.session
     prompt = np.arange(PREFILL, dtype=np.int32)[None] % config.vocab_size

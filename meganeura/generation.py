@@ -90,6 +90,7 @@ class Engine:
         capacity: int,
         device: str = "auto",
         keep_quantized: bool = False,
+        matmul_precision: str = "highest",
     ):
         from meganeura.session import build
 
@@ -99,7 +100,7 @@ class Engine:
         cache = KVCache(graph, config, batch, capacity)
         self.chunk_sizes = [1 << k for k in range(capacity.bit_length()) if 1 << k <= capacity]
         self.outputs = {t: chunk_outputs(model, cache, t) for t in self.chunk_sizes}
-        self.session = build(graph, device=device)
+        self.session = build(graph, device=device, matmul_precision=matmul_precision)
         self.reset()
 
     @property
@@ -198,6 +199,7 @@ class LanguageModel:
         device: str = "auto",
         keep_quantized: bool = False,
         source: str = "",
+        matmul_precision: str = "highest",
     ):
         self.config = config
         self.weights = dict(weights)
@@ -205,6 +207,14 @@ class LanguageModel:
         self.device = device
         self.keep_quantized = keep_quantized
         self.source = source
+        from meganeura.session import MATMUL_PRECISIONS
+
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"LanguageModel: matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                f"got {matmul_precision!r}"
+            )
+        self.matmul_precision = matmul_precision
         self._engines: dict[tuple[int, int], Engine] = {}
 
     def __repr__(self) -> str:
@@ -237,7 +247,13 @@ class LanguageModel:
         capacity = min(max(MIN_CAPACITY, 1 << (tokens - 1).bit_length()), self.context_length)
         self._engines = {k: e for k, e in self._engines.items() if k[0] != batch}
         engine = Engine(
-            self.config, self.weights, batch, capacity, self.device, self.keep_quantized
+            self.config,
+            self.weights,
+            batch,
+            capacity,
+            self.device,
+            self.keep_quantized,
+            self.matmul_precision,
         )
         self._engines[(batch, capacity)] = engine
         return engine

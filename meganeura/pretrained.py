@@ -37,12 +37,17 @@ def default_model_path() -> Path:
 
 
 def load_pretrained(
-    path: str | Path | None = None, device: str = "auto", keep_quantized: bool | None = None
+    path: str | Path | None = None,
+    device: str = "auto",
+    keep_quantized: bool | None = None,
+    matmul_precision: str = "highest",
 ) -> LanguageModel:
     """A Llama-architecture language model (SmolLM2 and kin) from `path`: a Hugging Face
     directory (config.json, *.safetensors or a sharded index, tokenizer.json,
     tokenizer_config.json) or a .gguf file. `keep_quantized` keeps GGUF Q8_0/Q4_0/Q4_1
-    weights quantized on the device (default: on a GPU, not on the NumPy executor)."""
+    weights quantized on the device (default: on a GPU, not on the NumPy executor).
+    `matmul_precision` as in `meganeura.build`: "high" lets f32 products (a prompt's) run on
+    the GPU's matrix units with f16 operands where a start-up check finds that faster."""
     path = default_model_path() if path is None else Path(path)
     if path.is_dir():
         config, weights, tokenizer = _load_directory(path)
@@ -61,7 +66,9 @@ def load_pretrained(
         from meganeura.backends.webgpu.device import resolve_device
 
         keep_quantized = resolve_device(device) != "cpu"
-    return LanguageModel(config, weights, tokenizer, device, bool(keep_quantized), str(path))
+    return LanguageModel(
+        config, weights, tokenizer, device, bool(keep_quantized), str(path), matmul_precision
+    )
 
 
 def _load_directory(path: Path):

@@ -56,6 +56,24 @@ def test_random_llama_logits_match_transformers(tmp_path, device, variant):
         )
 
 
+@pytest.mark.gpu
+def test_high_precision_prompt_logits_stay_close_to_transformers(tmp_path):
+    """matmul_precision="high" rounds a prompt's product operands to f16 (where the GPU's
+    matrix units pay): logits stay within f16 rounding of the f32 reference."""
+    model = random_llama(seed=1)
+    ours = load_pretrained(save_hf(model, tmp_path), device="gpu", matmul_precision="high")
+    ids = list(range(3, 3 + 40))
+    want = reference_logits(model, ids)
+    got = ours.logits(ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_an_unknown_matmul_precision_is_rejected(tmp_path):
+    directory = save_hf(random_llama(seed=1), tmp_path)
+    with pytest.raises(ValueError, match=r"matmul_precision must be one of .*'medium'"):
+        load_pretrained(directory, device="cpu", matmul_precision="medium")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gguf_quantized_llama_matches_transformers(tmp_path, device):
     model = random_llama(seed=2)

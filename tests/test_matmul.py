@@ -15,7 +15,7 @@ from meganeura import Graph, build, grad, optim
 from meganeura import functional as F
 from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.kernels import generate
-from meganeura.backends.wgsl.matmul import GEMV_ROWS, GEMV_WORKGROUPS
+from meganeura.backends.wgsl.matmul import GEMV_ROWS, GEMV_WORKGROUPS, UNITS_FILL
 from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, TILED_WORKGROUPS, Tile, choose_tile
 from meganeura.lower.plan import plan as make_plan
 from meganeura.nn import Linear
@@ -193,7 +193,7 @@ def test_high_precision_runs_where_there_are_no_matrix_units(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(130, 70, 150), (256, 256, 256)])
+@pytest.mark.parametrize("shape", [(130, 70, 150), (1000, 70, 600), (1024, 256, 1024)])
 def test_high_precision_on_a_gpu(shape):
     M, K, N = shape
     rng = np.random.default_rng(6)
@@ -211,10 +211,13 @@ def test_high_precision_on_a_gpu(shape):
     session = build(g, device="gpu", matmul_precision="high")
     program, _ = session._program((g.outputs["y"],), "forward")
     wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
-    # Matrix units only where the executor found them correct and faster than f32 here.
-    assert any("subgroupMatrix" in text for text in wgsl) == session.executor.f32_on_units
+    # Matrix units only where the executor found them correct and faster than f32 here, for
+    # products that fill the GPU.
+    fills = -(-M // 64) * -(-N // 64) >= UNITS_FILL
+    units = session.executor.f32_on_units and fills
+    assert any("subgroupMatrix" in text for text in wgsl) == units
     got = session.run({"a": a, "w": w, "bias": bias})["y"]
-    if session.executor.f32_on_units:
+    if units:
         a, w = a.astype(np.float16), w.astype(np.float16)
     want = np.maximum(a.astype(np.float64) @ w.astype(np.float64).T + bias, 0)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5

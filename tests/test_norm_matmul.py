@@ -219,7 +219,7 @@ def test_matrix_units_stage_normalized_rows():
         "f32_on_units": True,
         "matmul_precision": "high",
     }
-    program, kernel = _plan("rms_norm_matmul", 1, (64, 32), (32, 64), False, options)
+    program, kernel = _plan("rms_norm_matmul", 1, (1024, 32), (32, 640), False, options)
     source = generate(program, kernel)
     assert "subgroupMatrixMultiplyAccumulate" in source.wgsl
     assert "nm_rstd" in source.wgsl
@@ -227,7 +227,7 @@ def test_matrix_units_stage_normalized_rows():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(PARAMS))
-@pytest.mark.parametrize("case", [((150, 72), (200, 72), True), ((2, 128, 64), (64, 256), False)])
+@pytest.mark.parametrize("case", [((1100, 72), (900, 72), True), ((2, 640, 64), (64, 512), False)])
 def test_norm_matmul_on_matrix_units(op, case):
     """Under matmul_precision="high", normalized rows staged as f16 on the matrix units
     (where the executor found them faster): the error is f16 rounding of the operands."""

@@ -35,6 +35,7 @@ GEMV_ROWS = 8
 GEMV_UNROLL = 4  # weight loads in flight per invocation, in a loop over a long row
 GEMV_PIECES = 16  # rows of up to this many pieces per invocation are read without a loop
 GEMV_WORKGROUPS = 256  # two workgroups for each SM of a large GPU (132 on an H200)
+UNITS_FILL = 132  # 64 x 64 tiles an f32 product needs to go on matrix units (an H200's SMs)
 GEMV_COLUMN_LANES = 2  # vec4 lanes per weight row in the column GEMV: 32-byte pieces
 
 
@@ -47,10 +48,14 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
     # f16 operands lose nothing on matrix units (f32 accumulation); f32 ones are rounded to
-    # f16, so only under matmul_precision="high", and where the executor measured it pays.
+    # f16, so only under matmul_precision="high", where the executor measured it pays, and
+    # for products that fill the GPU: those of a 128-token prompt (128 x 576 x 960 and
+    # the like) ran slower on matrix units than on the SIMT tiles, whose k splits inside
+    # the workgroup give them more workgroups (44.6 against 34.9 us on an H200).
     f16 = {mm.dtype, mm.b_dtype} == {"f16"}
     high = plan.options.get("matmul_precision") == "high" and plan.options.get("f32_on_units")
-    if syntax and (f16 or high):
+    fills = math.ceil(mm.M / 64) * math.ceil(mm.N / 64) * mm.nbatch >= UNITS_FILL
+    if syntax and (f16 or (high and fills)):
         budget = plan.options.get("workgroup_storage", WORKGROUP_STORAGE)
         return matrix_unit_kernel(mm, syntax, budget)
     return tiled(mm)
