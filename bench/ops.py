@@ -259,13 +259,13 @@ def _causal_flops(B, H, T, D):
     return 4 * B * H * T * T * D / 2
 
 
-def bench_attention_fwd(ctx, B=1, H=16, D=64):
+def bench_attention_fwd(ctx, B=1, H=16, D=64, precision="highest"):
     T = SETTINGS["seq"]
     q, k, v, _ = _attention_inputs(B, H, T, D)
     g = Graph()
     tq, tk, tv = (g.input(n, a.shape) for n, a in (("q", q), ("k", k), ("v", v)))
     g.output("o", attention(tq, tk, tv, causal=True))
-    session = build(g, device=SETTINGS["device"])
+    session = build(g, device=SETTINGS["device"], matmul_precision=precision)
     program = program_for(session, ["o"])
     got = run(program, {"q": q, "k": k, "v": v}, session, ["o"])["o"]
     ours = time_program(program)
@@ -273,9 +273,11 @@ def bench_attention_fwd(ctx, B=1, H=16, D=64):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     theirs = time_torch(lambda: sdpa(xq, xk, xv, is_causal=True))
     err = rel_err(got, sdpa(xq.double(), xk.double(), xv.double(), is_causal=True))
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
     return dict(
-        name="attention fwd f32",
+        name="attention fwd f32" + (" high" if precision == "high" else ""),
         shape=f"B{B} H{H} T{T} D{D} causal",
+        matrix_units=any("subgroupMatrix" in text for text in wgsl),
         ours_s=ours,
         torch_s=theirs,
         work=_causal_flops(B, H, T, D),
@@ -283,6 +285,10 @@ def bench_attention_fwd(ctx, B=1, H=16, D=64):
         err=err,
         target="<= 2x torch",
     )
+
+
+def bench_attention_fwd_high(ctx):
+    return bench_attention_fwd(ctx, precision="high")
 
 
 def bench_attention_bwd(ctx, B=1, H=16, D=64):
@@ -497,6 +503,7 @@ BENCHMARKS = {
     "gemv": bench_gemv,
     "gemv_columns": bench_gemv_columns,
     "attention_fwd": bench_attention_fwd,
+    "attention_fwd_high": bench_attention_fwd_high,
     "attention_bwd": bench_attention_bwd,
     "llm_prefill": bench_llm_prefill,
     "llm_decode": bench_llm_decode,

@@ -633,3 +633,90 @@ def test_outputs_not_merged_into_rows_stay_heads_first():
     g.output("rows", out.permute(0, 1, 3, 2))  # another transpose: not the heads merged
     lowered_graph, ids = lowered(g)
     assert ids is None and lowered_graph is g
+
+
+# -- matrix units --------------------------------------------------------------------------------
+
+UNIT_CASES = {
+    "gqa_causal": dict(B=1, Hq=4, Hkv=2, Tq=150, Tk=150, D=64, Dv=64, causal=True),
+    "cross_mask": dict(B=2, Hq=2, Hkv=1, Tq=70, Tk=200, D=40, Dv=24, mask_shape=(2, 1, 70, 200)),
+    "window_softcap": dict(
+        B=1, Hq=2, Hkv=2, Tq=130, Tk=130, D=32, Dv=32, causal=True, window=50, softcap=3.0
+    ),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(UNIT_CASES))
+def test_attention_forward_on_matrix_units(case):
+    """Under matmul_precision="high" (where f32 products on matrix units pay) the 64-query
+    forward runs on matrix units: q, k, v and the probabilities rounded to f16, the rest f32.
+    The backward kernels (f32) read its outputs and log-sum-exps as they read the f32
+    kernel's."""
+    c = UNIT_CASES[case]
+    B, Hq, Hkv, Tq, Tk, D, Dv = (c[n] for n in ("B", "Hq", "Hkv", "Tq", "Tk", "D", "Dv"))
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, Tk, Dv)).astype(np.float32)
+    mask = rng.standard_normal(c["mask_shape"]).astype(np.float32) if "mask_shape" in c else None
+    upstream = rng.standard_normal((B, Hq, Tq, Dv)).astype(np.float32)
+    flags = dict(is_causal=c.get("causal", False), window=c.get("window", 0))
+    flags["softcap"] = c.get("softcap", 0.0)
+    g = Graph()
+    tq, tk, tv = (g.parameter(n, a.shape, init=a) for n, a in (("q", q), ("k", k), ("v", v)))
+    tm = g.input("mask", mask.shape) if mask is not None else None
+    out = g.output("out", F.scaled_dot_product_attention(tq, tk, tv, tm, **flags))
+    grads = grad((out * g.input("up", upstream.shape)).sum(), [tq, tk, tv])
+    for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
+        g.output(name, t)
+    with forward_kernel("blocks"):
+        session = build(g, device="gpu", matmul_precision="high")
+        feeds = {"up": upstream} | ({"mask": mask} if mask is not None else {})
+        got = session.run(feeds)
+        program, _ = session._program((g.outputs["out"],), "forward")
+        wgsl = "".join(generate(program.plan, kk).wgsl for kk in program.plan.kernels)
+    assert ("subgroupMatrix" in wgsl) == session.executor.f32_on_units
+    rounded = [
+        torch.tensor(a.astype(np.float16).astype(np.float64), requires_grad=True) for a in (q, k, v)
+    ]
+    ref_mask = torch.tensor(mask, dtype=torch.float64) if mask is not None else None
+    logits = torch_logits(
+        rounded[0],
+        rounded[1],
+        ref_mask,
+        flags["is_causal"],
+        flags["window"],
+        flags["softcap"],
+        1 / math.sqrt(D),
+    )
+    ref = torch.softmax(logits, -1) @ rounded[2].repeat_interleave(Hq // Hkv, 1)
+    ref.backward(torch.tensor(upstream, dtype=torch.float64))
+    want = {"out": ref, "dq": rounded[0].grad, "dk": rounded[1].grad, "dv": rounded[2].grad}
+    for name, expected in want.items():
+        expected = expected.detach().numpy()
+        error = np.linalg.norm(got[name] - expected) / np.linalg.norm(expected)
+        assert error < (3e-3 if name == "out" else 1e-2), (name, error)
+
+
+@pytest.mark.gpu
+def test_f16_attention_runs_on_matrix_units():
+    rng = np.random.default_rng(4)
+    B, Hq, Hkv, T, D = 1, 8, 4, 200, 64
+    q, k, v = (
+        rng.standard_normal(shape).astype(np.float16)
+        for shape in ((B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D))
+    )
+    g = Graph()
+    tq, tk, tv = (g.input(n, a.shape, "f16") for n, a in (("q", q), ("k", k), ("v", v)))
+    g.output("out", F.scaled_dot_product_attention(tq, tk, tv, None, is_causal=True))
+    with forward_kernel("blocks"):
+        session = build(g, device="gpu")
+        got = session.run({"q": q, "k": k, "v": v})["out"]
+        program, _ = session._program((g.outputs["out"],), "forward")
+        wgsl = "".join(generate(program.plan, kk).wgsl for kk in program.plan.kernels)
+    assert ("subgroupMatrix" in wgsl) == bool(session.executor.matrix_unit)
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64) for a in (q, k, v))
+    logits = torch_logits(tq, tk, None, True, 0, 0.0, D**-0.5)
+    ref = (torch.softmax(logits, -1) @ tv.repeat_interleave(Hq // Hkv, 1)).numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-3

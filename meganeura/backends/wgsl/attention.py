@@ -58,6 +58,7 @@ class _Operand:
         shape = plan.graph.nodes[nid].type.shape
         base, strides, offset, self.buf, self.function = operand_view(plan, nid, bind.name_of)
         self.computed = base is None
+        self.base = nid if self.computed else base
         lead = len(full_shape) - len(shape)
         self.strides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape))]
         self.offset = offset
@@ -231,7 +232,15 @@ VISIBLE_KEYS_SHARED = (
 
 
 def _visible_keys(
-    mask: _Operand, head: str, heads: int, q0: str, queries: int, Tq: int, Tk: int, block: int
+    mask: _Operand,
+    head: str,
+    heads: int,
+    q0: str,
+    queries: int,
+    Tq: int,
+    Tk: int,
+    block: int,
+    threads: int = 256,
 ) -> str:
     """WGSL narrowing the workgroup's key walk [lo, hi), in blocks of `block` keys from lo, to
     the blocks holding a key that the mask leaves visible to one of its rows: query heads
@@ -245,7 +254,7 @@ def _visible_keys(
     Blocks stay on lo's grid, and hi moves only down to the end of the last visible key's
     block, so each block walked reads what it read before.
 
-    The 256 invocations share the scan, key by key ([lo, hi) only; rows along which the mask
+    The workgroup's `threads` invocations share the scan, key by key ([lo, hi) only; rows along which the mask
     is broadcast are read once), and meet through two workgroup atomics: the min of the visible
     keys (Tk where none is) and the max of key + 1 (0 where none is). One invocation sets them
     before a barrier (relying on WGSL's zero-initialized workgroup memory instead gave wrong
@@ -259,7 +268,7 @@ def _visible_keys(
     return f"""  if (tid == 0u) {{ atomicStore(&visible_keys[0], {Tk}i); atomicStore(&visible_keys[1], 0i); }}
   workgroupBarrier();
   var seen_first = {Tk}i; var seen_end = 0i;
-  for (var vkey = lo + i32(tid); vkey < hi; vkey += 256i) {{
+  for (var vkey = lo + i32(tid); vkey < hi; vkey += {threads}i) {{
     for (var r = 0u; r < {mheads * mqueries}u; r++) {{
       let vh = {head} + r / {mqueries}u; let vi = {q0} + r % {mqueries}u;
       if (vi < {Tq}u && bitcast<u32>({value}) != {neg_inf}) {{

@@ -52,6 +52,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from meganeura.backends.wgsl import attention_units
 from meganeura.backends.wgsl.attention import (
     BLOCK,
     NEG_MAX,
@@ -511,7 +512,15 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
 
 @archetype("attention")
 def attention_forward(plan: Plan, kernel: Kernel) -> KernelSource:
-    """The few-rows kernel where `forward_layout` picks it, else the 64-query block kernel."""
-    _, dims = _inputs(plan, kernel)
+    """The few-rows kernel where `forward_layout` picks it, else the 64-query block kernel,
+    on matrix units where they work and the precision allows (`attention_units`)."""
+    node, dims = _inputs(plan, kernel)
     layout = forward_layout(*dims)
-    return blocks_forward(plan, kernel) if layout is None else rows_forward(plan, kernel, layout)
+    if layout is not None:
+        return rows_forward(plan, kernel, layout)
+    syntax = plan.options.get("matrix_unit")
+    f16 = plan.graph.nodes[node.inputs[0]].type.dtype == "f16"
+    high = plan.options.get("matmul_precision") == "high" and plan.options.get("f32_on_units")
+    if syntax and (f16 or high) and attention_units.fits(plan, dims[5], dims[6]):
+        return attention_units.units_forward(plan, kernel, syntax)
+    return blocks_forward(plan, kernel)
