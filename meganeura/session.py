@@ -77,9 +77,10 @@ def build(
     the environment variable MEGANEURA_DEBUG_NAN) runs kernels one by one and names the
     first that produces an inf or NaN. `matmul_precision`, like
     torch.set_float32_matmul_precision: "highest" keeps f32 matmuls in f32; "high" lets them
-    run on the GPU's matrix units with f16 operands and f32 accumulation where a start-up
-    check finds those correct and faster than the f32 kernels (f32 everywhere else). f16
-    matmuls use matrix units whenever they work. With `optimize` (the default, except under
+    (products large enough to fill the GPU) and attention forwards of 64 queries or more run
+    on the GPU's matrix units with f16 operands and f32 accumulation where a start-up check
+    finds those correct and faster than the f32 kernels (f32 everywhere else). f16 matmuls
+    and attention use matrix units whenever they work. With `optimize` (the default, except under
     check_finite, which names the nodes of the graph as written) the e-graph optimizer
     rewrites the forward graph before autodiff and the whole step graph after it
     (`Session.optimize_report` says what it did); `optimize=False` builds the graph as
