@@ -134,6 +134,12 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
     return x.softmax(axis)
 
 
+def argmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Index of the largest value along `dim` as int32 (the first on ties; NaN counts as the
+    largest), as torch.argmax with a dim. Not differentiable."""
+    return x.graph.apply("argmax", [x], axis=dim)
+
+
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return x.log_softmax(axis)
 
