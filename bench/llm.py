@@ -4,7 +4,10 @@ PyTorch eager and Hugging Face generate in the same process.
 Measured (medians after a warm-up): building the inference engine (weights uploaded, the
 decode and 128-token prefill programs compiled and run once), decode per token with f32
 weights and with Q4_1 weights kept quantized (one token through the model against the KV cache,
-the next-token logits read back), and a 128-token prefill. PyTorch runs on CUDA when available.
+the next-token logits read back), greedy generation per token (128 tokens after the prompt,
+each chosen on the device and fed to the next step there, the host a step behind reading the
+token ids: what `generate(..., greedy=True)` runs), and a 128-token prefill. PyTorch runs on
+CUDA when available; its decode is Hugging Face's greedy generate per token.
 
     python bench/llm.py [--device auto] [--runs 30] [--layers 30] [--json out.json]
 """
@@ -24,6 +27,7 @@ from meganeura.io.gguf import QuantizedWeight
 from meganeura.models.smollm2 import SMOLLM2_135M, LlamaConfig, parameter_shapes
 
 PREFILL = 128
+GENERATE = 128  # greedy tokens per timed generation
 CONTEXT = 512
 WARMUP = 100
 
@@ -74,7 +78,17 @@ def bench_ours(config, weights, device, runs, quantized, precision="highest"):
     engine.reset()
     engine.feed(prompt)
     decode_ms = median_ms(decode, runs, warmup=WARMUP)
-    return {"build_s": build_s, "prefill_ms": prefill_ms, "decode_ms": decode_ms}, engine.device
+    result = {"build_s": build_s, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
+    if engine.pipelines:
+
+        def generate():  # greedy, the next token chosen and fed on the device
+            engine.rewind(PREFILL)
+            done = np.zeros(1, bool)
+            for _ in engine.greedy(np.array([7], np.int32), GENERATE, [], done):
+                pass
+
+        result["generate_ms"] = median_ms(generate, max(3, runs // 5), warmup=2) / GENERATE
+    return result, engine.device
 
 
 def bench_torch(config, weights, runs):
@@ -137,9 +151,12 @@ def main() -> None:
         if key not in results:
             continue
         r = results[key]
+        greedy = ""
+        if "generate_ms" in r:
+            greedy = f", greedy generation {r['generate_ms']:.2f} ms/token"
         print(
             f"  {key:8s} build {r['build_s']:.2f} s, prefill {PREFILL} {r['prefill_ms']:.2f} ms, "
-            f"decode {r['decode_ms']:.2f} ms/token"
+            f"decode {r['decode_ms']:.2f} ms/token{greedy}"
         )
     if "torch" in results:
         t = results["torch"]

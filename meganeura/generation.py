@@ -162,7 +162,7 @@ class Engine:
         slots = np.arange(self.capacity)
         visible = self.valid[:, None, :] & (slots[None, None, :] <= p + np.arange(t)[None, :, None])
         mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None]
-        every_name, last_name = self.outputs[t]
+        every_name, last_name, _ = self.outputs[t]
         feeds = {
             f"ids.{t}": ids,
             f"positions.{t}": positions,
@@ -170,6 +170,97 @@ class Engine:
             "cache_position": np.array([p], np.int32),
         }
         return feeds, every_name if every else last_name
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether `greedy` can keep the next step's input on the device (a WebGPU session;
+        the NumPy executor has no queue to run ahead on)."""
+        return hasattr(self.session.executor, "device")
+
+    def greedy(
+        self, tokens: np.ndarray, steps: int, stops: Sequence[int], done: np.ndarray
+    ) -> Iterator[np.ndarray]:
+        """Greedy decoding of `steps` more tokens per sequence after `tokens` [B] (the choice
+        from the cache's last logits, not yet fed), yielding each step's tokens [B] as they
+        are read, -1 for sequences already stopped (`done` [B], updated in place by the stop
+        ids). The same tokens as feeding each one and taking the argmax of its logits, but
+        the argmax runs on the device and is copied into the next step's input there: the
+        host submits step k + 1 before reading step k's token (a few bytes), so encoding and
+        submitting the next step overlap the device's work, and a token costs the longer of
+        the two instead of their sum. A sequence that stops has been fed one token past its
+        stop; the cache is rewound so that it holds what feeding token by token would have
+        left (for batch 1, as chat turns reuse it)."""
+        session = self.session
+        wgpu = session.executor.wgpu
+        device = session.executor.device
+        _, _, name = self.outputs[1]
+        root = session.graph.outputs[name]
+        program, needed = session._program((root,), "forward")
+        ids_name = "ids.1"
+        ids_buffer = program.inputs[session.graph.inputs[ids_name]]
+        token_buffer = program.buffers[program.plan.buffer_of[root]]
+        nbytes = 4 * self.batch
+        usage = wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST
+        ring = [device.create_buffer(size=max(16, nbytes), usage=usage) for _ in range(2)]
+        start = self.length
+        fed: list[np.ndarray] = []  # the ids of each submitted step (known once read)
+        reals: list[np.ndarray] = []
+
+        def submit(ids: np.ndarray | None) -> None:
+            if self.length >= self.capacity:
+                raise ContextLengthError(f"the cache's {self.capacity} slots are full")
+            real = ~done[:, None]
+            values, _ = self.chunk_inputs(
+                np.zeros((self.batch, 1), np.int32) if ids is None else ids[:, None], real
+            )
+            if ids is None:  # the previous step's argmax, copied there on the device
+                del values[ids_name]
+                program.run(session._feeds(values, needed - {ids_name}))
+            else:
+                program.run(session._feeds(values, needed))
+            encoder = device.create_command_encoder()
+            encoder.copy_buffer_to_buffer(token_buffer, 0, ids_buffer, 0, nbytes)
+            encoder.copy_buffer_to_buffer(token_buffer, 0, ring[len(fed) % 2], 0, nbytes)
+            device.queue.submit([encoder.finish()])
+            fed.append(ids)
+            reals.append(real[:, 0].copy())
+            self.length += 1
+
+        def read(step: int) -> np.ndarray:
+            buffer = ring[step % 2]
+            buffer.map_sync(wgpu.MapMode.READ)
+            try:
+                data = bytes(buffer.read_mapped(0, nbytes))
+            finally:
+                buffer.unmap()
+            return np.frombuffer(data, np.int32).copy()
+
+        stops = list(stops)
+        read_steps = 0
+        try:
+            if steps <= 0:
+                return
+            submit(tokens.astype(np.int32))
+            for step in range(steps):
+                if step + 1 < steps:
+                    submit(None)  # runs ahead on the device's own choice
+                chosen = read(step)
+                read_steps += 1
+                if step + 1 < len(fed):
+                    fed[step + 1] = chosen
+                yield np.where(done, -1, chosen)
+                done |= np.isin(chosen, stops)
+                if done.all():
+                    return
+        finally:
+            # Book the fed tokens, then forget the steps fed past the last one read.
+            for ids, real in zip(fed, reals, strict=True):
+                if ids is None:
+                    continue
+                for row in range(self.batch):
+                    if real[row]:
+                        self.tokens[row].append(int(ids[row]))
+            self.rewind(start + read_steps)
 
     def extend_to(self, ids: Sequence[int]) -> np.ndarray:
         """Make the cache (batch 1) hold `ids`, feeding only what it does not hold already;
@@ -326,6 +417,13 @@ class LanguageModel:
         rng = np.random.default_rng(sampling.seed)
         stops = list(self.stop_ids)
         done = np.zeros(len(prompts), bool)
+        if sampling.greedy and engine.pipelines:
+            tokens = sample(logits, sampling, rng)
+            yield np.where(done, -1, tokens)
+            done |= np.isin(tokens, stops)
+            if not done.all():
+                yield from engine.greedy(tokens, budget - 1, stops, done)
+            return
         for step in range(budget):
             tokens = sample(logits, sampling, rng)
             yield np.where(done, -1, tokens)

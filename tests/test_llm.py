@@ -107,6 +107,43 @@ def test_batched_and_cached_generation_match_transformers(tmp_path, device):
     )
 
 
+@pytest.mark.lavapipe
+def test_pipelined_greedy_decoding_matches_token_by_token(tmp_path, monkeypatch):
+    """On a WebGPU device, greedy decoding keeps the next token on the device and runs a
+    step ahead: the same tokens, stops and cache contents as feeding tokens one by one."""
+    from meganeura.generation import Engine
+
+    model = random_llama(seed=3)
+    ours = load_pretrained(save_hf(model, tmp_path), device="vulkan-cpu")
+    prompts = [[5, 80, 17, 200, 33, 9, 41, 8, 100, 101, 4], [7, 66], [250, 3, 3, 3, 90]]
+    free = [reference_greedy(model, p, 10) for p in prompts]
+    # A stop token that one sequence reaches mid-way, another later or never.
+    stop = free[0][4]
+    greedy = Sampling(greedy=True)
+
+    calls = []
+    greedy_steps = Engine.greedy
+    monkeypatch.setattr(
+        Engine, "greedy", lambda self, *a: calls.append(1) or greedy_steps(self, *a)
+    )
+
+    def run(pipelined: bool):
+        monkeypatch.setattr(Engine, "pipelines", property(lambda self: pipelined))
+        monkeypatch.setattr(type(ours), "stop_ids", property(lambda self: {stop}))
+        batch = ours.generate_ids(prompts, 10, greedy)
+        one = ours.generate_ids([prompts[0]], 10, greedy)
+        engine = ours.engine(1, len(prompts[0]) + 10)
+        return batch, one, engine.length, [list(t) for t in engine.tokens]
+
+    piped = run(True)
+    assert calls  # the pipelined path ran
+    calls.clear()
+    stepped = run(False)
+    assert not calls
+    assert piped == stepped
+    assert piped[1] == [free[0][:5]]  # stopped at (and including) the stop token
+
+
 def test_chat_turns_feed_only_new_tokens(tmp_path):
     model = random_llama(seed=4)
     ours = load_pretrained(save_hf(model, tmp_path), device="cpu")

@@ -341,10 +341,11 @@ class KVCache:
         return written[0], written[1]
 
 
-def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str]:
+def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str, str]:
     """Add the computation of a chunk of `tokens` tokens per sequence against `cache`: inputs
-    `ids.T`, `positions.T` and `mask.T`; outputs `logits.T` (every position) and
-    `next_logits.T` (the last one, all that generation needs). Returns the output names."""
+    `ids.T`, `positions.T` and `mask.T`; outputs `logits.T` (every position),
+    `next_logits.T` (the last one, all that sampling needs) and `next_token.T` (its argmax,
+    the greedy choice, made on the device). Returns the output names."""
     g = model.graph
     b = cache.batch
     ids = g.input(f"ids.{tokens}", (b, tokens), "i32")
@@ -352,8 +353,9 @@ def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str]:
     mask = g.input(f"mask.{tokens}", (b, 1, tokens, cache.capacity))
     hidden = model.forward(ids, positions, mask, cache)
     g.output(f"logits.{tokens}", model.logits(hidden))
-    g.output(f"next_logits.{tokens}", model.logits(hidden[:, -1, :]))
-    return f"logits.{tokens}", f"next_logits.{tokens}"
+    last = g.output(f"next_logits.{tokens}", model.logits(hidden[:, -1, :]))
+    g.output(f"next_token.{tokens}", F.argmax(last, -1))
+    return f"logits.{tokens}", f"next_logits.{tokens}", f"next_token.{tokens}"
 
 
 def training_loss(model: Llama, batch: int, tokens: int) -> Tensor:
