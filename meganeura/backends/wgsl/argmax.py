@@ -5,10 +5,15 @@ by `mn_argmax_before`, whose NaN test reads the bits, so no compiler can fold it
 
 from __future__ import annotations
 
-import math
-
 from meganeura.backends.wgsl.emit import Emitter
-from meganeura.backends.wgsl.kernels import KernelSource, _assemble, _Bindings, _grid_1d, archetype
+from meganeura.backends.wgsl.kernels import (
+    KernelSource,
+    _assemble,
+    _Bindings,
+    _grid_1d,
+    archetype,
+    row_walk,
+)
 from meganeura.lower.plan import Kernel, Plan
 
 BEFORE = """fn mn_argmax_nan(v: f32) -> bool { return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u; }
@@ -26,18 +31,12 @@ def argmax(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
     node = graph.nodes[kernel.node]
     x = graph.nodes[node.inputs[0]]
-    shape = x.type.shape
-    axis = node.attrs["axis"]
-    C = shape[axis]
-    rows = x.type.size // C
-    inner = math.prod(shape[axis + 1 :])
+    C, rows, base, col = row_walk(x.type.shape, node.attrs["axis"])
     b = _Bindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
     wg = 256 if C >= 1024 else 64
     grid = _grid_1d(rows)
-    base = f"r * {C}u" if inner == 1 else f"(r / {inner}u) * {C * inner}u + (r % {inner}u)"
     em = Emitter(graph, plan.materialized, b.name_of, "    ")
-    col = "base + c" if inner == 1 else f"base + c * {inner}u"
     value = em.value(node.inputs[0], em.index(col))
     loads = "\n".join(em.lines)
     body = f"""{BEFORE}var<workgroup> best_v: array<f32, {wg}>;

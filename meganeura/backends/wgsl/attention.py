@@ -330,6 +330,14 @@ def _row_sum(var: str) -> str:
     )
 
 
+def forward_operands(plan: Plan, bind: _Bindings, node, dims):
+    """q, k, v and the mask (None without one) of a forward attention node, bound in `bind`."""
+    B, Hq, _, Tq, Tk, _, _ = dims
+    q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
+    mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
+    return q, k, v, mask
+
+
 def _inputs(plan: Plan, kernel: Kernel):
     graph = plan.graph
     node = graph.nodes[kernel.node]
@@ -385,12 +393,12 @@ def _store_rows(out: str, acc: str, row0: str, rows: int, row_index: str, dim: i
 
 def blocks_forward(plan: Plan, kernel: Kernel) -> KernelSource:
     """The forward over 64-query blocks; `attention_rows.attention_forward` chooses it."""
-    node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
+    node, dims = _inputs(plan, kernel)
+    B, Hq, Hkv, Tq, Tk, D, Dv = dims
     attrs = node.attrs
     bind = _Bindings(plan, kernel.node)
     out = f"buf{bind.out_buffer}"
-    q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
-    mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
+    q, k, v, mask = forward_operands(plan, bind, node, dims)
     group = Hq // Hkv
     nqb = math.ceil(Tq / BLOCK)
     nj = _pad64(Dv) // BLOCK

@@ -65,6 +65,7 @@ from meganeura.backends.wgsl.attention import (
     _output_row,
     _visible_keys,
     blocks_forward,
+    forward_operands,
 )
 from meganeura.backends.wgsl.emit import prelude_for
 from meganeura.backends.wgsl.kernels import KernelSource, _assemble, _Bindings, archetype
@@ -416,12 +417,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource:
     """The few-rows forward (module docstring) for the attention node of `kernel`."""
-    node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
+    node, dims = _inputs(plan, kernel)
+    B, Hq, Hkv, Tq, Tk, D, Dv = dims
     if node.type.dtype != "f32":  # the combining dispatch writes f32
         layout = dataclasses.replace(layout, splits=1)
     bind = _Bindings(plan, kernel.node)
-    q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
-    mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
+    q, k, v, mask = forward_operands(plan, bind, node, dims)
     s = _Shape(B, Hq, Tq, Tk, D, Dv, layout, node.attrs)
     R, KB = layout.rows, layout.keys
     nqb = math.ceil(Tq / layout.queries)

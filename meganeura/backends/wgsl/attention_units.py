@@ -40,11 +40,16 @@ from meganeura.backends.wgsl.attention import (
     _Operand,
     _output_row,
     _visible_keys,
+    forward_operands,
 )
 from meganeura.backends.wgsl.kernels import KernelSource, _assemble
 from meganeura.backends.wgsl.matmul_operands import VecBindings
-from meganeura.backends.wgsl.matmul_units import HEADER, WORKGROUP_STORAGE, matrix_load
-from meganeura.backends.wgsl.matmul_units import matrix_store as _matrix_store
+from meganeura.backends.wgsl.matmul_units import (
+    HEADER,
+    WORKGROUP_STORAGE,
+    matrix_load,
+    matrix_store,
+)
 from meganeura.lower.plan import Kernel, Plan, buffers_read
 
 THREADS = 256  # eight subgroups of 32
@@ -136,15 +141,17 @@ def _logit_function(attrs, mask: str | None, Tq: int, Tk: int) -> str:
 
 
 def units_forward(plan: Plan, kernel: Kernel, syntax: str) -> KernelSource:
-    node, (B, Hq, Hkv, Tq, Tk, D, Dv) = _inputs(plan, kernel)
+    node, dims = _inputs(plan, kernel)
+    B, Hq, Hkv, Tq, Tk, D, Dv = dims
     attrs = node.attrs
     bind = VecBindings(plan, kernel.node)
     out = f"buf{bind.out_buffer}"
-    q, k, v = (_Operand(plan, bind, i, plan.graph.nodes[i].type.shape) for i in node.inputs[:3])
-    mask = _Operand(plan, bind, node.inputs[3], (B, Hq, Tq, Tk)) if len(node.inputs) > 3 else None
+    q, k, v, mask = forward_operands(plan, bind, node, dims)
     scalar = [mask.base] if mask is not None else []
     bind.vector = _vector_buffers(plan, bind, (q, k, v), (D, D, Dv), scalar)
-    vec = {id(x): not x.computed and plan.buffer_of[x.base] in bind.vector for x in (q, k, v)}
+    vec_q, vec_k, vec_v = (
+        not x.computed and plan.buffer_of[x.base] in bind.vector for x in (q, k, v)
+    )
     group = Hq // Hkv
     nqb = math.ceil(Tq / BLOCK)
     # Values padded to 32 columns: each half of a row's output matrices goes to one subgroup.
@@ -156,7 +163,7 @@ def units_forward(plan: Plan, kernel: Kernel, syntax: str) -> KernelSource:
     strip = "(16u * (sg % 4u))"  # the subgroup's 16 query rows in the block
 
     def store(name: str, col: str) -> str:
-        return _matrix_store(syntax, "Ss", f"{strip} * {SS}u + {col}", name, SS)
+        return matrix_store(syntax, "Ss", f"{strip} * {SS}u + {col}", name, SS)
 
     # Subgroup sg: rows of strip sg % 4, keys (then value columns) of half sg / 4.
     scores = ["    {", "      let kh = 32u * (sg / 4u);"]
@@ -222,13 +229,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let i = i32(q0 + row);
   var m = {NEG_MAX};
   var l = 0.0f;
-{registers}{_stage("Qs", QS, q, "b", "h", "q0", Tq, D, dp, vec[id(q)])}  for (var k0i = lo; k0i < hi; k0i += {BLOCK}i) {{
+{registers}{_stage("Qs", QS, q, "b", "h", "q0", Tq, D, dp, vec_q)}  for (var k0i = lo; k0i < hi; k0i += {BLOCK}i) {{
     let k0 = u32(k0i);
     workgroupBarrier();
-{_stage("KVs", KS, k, "b", "hk", "k0", Tk, D, dp, vec[id(k)])}    workgroupBarrier();
+{_stage("KVs", KS, k, "b", "hk", "k0", Tk, D, dp, vec_k)}    workgroupBarrier();
 {chr(10).join(scores)}
     workgroupBarrier();
-{_stage("KVs", KS, v, "b", "hk", "k0", Tk, Dv, dvp, vec[id(v)])}{chr(10).join(softmax)}
+{_stage("KVs", KS, v, "b", "hk", "k0", Tk, Dv, dvp, vec_v)}{chr(10).join(softmax)}
     var bmax = {NEG_MAX};
     {bmax}
     bmax = max(bmax, subgroupShuffleXor(bmax, 1u));

@@ -296,31 +296,33 @@ def product_store(
 NEG_MAX = "-3.4028234663852886e38f"
 
 
+def row_walk(shape: tuple[int, ...], axis: int) -> tuple[int, int, str, str]:
+    """How a kernel with one workgroup per row along `axis` walks `shape`: (the row length C,
+    the row count, WGSL of row r's first linear index `base`, WGSL of its element c)."""
+    C = shape[axis]
+    inner = math.prod(shape[axis + 1 :])
+    if inner == 1:
+        return C, math.prod(shape) // C, f"r * {C}u", "base + c"
+    base = f"(r / {inner}u) * {C * inner}u + (r % {inner}u)"
+    return C, math.prod(shape) // C, base, f"base + c * {inner}u"
+
+
 def _row(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
     node = graph.nodes[kernel.node]
     x = graph.nodes[node.inputs[0]]
     shape = x.type.shape
-    axis = node.attrs.get("axis", len(shape) - 1)
-    C = shape[axis]
-    rows = x.type.size // C
-    stride = math.prod(shape[axis + 1 :])
+    C, rows, base, col = row_walk(shape, node.attrs.get("axis", len(shape) - 1))
     b = _Bindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
     wg = 256 if C >= 1024 else 64
     grid = _grid_1d(rows)
-    if axis == len(shape) - 1:
-        base = f"r * {C}u"
-    else:
-        inner = stride
-        base = f"(r / {inner}u) * {C * inner}u + (r % {inner}u)"
 
     def read_x(idx_expr: str, indent: str) -> tuple[str, str]:
         em = Emitter(graph, plan.materialized, b.name_of, indent)
         v = em.value(node.inputs[0], em.index(idx_expr))
         return "\n".join(em.lines), f"f32({v})"
 
-    col = "base + c" if stride == 1 else f"base + c * {stride}u"
     scan_lines, scan_v = read_x(col, "    ")
     prologue = (
         f"var<workgroup> sm_m: array<f32, {wg}>;\nvar<workgroup> sm_s: array<f32, {wg}>;\n"
