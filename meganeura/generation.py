@@ -190,6 +190,8 @@ class Engine:
         the two instead of their sum. A sequence that stops has been fed one token past its
         stop; the cache is rewound so that it holds what feeding token by token would have
         left (for batch 1, as chat turns reuse it)."""
+        from meganeura.backends.webgpu.runtime import read_mappable
+
         session = self.session
         wgpu = session.executor.wgpu
         device = session.executor.device
@@ -197,8 +199,8 @@ class Engine:
         root = session.graph.outputs[name]
         program, needed = session._program((root,), "forward")
         ids_name = "ids.1"
-        ids_buffer = program.inputs[session.graph.inputs[ids_name]]
-        token_buffer = program.buffers[program.plan.buffer_of[root]]
+        ids_buffer = program.buffer(session.graph.inputs[ids_name])
+        token_buffer = program.buffer(root)
         nbytes = 4 * self.batch
         usage = wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST
         ring = [device.create_buffer(size=max(16, nbytes), usage=usage) for _ in range(2)]
@@ -213,27 +215,24 @@ class Engine:
             values, _ = self.chunk_inputs(
                 np.zeros((self.batch, 1), np.int32) if ids is None else ids[:, None], real
             )
+            # The step's token goes into the next step's input and where the host reads it,
+            # in the step's own submission (one for all its kernels: the device is still
+            # busy with the step before, so it gains nothing from a first few sent early).
+            copies = [
+                (token_buffer, ids_buffer, nbytes),
+                (token_buffer, ring[len(fed) % 2], nbytes),
+            ]
             if ids is None:  # the previous step's argmax, copied there on the device
                 del values[ids_name]
-                program.run(session._feeds(values, needed - {ids_name}))
+                program.run(session._feeds(values, needed - {ids_name}), copies=copies, queued=True)
             else:
-                program.run(session._feeds(values, needed))
-            encoder = device.create_command_encoder()
-            encoder.copy_buffer_to_buffer(token_buffer, 0, ids_buffer, 0, nbytes)
-            encoder.copy_buffer_to_buffer(token_buffer, 0, ring[len(fed) % 2], 0, nbytes)
-            device.queue.submit([encoder.finish()])
+                program.run(session._feeds(values, needed), copies=copies)
             fed.append(ids)
             reals.append(real[:, 0].copy())
             self.length += 1
 
         def read(step: int) -> np.ndarray:
-            buffer = ring[step % 2]
-            buffer.map_sync(wgpu.MapMode.READ)
-            try:
-                data = bytes(buffer.read_mapped(0, nbytes))
-            finally:
-                buffer.unmap()
-            return np.frombuffer(data, np.int32).copy()
+            return np.frombuffer(read_mappable(wgpu, ring[step % 2], nbytes), np.int32).copy()
 
         stops = list(stops)
         read_steps = 0

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -256,14 +257,21 @@ class WebGPUProgram:
                 file=sys.stderr,
             )
 
-    def run(self, feeds, check_finite: bool = False) -> None:
+    def run(
+        self, feeds, check_finite: bool = False, copies: Sequence[tuple] = (), queued=False
+    ) -> None:
         """Upload `feeds` and submit every kernel at once, without waiting. With
         `check_finite`, submit the kernels one by one and raise NonFiniteError at the first
         whose output holds an inf or NaN (this waits after every kernel).
 
         The commands do not depend on the inputs' values (those live in buffers), so after
         each submission the next run's command buffer is encoded while the device works:
-        a program run again, a token of decoding or a training step, submits at once."""
+        a program run again, a token of decoding or a training step, submits at once.
+
+        `copies` (source buffer, destination buffer, bytes) follow the kernels in the same
+        submission (see `buffer`). `queued` says the device is still busy with earlier work:
+        the command buffers then go in one submission (one backend submit, rather than
+        several that let an idle device start on the first kernels early)."""
         queue = self.executor.device.queue
         self._upload(feeds)
         if check_finite:
@@ -272,10 +280,25 @@ class WebGPUProgram:
             queue.submit(self._encode(dispatch=False))
         else:
             commands, self._next = self._next or self._encode(), None
-            for part in commands:
-                queue.submit([part])
+            if copies:
+                encoder = self.executor.device.create_command_encoder()
+                for src, dst, nbytes in copies:
+                    encoder.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+                commands = [*commands, encoder.finish()]
+            if queued:
+                queue.submit(commands)
+            else:
+                for part in commands:
+                    queue.submit([part])
             self._next = self._encode()
         self._fresh = set(self.staging)
+
+    def buffer(self, nid: int):
+        """The device buffer that holds node `nid`'s value (an input, or a value the program
+        keeps, such as a root), for copies between runs on the device."""
+        if nid not in self.plan.buffer_of:
+            raise KeyError(f"{self.graph.nodes[nid].describe()} has no buffer in this program")
+        return self.buffers[self.plan.buffer_of[nid]]
 
     def _upload(self, feeds) -> None:
         """Write the program's inputs among `feeds` into their buffers (queued in order)."""
@@ -377,14 +400,19 @@ class WebGPUProgram:
         ttype = self.graph.nodes[nid].type
         if nid in self._fresh:
             _, staging, nbytes = self.staging[nid]
-            staging.map_sync(self.executor.wgpu.MapMode.READ)
-            try:
-                return _from_bytes(staging.read_mapped(0, nbytes), ttype)
-            finally:
-                staging.unmap()
+            return _from_bytes(read_mappable(self.executor.wgpu, staging, nbytes), ttype)
         buf = self.buffers[self.plan.buffer_of[nid]]
         data = self.executor.device.queue.read_buffer(buf, 0, _padded_nbytes(ttype))
         return _from_bytes(data, ttype)
+
+
+def read_mappable(wgpu, buffer, nbytes: int) -> bytes:
+    """The first `nbytes` of a MAP_READ buffer, once the work writing it is done."""
+    buffer.map_sync(wgpu.MapMode.READ)
+    try:
+        return bytes(buffer.read_mapped(0, nbytes))
+    finally:
+        buffer.unmap()
 
 
 def _padded_nbytes(ttype) -> int:
