@@ -159,14 +159,12 @@ class Engine:
         seen = self.valid[:, :p].sum(axis=1)
         positions = np.maximum(seen[:, None] + np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
         self.valid[:, p : p + t] = real
-        slots = np.arange(self.capacity)
-        visible = self.valid[:, None, :] & (slots[None, None, :] <= p + np.arange(t)[None, :, None])
-        mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None]
+        valid = np.where(self.valid, np.float32(0), np.float32(-np.inf))[:, None, None]
         every_name, last_name, _ = self.outputs[t]
         feeds = {
             f"ids.{t}": ids,
             f"positions.{t}": positions,
-            f"mask.{t}": mask,
+            "cache_valid": valid,
             "cache_position": np.array([p], np.int32),
         }
         return feeds, every_name if every else last_name

@@ -9,7 +9,8 @@ load by name.
 One forward (`Llama.forward`) serves every use: training (causal attention over the sequence)
 and inference against a KV cache, where a chunk of T new tokens per sequence is written into
 the cache at a run-time position (`write_rows`, planned in place) and attends over the whole
-cache through an additive mask built on the host. Prefill is a chunk of the prompt; decode is a
+cache through an additive mask (built on the device from the slots the host marks valid
+and the chunk's position). Prefill is a chunk of the prompt; decode is a
 chunk of one token.
 """
 
@@ -327,6 +328,9 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         shape = (2, batch, config.num_key_value_heads, capacity, config.head_dim)
         self.position = graph.input("cache_position", (1,), "i32")
+        # Per sequence and slot, 0 where the slot holds a real token and -inf where it holds
+        # padding or nothing yet: added to every chunk's causal mask, which the device builds.
+        self.valid = graph.input("cache_valid", (batch, 1, 1, capacity))
         self.layers = [
             graph.parameter(f"cache.{i}", shape, state=True)
             for i in range(config.num_hidden_layers)
@@ -343,14 +347,22 @@ class KVCache:
 
 def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str, str]:
     """Add the computation of a chunk of `tokens` tokens per sequence against `cache`: inputs
-    `ids.T`, `positions.T` and `mask.T`; outputs `logits.T` (every position),
-    `next_logits.T` (the last one, all that sampling needs) and `next_token.T` (its argmax,
-    the greedy choice, made on the device). Returns the output names."""
+    `ids.T` and `positions.T` (with the cache's `cache_position` and `cache_valid`); outputs
+    `logits.T` (every position), `next_logits.T` (the last one, all that sampling needs) and
+    `next_token.T` (its argmax, the greedy choice, made on the device). Returns the output
+    names.
+
+    Token i of the chunk (in slot cache_position + i) sees the valid slots up to its own:
+    the mask [B, 1, T, capacity] is computed on the device, once for every layer, from
+    those two inputs rather than sent by the host (a 128-token chunk's is 256 KiB)."""
     g = model.graph
     b = cache.batch
     ids = g.input(f"ids.{tokens}", (b, tokens), "i32")
     positions = g.input(f"positions.{tokens}", (b, tokens), "i32")
-    mask = g.input(f"mask.{tokens}", (b, 1, tokens, cache.capacity))
+    slots = g.constant(np.arange(cache.capacity, dtype=np.int32))
+    rows = g.constant(np.arange(tokens, dtype=np.int32).reshape(tokens, 1))
+    causal = F.where(slots <= rows + cache.position, 0.0, -np.inf)  # [T, capacity]
+    mask = causal + cache.valid
     hidden = model.forward(ids, positions, mask, cache)
     g.output(f"logits.{tokens}", model.logits(hidden))
     last = g.output(f"next_logits.{tokens}", model.logits(hidden[:, -1, :]))
