@@ -1,6 +1,8 @@
-"""Where a language model's decode and prefill time goes: GPU time per kernel (timestamp
-queries), grouped by kernel kind, against the wall-clock time of a token and the host's
-share of it (encoding and submitting the kernels, waiting for the logits).
+"""Where a language model's decode and prefill time goes: the device time of a step (its
+kernels run several times over in one compute pass), GPU time per kernel (timestamp queries,
+each kernel in a pass of its own, which adds that pass's cost), grouped by kernel kind,
+against the wall-clock time of a token and the host's share of it (encoding and submitting
+the kernels, waiting for the logits).
 
     python bench/llm_profile.py [--device gpu] [--layers 30] [--quantized] [--top 25]
                                 [--precision highest|high]
@@ -30,8 +32,8 @@ def kind_of(label: str) -> str:
 def report(title: str, kernels, wall_ms: float, top: int) -> None:
     total = sum(us for _, _, us in kernels)
     print(
-        f"\n{title}: {len(kernels)} kernels, GPU {total / 1e3:.3f} ms (sum of kernels), "
-        f"wall {wall_ms:.3f} ms"
+        f"\n{title}: {len(kernels)} kernels, GPU {total / 1e3:.3f} ms (sum of kernels, each "
+        f"timed in a compute pass of its own), wall {wall_ms:.3f} ms"
     )
     groups = collections.defaultdict(lambda: [0, 0.0, set()])
     for label, grid, us in kernels:
@@ -142,6 +144,7 @@ def main() -> None:
     )
     engine.rewind(PREFILL)
     feeds, name = engine.chunk_inputs(np.array([[7]], np.int32), one)
+    print(f"decode, device time of a step: {session.device_time(feeds, [name]) / 1e3:.3f} ms")
     report("decode", session.profile(feeds, [name]), decode_ms, args.top)
 
     def prefill():
@@ -151,6 +154,7 @@ def main() -> None:
     prefill_ms = median_ms(prefill, args.runs)
     engine.reset()
     feeds, name = engine.chunk_inputs(prompt, np.ones(prompt.shape, bool))
+    print(f"\nprefill {PREFILL}, device time: {session.device_time(feeds, [name], 5) / 1e3:.3f} ms")
     report(f"prefill {PREFILL}", session.profile(feeds, [name]), prefill_ms, args.top)
 
 

@@ -428,6 +428,24 @@ class Session:
         program, needed = self._program(roots, "forward")
         return program.profile(self._feeds(inputs, needed))
 
+    def device_time(
+        self, inputs: Mapping[str, Any] | None = None, outputs=None, repeats: int = 10
+    ) -> float:
+        """Device time, in microseconds, of the forward program that `run(inputs, outputs)`
+        uses: its kernels recorded `repeats` times over in one compute pass, timestamps
+        around the pass. What a run costs the device when the host keeps it busy (`profile`'s
+        per-kernel times each include a pass of their own). State that the program writes
+        back (a KV cache) is written `repeats` times, with the same values. Needs a WebGPU
+        adapter that offers timestamp-query."""
+        if not hasattr(self.executor, "gpu"):
+            raise RuntimeError("device_time: the NumPy executor has no kernels to time")
+        if repeats < 1:
+            raise ValueError(f"device_time: repeats must be >= 1, got {repeats}")
+        inputs = dict(inputs or {})
+        _, roots = self._forward_roots("device_time", inputs, outputs)
+        program, needed = self._program(roots, "forward")
+        return program.device_time(self._feeds(inputs, needed), repeats)
+
     @property
     def kernel_count(self) -> int | None:
         """Kernels the last step or run launched; None on the NumPy executor, which has none."""

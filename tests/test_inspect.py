@@ -121,6 +121,22 @@ def test_profile_times_every_kernel_of_the_forward_program():
         session.profile(data, ["z"])
 
 
+@pytest.mark.lavapipe
+def test_device_time_runs_the_forward_program_several_times_in_one_pass():
+    session = build(log_graph()[0], device="vulkan-cpu")
+    data = {"x": np.full((4, 3), 2.0, np.float32)}
+    before = session.parameters()
+    micros = session.device_time(data, ["y"], repeats=3)
+    assert micros > 0.0
+    assert all(np.array_equal(session.parameters()[k], v) for k, v in before.items())
+    want = session.run(data)["y"]  # the program still computes the same values
+    assert np.array_equal(session.run(data)["y"], want)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        session.device_time(data, ["y"], repeats=0)
+    with pytest.raises(RuntimeError, match="NumPy executor has no kernels"):
+        build(log_graph()[0], device="cpu").device_time(data)
+
+
 def test_profile_needs_a_webgpu_device():
     with pytest.raises(RuntimeError, match="NumPy executor has no kernels"):
         build(log_graph()[0], device="cpu").profile({"x": np.ones((4, 3), np.float32)})
