@@ -215,3 +215,48 @@ def test_products_of_many_rows_run_dense_on_the_dequantized_weight(device, rows)
     norm = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
     for n, w in weights.items():
         np.testing.assert_allclose(got[n], norm @ w.dequantize().T + 1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("sums", [False, True])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_quantized_products_sum_with_and_without_subgroup_operations(monkeypatch, sums, qtype):
+    # Devices whose start-up check passes sum the lanes (and an RMSNorm's squares) through
+    # subgroup operations; the others through a tree in workgroup memory. Both, here.
+    from meganeura.backends.wgsl.kernels import generate
+
+    gpu = build(Graph(), device="vulkan-cpu").executor.gpu
+    monkeypatch.setitem(gpu.checks, "subgroup_sums", sums)
+    rng = np.random.default_rng(12)
+    x_data = rng.normal(size=(2, 96)).astype(np.float32)
+    g_data = rng.normal(1.0, 0.2, size=(96,)).astype(np.float32)
+    weights = {
+        n: quantized(r, 96, qtype, seed=s) for s, (n, r) in enumerate((("a", 24), ("b", 2100)))
+    }
+    graph = Graph()
+    x, gamma = graph.input("x", x_data.shape), graph.input("g", (96,))
+    for name, weight in weights.items():
+        w = quantized_parameter(graph, name, weight)
+        graph.output(f"plain_{name}", quantized_matmul(x, w))
+        graph.output(f"normed_{name}", quantized_matmul(F.rms_norm(x, gamma, eps=1e-5), w))
+    session = build(graph, device="vulkan-cpu")
+    assert session.executor.subgroup_sums is sums
+    got = session.run({"x": x_data, "g": g_data})
+    program = session._last
+    wgsl = "".join(generate(program.plan, k).wgsl for k in program.plan.kernels)
+    assert ("subgroupAdd" in wgsl) is sums
+    x64 = x_data.astype(np.float64)
+    h = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * g_data
+    for name, weight in weights.items():
+        dense = weight.dequantize().astype(np.float64)
+        np.testing.assert_allclose(got[f"plain_{name}"], x64 @ dense.T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got[f"normed_{name}"], h @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_subgroup_sums_need_the_subgroups_feature():
+    from types import SimpleNamespace
+
+    from meganeura.backends.webgpu.subgroups import probe_subgroup_sums
+
+    executor = SimpleNamespace(gpu=SimpleNamespace(has_subgroups=False))
+    assert probe_subgroup_sums(executor) is False

@@ -203,6 +203,15 @@ class GPUDevice:
     info: AdapterInfo
     features: set[str] = field(repr=False)
     limits: dict[str, int] = field(repr=False)
+    # Results of the executors' start-up checks (matrix units, subgroup sums), made once per
+    # device: every session on it shares them.
+    checks: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def check(self, name: str, run):
+        """The result of start-up check `name`, running `run()` the first time."""
+        if name not in self.checks:
+            self.checks[name] = run()
+        return self.checks[name]
 
     @property
     def has_f16(self) -> bool:

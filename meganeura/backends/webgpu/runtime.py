@@ -24,6 +24,7 @@ from meganeura.backends.webgpu.matrix_units import (
     probe_matrix_units,
     workgroup_storage,
 )
+from meganeura.backends.webgpu.subgroups import probe_subgroup_sums
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
@@ -84,10 +85,15 @@ class WebGPUExecutor:
         usage = self.wgpu.BufferUsage
         self.usage = usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
         self.matmul_precision = matmul_precision
-        self.matrix_unit = probe_matrix_units(self)
+        # Start-up checks, once per device; each compiles kernels with the options before it.
+        self.matrix_unit, self.f32_on_units, self.subgroup_sums = None, False, False
+        self.matrix_unit = gpu.check("matrix_unit", lambda: probe_matrix_units(self))
         self.f32_on_units = (
-            matmul_precision == "high" and self.matrix_unit is not None and f32_on_units_pays(self)
+            matmul_precision == "high"
+            and self.matrix_unit is not None
+            and gpu.check("f32_on_units", lambda: f32_on_units_pays(self))
         )
+        self.subgroup_sums = gpu.check("subgroup_sums", lambda: probe_subgroup_sums(self))
 
     @property
     def codegen_options(self) -> dict:
@@ -96,6 +102,7 @@ class WebGPUExecutor:
             "matrix_unit": self.matrix_unit,
             "f32_on_units": self.f32_on_units,
             "workgroup_storage": workgroup_storage(self),
+            "subgroup_sums": self.subgroup_sums,
         }
 
     def buffer(self, nbytes: int, label: str = ""):

@@ -197,44 +197,47 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     def x_vec4(k: str) -> str | None:  # x at columns k..k+3 (k a multiple of 4) as one load
         return f"{xb}[(rows[t] + {k}) / 4u]" if vec else None
 
+    sums = bool(plan.options.get("subgroup_sums"))
     statistics = ""
     if node.op == "rms_norm_quantized_matmul":
         # RMSNorm of the tile's rows of x, applied as x is read: 1/rms of each row first
-        # (the workgroup's 256 invocations over its columns, a tree sum in `red`).
+        # (the workgroup's invocations over its columns, summed across them in `red`).
+        eps = literal(node.attrs["eps"], "f32")
         statistics = f"""  var rstd: array<f32, {tile}>;
   for (var t = 0u; t < {tile}u; t++) {{
     var q = 0.0;
     for (var k = slot; k < {K}u; k += {outputs * LANES}u) {{ let v = {x_at("k")}; q += v * v; }}
-    red[slot] = q;
-    workgroupBarrier();
-    for (var s = {outputs * LANES // 2}u; s > 0u; s = s >> 1u) {{
-      if (slot < s) {{ red[slot] += red[slot + s]; }}
-      workgroupBarrier();
-    }}
-    rstd[t] = inverseSqrt(red[0] / {float(K)!r} + {literal(node.attrs["eps"], "f32")});
+{_workgroup_sum("q", "total", outputs * LANES, sums)}    rstd[t] = inverseSqrt(total / {float(K)!r} + {eps});
     workgroupBarrier();
   }}
 """
-        plain = x_at
+        plain, plain_vec4 = x_at, x_vec4
+        gamma = None
         if len(node.inputs) == 3:
             g_base, g_strides, g_offset = strided_view(graph, node.inputs[1], plan.materialized)
-            gb = b.name_of(g_base)
+            gamma = (b.name_of(g_base), g_offset, g_strides[-1])
 
-            def x_at(k: str) -> str:
-                weight = f"{gb}[{g_offset}u + ({k}) * {g_strides[-1]}u]"
-                return f"({plain(k)} * rstd[t] * {weight})"
-        else:
+        def weight(k: str) -> str:
+            gb, offset, stride = gamma
+            return f"{gb}[{offset}u + ({k}) * {stride}u]"
 
-            def x_at(k: str) -> str:
-                return f"({plain(k)} * rstd[t])"
+        def x_at(k: str) -> str:
+            scale = "rstd[t]" if gamma is None else f"rstd[t] * {weight(k)}"
+            return f"({plain(k)} * {scale})"
 
-        def x_vec4(k: str) -> str | None:  # the norm is applied value by value
-            return None
+        def x_vec4(k: str) -> str | None:  # four columns of x normalized at once
+            whole = plain_vec4(k)
+            if whole is None:
+                return None
+            if gamma is None:
+                return f"({whole} * rstd[t])"
+            weights = ", ".join(weight(f"{k} + {c}u") for c in range(4))
+            return f"({whole} * rstd[t] * vec4<f32>({weights}))"
 
     body = f"""var<workgroup> red: array<f32, {outputs * LANES}>;
 fn x_row(m: u32) -> u32 {{ return {row_offset}; }}
 @compute @workgroup_size({LANES}, {outputs})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>{SUBGROUP_BUILTINS if sums else ""}) {{
   let lane = lid.x;
   let slot = lid.y * {LANES}u + lane;
   let n = wid.x * {outputs}u + lid.y;
@@ -245,15 +248,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   if (n < {N}u) {{
 {_dot_loop(qtype, w, x_at, blocks, tile, x_vec4)}  }}
   for (var t = 0u; t < {tile}u; t++) {{
-    red[slot] = acc[t];
-    workgroupBarrier();
-    for (var s = {LANES // 2}u; s > 0u; s = s >> 1u) {{
-      if (lane < s) {{ red[slot] += red[slot + s]; }}
-      workgroupBarrier();
-    }}
-    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{
+{_team_sum("acc[t]", sums)}    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{
       let idx = (m0 + t) * {N}u + n;
-{product_store(plan, kernel, b.name_of, out, "red[slot]", "idx", "      ")}    }}
+{product_store(plan, kernel, b.name_of, out, "total", "idx", "      ")}    }}
     workgroupBarrier();
   }}
 }}
@@ -261,4 +258,55 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     label = f"{node.op}%{node.id}"
     if kernel.core is not None:
         label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
-    return KernelSource(_assemble(b, body + functions), b.order, grid, label)
+    text = _assemble(b, body + functions)
+    return KernelSource(("enable subgroups;\n" if sums else "") + text, b.order, grid, label)
+
+
+# Subgroup sums (plan option `subgroup_sums`, set where the start-up check found them right,
+# see backends/webgpu/subgroups.py): each subgroup adds its invocations' values in one
+# operation and its first invocation stores the total, so a sum over a team of 32 lanes or
+# the whole workgroup takes one barrier instead of one per halving of a tree. They assume
+# subgroups of consecutive invocations (local_invocation_index) whose size divides 32.
+SUBGROUP_BUILTINS = (
+    ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_id: u32"
+)
+
+
+def _team_sum(value: str, sums: bool) -> str:
+    """Statements leaving in `total` (valid in each team's lane 0) the sum of `value` over the
+    team's LANES lanes (its `slot`s), through `red`."""
+    if sums:
+        return f"""    let part = subgroupAdd({value});
+    if (sg_id == 0u) {{ red[slot] = part; }}
+    workgroupBarrier();
+    var total = 0.0;
+    if (lane == 0u) {{ for (var j = 0u; j < {LANES}u; j += sg_size) {{ total += red[slot + j]; }} }}
+"""
+    return f"""    red[slot] = {value};
+    workgroupBarrier();
+    for (var s = {LANES // 2}u; s > 0u; s = s >> 1u) {{
+      if (lane < s) {{ red[slot] += red[slot + s]; }}
+      workgroupBarrier();
+    }}
+    let total = red[slot];
+"""
+
+
+def _workgroup_sum(value: str, name: str, size: int, sums: bool) -> str:
+    """Statements leaving in `name`, in every invocation, the sum of `value` over the
+    workgroup's `size` invocations (its `slot`s), through `red`."""
+    if sums:
+        return f"""    let {name}_part = subgroupAdd({value});
+    if (sg_id == 0u) {{ red[slot] = {name}_part; }}
+    workgroupBarrier();
+    var {name} = 0.0;
+    for (var j = 0u; j < {size}u; j += sg_size) {{ {name} += red[j]; }}
+"""
+    return f"""    red[slot] = {value};
+    workgroupBarrier();
+    for (var s = {size // 2}u; s > 0u; s = s >> 1u) {{
+      if (slot < s) {{ red[slot] += red[slot + s]; }}
+      workgroupBarrier();
+    }}
+    let {name} = red[0];
+"""
