@@ -9,7 +9,10 @@ each chosen on the device and fed to the next step there, the host a step behind
 token ids: what `generate(..., greedy=True)` runs), and a 128-token prefill. PyTorch runs on
 CUDA when available; its decode is Hugging Face's greedy generate per token.
 
-    python bench/llm.py [--device auto] [--runs 30] [--layers 30] [--json out.json]
+    python bench/llm.py [--device auto] [--runs 60] [--rounds 5] [--layers 30] [--json out.json]
+
+The formats are measured in turn, several rounds over (medians over rounds, ranges in
+brackets), so a host or GPU whose speed drifts during the run weighs on every format alike.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 
 import numpy as np
@@ -52,43 +56,71 @@ def quantize_projections(weights: dict[str, np.ndarray], qtype: str = "Q4_1"):
     }
 
 
-def bench_ours(config, weights, device, runs, quantized, precision="highest"):
-    model = LanguageModel(
-        config, weights, None, device, keep_quantized=quantized, matmul_precision=precision
-    )
-    start = time.perf_counter()
-    engine = model.engine(1, CONTEXT)
-    prompt = np.arange(PREFILL, dtype=np.int32)[None] % config.vocab_size
-    engine.feed(prompt)
-    engine.feed(np.array([[1]]))
-    build_s = time.perf_counter() - start
+class Ours:
+    """One inference engine (f32 or Q4_1 weights) and its timed steps; building it (weights
+    uploaded, the decode and 128-token prefill programs compiled and run once) is timed."""
 
-    def prefill():
-        engine.reset()
-        engine.feed(prompt)
+    def __init__(self, config, weights, device, quantized, precision="highest"):
+        model = LanguageModel(
+            config, weights, None, device, keep_quantized=quantized, matmul_precision=precision
+        )
+        start = time.perf_counter()
+        self.engine = engine = model.engine(1, CONTEXT)
+        self.prompt = np.arange(PREFILL, dtype=np.int32)[None] % config.vocab_size
+        engine.feed(self.prompt)
+        engine.feed(np.array([[1]]))
+        self.build_s = time.perf_counter() - start
+        self.model = model
 
-    def decode():
-        if engine.length >= engine.capacity - 1:
-            engine.rewind(PREFILL)
-        engine.feed(np.array([[7]]))
+    def prefill(self):
+        self.engine.reset()
+        self.engine.feed(self.prompt)
 
+    def decode(self):
+        if self.engine.length >= self.engine.capacity - 1:
+            self.engine.rewind(PREFILL)
+        self.engine.feed(np.array([[7]]))
+
+    def generate(self):  # greedy, the next token chosen and fed on the device
+        self.engine.rewind(PREFILL)
+        done = np.zeros(1, bool)
+        for _ in self.engine.greedy(np.array([7], np.int32), GENERATE, [], done):
+            pass
+
+    def round(self, runs: int) -> dict[str, float]:
+        """One round of measurements (medians of `runs` calls; greedy: of fewer)."""
+        out = {"prefill_ms": median_ms(self.prefill, runs)}
+        self.engine.reset()
+        self.engine.feed(self.prompt)
+        out["decode_ms"] = median_ms(self.decode, runs)
+        if self.engine.pipelines:
+            out["generate_ms"] = median_ms(self.generate, max(3, runs // 5), 1) / GENERATE
+        return out
+
+
+def bench_ours(engines: dict[str, Ours], runs: int, rounds: int) -> dict[str, dict]:
+    """Every engine measured in turn, `rounds` times over (the order rotating each round), so
+    that a host or GPU whose speed drifts during the run weighs on every format alike; each
+    value is the median over rounds, with its range."""
     # A long warm-up: on a GPU that has just started, the first second of work runs slowly
     # (measured on an H200: a 128-token prefill at 13-15 ms, then 4.9 ms).
-    prefill_ms = median_ms(prefill, runs, warmup=WARMUP)
-    engine.reset()
-    engine.feed(prompt)
-    decode_ms = median_ms(decode, runs, warmup=WARMUP)
-    result = {"build_s": build_s, "prefill_ms": prefill_ms, "decode_ms": decode_ms}
-    if engine.pipelines:
-
-        def generate():  # greedy, the next token chosen and fed on the device
-            engine.rewind(PREFILL)
-            done = np.zeros(1, bool)
-            for _ in engine.greedy(np.array([7], np.int32), GENERATE, [], done):
-                pass
-
-        result["generate_ms"] = median_ms(generate, max(3, runs // 5), warmup=2) / GENERATE
-    return result, engine.device
+    for ours in engines.values():
+        for _ in range(WARMUP):
+            ours.prefill()
+            ours.decode()
+    names = list(engines)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            for key, value in engines[name].round(runs).items():
+                samples[name].setdefault(key, []).append(value)
+    results = {}
+    for name, ours in engines.items():
+        results[name] = {"build_s": ours.build_s}
+        for key, values in samples[name].items():
+            results[name][key] = statistics.median(values)
+            results[name][key.replace("_ms", "_range_ms")] = [min(values), max(values)]
+    return results
 
 
 def bench_torch(config, weights, runs):
@@ -124,10 +156,17 @@ def bench_torch(config, weights, runs):
     return {"prefill_ms": prefill_ms, "decode_ms": (generate_ms - prefill_ms) / new}, name
 
 
+def _value(r: dict, name: str) -> str:
+    """A measured median with its range over rounds."""
+    low, high = r[f"{name}_range_ms"]
+    return f"{r[f'{name}_ms']:.2f} ({low:.2f}-{high:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=60, help="timed calls per format")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the formats")
     parser.add_argument("--layers", type=int, default=SMOLLM2_135M.num_hidden_layers)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", help="write the results here")
@@ -137,12 +176,15 @@ def main() -> None:
     args = parser.parse_args()
     config = dataclasses.replace(SMOLLM2_135M, num_hidden_layers=args.layers)
     weights = random_weights(config)
-    results = {}
-    results["f32"], device = bench_ours(config, weights, args.device, args.runs, False)
-    q4 = quantize_projections(weights)
-    results["q4_1"], _ = bench_ours(config, q4, args.device, args.runs, True)
+    engines = {
+        "f32": Ours(config, weights, args.device, False),
+        "q4_1": Ours(config, quantize_projections(weights), args.device, True),
+    }
     if args.high:
-        results["f32_high"], _ = bench_ours(config, weights, args.device, args.runs, False, "high")
+        engines["f32_high"] = Ours(config, weights, args.device, False, "high")
+    device = engines["f32"].engine.device
+    results = bench_ours(engines, max(1, args.runs // args.rounds), args.rounds)
+    del engines
     if not args.no_torch:
         results["torch"], results["torch_device"] = bench_torch(config, weights, args.runs)
     results["device"] = device
@@ -151,12 +193,13 @@ def main() -> None:
         if key not in results:
             continue
         r = results[key]
+
         greedy = ""
         if "generate_ms" in r:
-            greedy = f", greedy generation {r['generate_ms']:.2f} ms/token"
+            greedy = f", greedy generation {_value(r, 'generate')} ms/token"
         print(
-            f"  {key:8s} build {r['build_s']:.2f} s, prefill {PREFILL} {r['prefill_ms']:.2f} ms, "
-            f"decode {r['decode_ms']:.2f} ms/token{greedy}"
+            f"  {key:8s} build {r['build_s']:.2f} s, prefill {PREFILL} {_value(r, 'prefill')} ms, "
+            f"decode {_value(r, 'decode')} ms/token{greedy}"
         )
     if "torch" in results:
         t = results["torch"]
