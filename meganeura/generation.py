@@ -230,7 +230,9 @@ class Engine:
             self.length += 1
 
         def read(step: int) -> np.ndarray:
-            return np.frombuffer(read_mappable(wgpu, ring[step % 2], nbytes), np.int32).copy()
+            return read_mappable(
+                wgpu, ring[step % 2], nbytes, lambda v: np.frombuffer(v, np.int32).copy()
+            )
 
         stops = list(stops)
         read_steps = 0

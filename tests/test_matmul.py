@@ -381,3 +381,30 @@ def test_gemv_random_shapes_on_the_numpy_executor(mkn, ta, tb, epilogue, seed):
 def test_every_gemv_shape_on_lavapipe(sizes, data, ta, tb, epilogue, seed):
     mkn = data.draw(st.tuples(*GEMV_SIZES[sizes]), label="m, k, n")
     check_matmul("vulkan-cpu", ((), ()), *mkn, ta, tb, epilogue, seed)
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("sums", [False, True])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 96, 24), (3, 130, 2100), (8, 64, 5)])
+def test_gemv_sums_with_and_without_subgroup_operations(monkeypatch, sums, m, k, n):
+    # Devices whose start-up check passes sum a GEMV's lanes through subgroup operations;
+    # the others through a tree in workgroup memory. Both, here, with a residual epilogue
+    # and an RMSNorm prologue.
+    gpu = build(Graph(), device="vulkan-cpu").executor.gpu
+    monkeypatch.setitem(gpu.checks, "subgroup_sums", sums)
+    rng = np.random.default_rng(m * k * n)
+    x, w = rng.normal(size=(m, k)), rng.normal(size=(n, k))
+    r, gamma = rng.normal(size=(m, n)), rng.normal(1.0, 0.2, size=k)
+    graph = Graph()
+    xs, ws = graph.input("x", (m, k)), graph.input("w", (n, k))
+    graph.output("y", xs @ ws.T + graph.input("r", (m, n)))
+    graph.output("z", F.rms_norm(xs, graph.input("g", (k,)), eps=1e-5) @ ws.T)
+    session = build(graph, device="vulkan-cpu")
+    feeds = {"x": x, "w": w, "r": r, "g": gamma}
+    got = session.run({name: v.astype(np.float32) for name, v in feeds.items()})
+    program = session._last
+    wgsl = "".join(generate(program.plan, kernel).wgsl for kernel in program.plan.kernels)
+    assert ("subgroupAdd" in wgsl) is sums
+    h = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * gamma
+    np.testing.assert_allclose(got["y"], x @ w.T + r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["z"], h @ w.T, rtol=1e-4, atol=1e-4)

@@ -438,17 +438,20 @@ class WebGPUProgram:
         ttype = self.graph.nodes[nid].type
         if nid in self._fresh:
             _, staging, nbytes = self.staging[nid]
-            return _from_bytes(read_mappable(self.executor.wgpu, staging, nbytes), ttype)
+            return read_mappable(
+                self.executor.wgpu, staging, nbytes, lambda view: _from_bytes(view, ttype)
+            )
         buf = self.buffers[self.plan.buffer_of[nid]]
         data = self.executor.device.queue.read_buffer(buf, 0, _padded_nbytes(ttype))
         return _from_bytes(data, ttype)
 
 
-def read_mappable(wgpu, buffer, nbytes: int) -> bytes:
-    """The first `nbytes` of a MAP_READ buffer, once the work writing it is done."""
+def read_mappable(wgpu, buffer, nbytes: int, convert=bytes):
+    """`convert` of the first `nbytes` of a MAP_READ buffer (a memoryview, valid only during
+    the call: convert copies), once the work writing it is done."""
     buffer.map_sync(wgpu.MapMode.READ)
     try:
-        return bytes(buffer.read_mapped(0, nbytes))
+        return convert(buffer.read_mapped(0, nbytes))
     finally:
         buffer.unmap()
 

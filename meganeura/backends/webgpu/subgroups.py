@@ -1,8 +1,8 @@
 """Start-up check of subgroup sums, run once per executor.
 
-Kernels that sum over 32 neighbouring invocations or a whole workgroup (the quantized GEMV:
-its lanes' dot products, and a row's sum of squares under an RMSNorm) may do it with
-subgroup operations, one barrier instead of one per halving of a tree. That assumes more
+Kernels that sum over 32 neighbouring invocations or a whole workgroup (the GEMVs, f32 and
+quantized: their lanes' dot products, and a row's sum of squares under an RMSNorm) may do it
+with subgroup operations, one barrier instead of one per halving of a tree. That assumes more
 than WGSL promises: subgroups of consecutive invocations whose size divides 32. The check
 runs those kernels on random data against NumPy, and the executor uses subgroup sums only
 where they come out right.
@@ -21,9 +21,9 @@ DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
 
 
 def probe_subgroup_sums(executor) -> bool:
-    """Whether the quantized GEMV kernels sum correctly through subgroup operations here:
-    an RMSNorm-ed and a plain product of Q4_1 weights (workgroups of 2 and 8 teams), in f32,
-    against NumPy."""
+    """Whether the GEMV kernels sum correctly through subgroup operations here: an RMSNorm-ed
+    and a plain product of Q4_1 weights and an f32 one (workgroups of 2 and 8 teams), against
+    NumPy."""
     if not executor.gpu.has_subgroups:
         return False
     import gguf
@@ -54,6 +54,11 @@ def probe_subgroup_sums(executor) -> bool:
         outputs.append(graph.apply("rms_norm_quantized_matmul", [xs, gs, raw], eps=1e-5, **attrs))
         dense = weight.dequantize().astype(np.float64)
         wants += [x64 @ dense.T, normalized @ dense.T]
+        # The f32 GEMV (teams of 32 lanes per weight row) on the same shapes.
+        dense_in = graph.input(f"d{rows}", w.shape)
+        feeds[dense_in.id] = w
+        outputs.append(xs @ dense_in.T)
+        wants.append(x64 @ w.astype(np.float64).T)
     try:
         options = {**executor.codegen_options, "subgroup_sums": True}
         program = WebGPUProgram(executor, graph, [o.id for o in outputs], {}, options)

@@ -98,6 +98,18 @@ def operand_function(plan: Plan, nid: int, name_of, name: str) -> str:
     return "\n".join([f"fn {name}(i: u32) -> f32 {{", *em.lines, f"  return f32({value});", "}\n"])
 
 
+# Subgroup sums (plan option `subgroup_sums`, set where the start-up check found them right,
+# see backends/webgpu/subgroups.py): each subgroup adds its invocations' values in one
+# operation and its first invocation stores the total, so a sum over a team of 32 lanes or
+# a whole workgroup takes one barrier instead of one per halving of a tree. Kernels using
+# them assume subgroups of consecutive invocations (local_invocation_index) whose size
+# divides 32, and take these built-ins as `sg_size` and `sg_id`.
+SUBGROUPS_ENABLE = "enable subgroups;\n"
+SUBGROUP_BUILTINS = (
+    ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_id: u32"
+)
+
+
 def _assemble(bindings: _Bindings, body: str, extra_decls: str = "") -> str:
     header = ""
     if "f16" in body or "f16" in bindings.declarations():

@@ -4,7 +4,8 @@ variant shares is in matmul_operands; the tiled SIMT kernels are in matmul_simt.
 
 Variants, chosen per kernel:
 - GEMV, for a few rows (M <= GEMV_ROWS): each weight is read once, by invocations that read
-  it contiguously (vec4 loads when the layout allows) and reduce in workgroup memory.
+  it contiguously (vec4 loads when the layout allows) and reduce in workgroup memory
+  (through subgroup sums where the executor's check found them right, see kernels.py).
   Decoding, small-batch training and their backward passes land here. Few columns make
   narrow workgroups (enough of them for every SM), and a short row is read in straight-line
   code: a decoding step's small products are one memory round trip each.
@@ -25,7 +26,12 @@ from __future__ import annotations
 
 import math
 
-from meganeura.backends.wgsl.kernels import KernelSource, archetype
+from meganeura.backends.wgsl.kernels import (
+    SUBGROUP_BUILTINS,
+    SUBGROUPS_ENABLE,
+    KernelSource,
+    archetype,
+)
 from meganeura.backends.wgsl.matmul_operands import Matmul, kernel_source
 from meganeura.backends.wgsl.matmul_simt import tiled
 from meganeura.backends.wgsl.matmul_units import WORKGROUP_STORAGE, matrix_unit_kernel
@@ -140,32 +146,46 @@ def _gemv_contiguous_k(mm: Matmul) -> KernelSource:
             ]
         return load, "\n".join(uses) + "\n"
 
-    reduce_rows = "".join(f"  red[{m * size}u + tid] = acc{m};\n" for m in range(M))
-    tree = "".join(
-        f"        red[{m * size}u + tid] += red[{m * size}u + tid + s];\n" for m in range(M)
-    )
+    sums = bool(mm.plan.options.get("subgroup_sums"))
+    if sums:  # each subgroup's total, then lane m of a team adds its team's for row m
+        reduce = "".join(
+            f"  let part{m} = subgroupAdd(acc{m});\n"
+            f"  if (sg_id == 0u) {{ red[{m * size}u + tid] = part{m}; }}\n"
+            for m in range(M)
+        )
+        reduce += "  workgroupBarrier();\n"
+        total = f"""    var acc = 0.0f;
+    for (var j = 0u; j < 32u; j += sg_size) {{ acc += red[lane * {size}u + team * 32u + j]; }}
+"""
+    else:  # a tree in workgroup memory
+        reduce = "".join(f"  red[{m * size}u + tid] = acc{m};\n" for m in range(M))
+        tree = "".join(
+            f"        red[{m * size}u + tid] += red[{m * size}u + tid + s];\n" for m in range(M)
+        )
+        reduce += f"""  workgroupBarrier();
+  for (var s = 16u; s > 0u; s = s >> 1u) {{
+    if (lane < s) {{
+{tree}    }}
+    workgroupBarrier();
+  }}
+"""
+        total = f"    let acc = red[lane * {size}u + team * 32u];\n"
     body = f"""@compute @workgroup_size({size})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {{
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32{SUBGROUP_BUILTINS if sums else ""}) {{
   let team = tid / 32u; let lane = tid % 32u;
   let n = wid.x * {teams}u + team; let bz = wid.z;
   let a0 = {a.origin(mm.batch)};
   let brow = {b.origin(mm.batch)} + min(n, {N - 1}u) * {b.s_col}u;
 {mm.row_statistics(M, "0u", size, "tid")}{"".join(f"  var acc{m} = 0.0f;" + chr(10) for m in range(M))}  if (n < {N}u) {{
 {_k_pieces(step, K, f"lane * {step // 32}u", piece)}  }}
-{reduce_rows}  workgroupBarrier();
-  for (var s = 16u; s > 0u; s = s >> 1u) {{
-    if (lane < s) {{
-{tree}    }}
-    workgroupBarrier();
-  }}
-  if (lane < {M}u && n < {N}u) {{
-    let acc = red[lane * {size}u + team * 32u];
-    let idx = bz * {M * N}u + lane * {N}u + n;
+{reduce}  if (lane < {M}u && n < {N}u) {{
+{total}    let idx = bz * {M * N}u + lane * {N}u + n;
 {mm.store("acc", "idx", "    ")}  }}
 }}
 """
     shared = f"var<workgroup> red: array<f32, {size * M}>;\n"
-    return kernel_source(mm, body, (math.ceil(N / teams), 1, mm.nbatch), shared)
+    header = SUBGROUPS_ENABLE if sums else ""
+    return kernel_source(mm, body, (math.ceil(N / teams), 1, mm.nbatch), shared, header)
 
 
 def _gemv_columns(mm: Matmul) -> KernelSource:

@@ -16,6 +16,8 @@ import math
 
 from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
+    SUBGROUP_BUILTINS,
+    SUBGROUPS_ENABLE,
     KernelSource,
     _assemble,
     _pointwise,
@@ -259,22 +261,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     if kernel.core is not None:
         label += f"+{graph.nodes[kernel.node].op}%{kernel.node}"
     text = _assemble(b, body + functions)
-    return KernelSource(("enable subgroups;\n" if sums else "") + text, b.order, grid, label)
-
-
-# Subgroup sums (plan option `subgroup_sums`, set where the start-up check found them right,
-# see backends/webgpu/subgroups.py): each subgroup adds its invocations' values in one
-# operation and its first invocation stores the total, so a sum over a team of 32 lanes or
-# the whole workgroup takes one barrier instead of one per halving of a tree. They assume
-# subgroups of consecutive invocations (local_invocation_index) whose size divides 32.
-SUBGROUP_BUILTINS = (
-    ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) sg_id: u32"
-)
+    return KernelSource((SUBGROUPS_ENABLE if sums else "") + text, b.order, grid, label)
 
 
 def _team_sum(value: str, sums: bool) -> str:
     """Statements leaving in `total` (valid in each team's lane 0) the sum of `value` over the
-    team's LANES lanes (its `slot`s), through `red`."""
+    team's LANES lanes (its `slot`s), through `red`; with `sums`, subgroup sums (see
+    kernels.SUBGROUP_BUILTINS)."""
     if sums:
         return f"""    let part = subgroupAdd({value});
     if (sg_id == 0u) {{ red[slot] = part; }}
