@@ -205,10 +205,16 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
         # RMSNorm of the tile's rows of x, applied as x is read: 1/rms of each row first
         # (the workgroup's invocations over its columns, summed across them in `red`).
         eps = literal(node.attrs["eps"], "f32")
+        squares = f"for (var k = slot; k < {K}u; k += {outputs * LANES}u) {{ let v = {x_at('k')}; q += v * v; }}"
+        if vec:  # K is whole blocks of 32: rows of vec4s
+            squares = (
+                f"for (var k = 4u * slot; k < {K}u; k += {4 * outputs * LANES}u) "
+                f"{{ let v = {x_vec4('k')}; q += dot(v, v); }}"
+            )
         statistics = f"""  var rstd: array<f32, {tile}>;
   for (var t = 0u; t < {tile}u; t++) {{
     var q = 0.0;
-    for (var k = slot; k < {K}u; k += {outputs * LANES}u) {{ let v = {x_at("k")}; q += v * v; }}
+    {squares}
 {_workgroup_sum("q", "total", outputs * LANES, sums)}    rstd[t] = inverseSqrt(total / {float(K)!r} + {eps});
     workgroupBarrier();
   }}
