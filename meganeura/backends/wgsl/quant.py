@@ -5,9 +5,10 @@ so it is one half of a word. `dequantize` is inlined into its readers, one value
 `quantized_matmul` gives each workgroup 8 output features (weight rows; 4 or 2 where 8 would
 launch fewer than 256 workgroups) and a tile of rows of x; its 32 lanes per feature take
 turns over the blocks of the weight row (Q4_1: over its nibble words), decode them once and
-dot them with every row of the tile, and a tree sum across the lanes finishes.
-`rms_norm_quantized_matmul` first computes 1/rms of its rows of x and normalizes x as it
-reads it.
+dot them with every row of the tile, and a sum across the lanes finishes (subgroup sums where
+the executor's start-up check passed, see kernels.SUBGROUP_BUILTINS; else a tree in
+workgroup memory). `rms_norm_quantized_matmul` first computes 1/rms of its rows of x and
+normalizes x as it reads it (four columns at a time where x is bound as vec4s).
 """
 
 from __future__ import annotations
