@@ -107,14 +107,20 @@ def test_batched_and_cached_generation_match_transformers(tmp_path, device):
     )
 
 
-@pytest.mark.lavapipe
-def test_pipelined_greedy_decoding_matches_token_by_token(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe),
+        pytest.param("gpu", marks=pytest.mark.gpu),
+    ],
+)
+def test_pipelined_greedy_decoding_matches_token_by_token(tmp_path, monkeypatch, device):
     """On a WebGPU device, greedy decoding keeps the next token on the device and runs a
     step ahead: the same tokens, stops and cache contents as feeding tokens one by one."""
     from meganeura.generation import Engine
 
     model = random_llama(seed=3)
-    ours = load_pretrained(save_hf(model, tmp_path), device="vulkan-cpu")
+    ours = load_pretrained(save_hf(model, tmp_path), device=device)
     prompts = [[5, 80, 17, 200, 33, 9, 41, 8, 100, 101, 4], [7, 66], [250, 3, 3, 3, 90]]
     free = [reference_greedy(model, p, 10) for p in prompts]
     # A stop token that one sequence reaches mid-way, another later or never.
