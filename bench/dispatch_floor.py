@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
-
 from meganeura import Graph, build
+from meganeura.backends.webgpu.runtime import pass_microseconds
 
 KERNEL = """
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -53,29 +52,14 @@ def main() -> None:
         ]
         return device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
 
-    queries = device.create_query_set(type="timestamp", count=2)
-    resolved = device.create_buffer(size=16, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
-
     def per_dispatch(groups: list, workgroups: int) -> float:
-        times = []
-        for _ in range(7):
-            encoder = device.create_command_encoder()
-            cpass = encoder.begin_compute_pass(
-                timestamp_writes={
-                    "query_set": queries,
-                    "beginning_of_pass_write_index": 0,
-                    "end_of_pass_write_index": 1,
-                }
-            )
+        def record(cpass):
             cpass.set_pipeline(pipeline)
             for group in groups:
                 cpass.set_bind_group(0, group)
                 cpass.dispatch_workgroups(workgroups)
-            cpass.end()
-            encoder.resolve_query_set(queries, 0, 2, resolved, 0)
-            device.queue.submit([encoder.finish()])
-            start, end = np.frombuffer(device.queue.read_buffer(resolved, 0, 16), np.uint64)
-            times.append((int(end) - int(start)) / 1e3 / len(groups))
+
+        times = [pass_microseconds(device, wgpu, record) / len(groups) for _ in range(7)]
         return statistics.median(times[2:])
 
     n = args.dispatches

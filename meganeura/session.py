@@ -421,12 +421,8 @@ class Session:
         measured with timestamp queries around each kernel: a list of (kernel label,
         workgroup grid, microseconds) in launch order. Parameters are not changed and the
         results are not kept. Needs a WebGPU adapter that offers timestamp-query."""
-        if not hasattr(self.executor, "gpu"):
-            raise RuntimeError("profile: the NumPy executor has no kernels to time")
-        inputs = dict(inputs or {})
-        _, roots = self._forward_roots("profile", inputs, outputs)
-        program, needed = self._program(roots, "forward")
-        return program.profile(self._feeds(inputs, needed))
+        program, feeds = self._timed_program("profile", inputs, outputs)
+        return program.profile(feeds)
 
     def device_time(
         self, inputs: Mapping[str, Any] | None = None, outputs=None, repeats: int = 10
@@ -437,14 +433,20 @@ class Session:
         per-kernel times each include a pass of their own). State that the program writes
         back (a KV cache) is written `repeats` times, with the same values. Needs a WebGPU
         adapter that offers timestamp-query."""
-        if not hasattr(self.executor, "gpu"):
-            raise RuntimeError("device_time: the NumPy executor has no kernels to time")
         if repeats < 1:
             raise ValueError(f"device_time: repeats must be >= 1, got {repeats}")
+        program, feeds = self._timed_program("device_time", inputs, outputs)
+        return program.device_time(feeds, repeats)
+
+    def _timed_program(self, caller: str, inputs, outputs) -> tuple[Any, dict]:
+        """The forward program that `run(inputs, outputs)` uses and its feeds, for timing on
+        a WebGPU device."""
+        if not hasattr(self.executor, "gpu"):
+            raise RuntimeError(f"{caller}: the NumPy executor has no kernels to time")
         inputs = dict(inputs or {})
-        _, roots = self._forward_roots("device_time", inputs, outputs)
+        _, roots = self._forward_roots(caller, inputs, outputs)
         program, needed = self._program(roots, "forward")
-        return program.device_time(self._feeds(inputs, needed), repeats)
+        return program, self._feeds(inputs, needed)
 
     @property
     def kernel_count(self) -> int | None:

@@ -378,25 +378,11 @@ class WebGPUProgram:
         Unlike `profile`, whose pass per kernel adds its own cost to each, this is the time
         the device needs for a run when the host keeps it fed. Needs timestamp-query."""
         device, wgpu = self._timestamps("device_time")
-        queries = device.create_query_set(type="timestamp", count=2)
-        usage = wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
-        resolved = device.create_buffer(size=16, usage=usage)
         self._upload(feeds)
-        encoder = device.create_command_encoder()
-        cpass = encoder.begin_compute_pass(
-            timestamp_writes={
-                "query_set": queries,
-                "beginning_of_pass_write_index": 0,
-                "end_of_pass_write_index": 1,
-            }
-        )
-        _record(cpass, self.dispatches * repeats)
-        cpass.end()
-        encoder.resolve_query_set(queries, 0, 2, resolved, 0)
-        device.queue.submit([encoder.finish()])
-        start, end = np.frombuffer(device.queue.read_buffer(resolved, 0, 16), np.uint64)
+        dispatches = self.dispatches * repeats
+        micros = pass_microseconds(device, wgpu, lambda cpass: _record(cpass, dispatches))
         self._fresh = set()
-        return (int(end) - int(start)) / 1e3 / repeats
+        return micros / repeats
 
     def profile(self, feeds) -> list[tuple[str, tuple, float]]:
         """Run once with a GPU timestamp before and after every kernel, each in its own
@@ -444,6 +430,29 @@ class WebGPUProgram:
         buf = self.buffers[self.plan.buffer_of[nid]]
         data = self.executor.device.queue.read_buffer(buf, 0, _padded_nbytes(ttype))
         return _from_bytes(data, ttype)
+
+
+def pass_microseconds(device, wgpu, record) -> float:
+    """Device time, in microseconds, of one compute pass whose commands `record(cpass)`
+    encodes: timestamps at the pass's beginning and end, then a wait for them. The device
+    must offer timestamp-query."""
+    queries = device.create_query_set(type="timestamp", count=2)
+    usage = wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
+    resolved = device.create_buffer(size=16, usage=usage)
+    encoder = device.create_command_encoder()
+    cpass = encoder.begin_compute_pass(
+        timestamp_writes={
+            "query_set": queries,
+            "beginning_of_pass_write_index": 0,
+            "end_of_pass_write_index": 1,
+        }
+    )
+    record(cpass)
+    cpass.end()
+    encoder.resolve_query_set(queries, 0, 2, resolved, 0)
+    device.queue.submit([encoder.finish()])
+    start, end = np.frombuffer(device.queue.read_buffer(resolved, 0, 16), np.uint64)
+    return (int(end) - int(start)) / 1e3
 
 
 def read_mappable(wgpu, buffer, nbytes: int, convert=bytes):
