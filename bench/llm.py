@@ -193,7 +193,6 @@ def main() -> None:
         if key not in results:
             continue
         r = results[key]
-
         greedy = ""
         if "generate_ms" in r:
             greedy = f", greedy generation {_value(r, 'generate')} ms/token"
