@@ -290,6 +290,15 @@ def test_short_gemvs_spread_over_many_workgroups():
     assert kernel_shapes(1, 576, 576, trans_b=False) == (256, (144, 1, 1))  # x @ W, W [K, N]
 
 
+def test_long_gemv_rows_are_read_by_wider_teams():
+    # Each invocation keeps at least 8 vec4 pieces of its row: 32 per row for a decoding
+    # step's rows (576, 1536), 64 from 2048, 128 from 4096 (two rows per workgroup).
+    assert kernel_shapes(1, 576, 960) == (64, (480, 1, 1))
+    assert kernel_shapes(1, 2048, 2048) == (256, (512, 1, 1))
+    assert kernel_shapes(1, 4096, 4096) == (256, (2048, 1, 1))
+    assert kernel_shapes(1, 4096, 40) == (128, (40, 1, 1))  # too few columns: one row each
+
+
 ALL_TILES = [Tile(*shape) for shape in sorted({s for t in TILE_SHAPES for s in (t, t[::-1])})]
 EPILOGUES = ["none", "residual", "bias_relu"]
 
@@ -356,14 +365,16 @@ def test_every_tile_on_lavapipe(tile, batches, m, k, n, ta, tb, epilogue, seed):
 
 
 # GEMV sizes (m, k, n) on each side of every threshold: 2, 4 or 8 columns per workgroup
-# (contiguous k) and 4 or 8 (columns), rows read in straight-line code or in a loop. Many
-# rows only where the sizes are small: lavapipe runs each row's reduction in turn.
+# (contiguous k) and 4 or 8 (columns), rows read in straight-line code or in a loop, by 32,
+# 64 or 128 invocations per row (contiguous k). Many rows only where the sizes are small:
+# lavapipe runs each row's reduction in turn.
 GEMV_SIZES = {
     "short": (st.integers(1, GEMV_ROWS), st.integers(1, 40), st.integers(1, 40)),
     "2 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(511, 1020)),
     "4 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(1021, 2040)),
     "8 columns": (st.integers(1, 2), st.integers(1, 40), st.integers(2041, 2100)),
     "long rows": (st.integers(1, 2), st.integers(2049, 2100), st.integers(1, 40)),
+    "longer rows": (st.integers(1, 2), st.integers(4096, 4200), st.integers(1, 12)),
 }
 GEMV_ARGS = (st.booleans(), st.booleans(), st.sampled_from(EPILOGUES), seeds)
 
@@ -385,7 +396,9 @@ def test_every_gemv_shape_on_lavapipe(sizes, data, ta, tb, epilogue, seed):
 
 @pytest.mark.lavapipe
 @pytest.mark.parametrize("sums", [False, True])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 96, 24), (3, 130, 2100), (8, 64, 5)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 96, 24), (3, 130, 2100), (8, 64, 5), (2, 2052, 3), (1, 4100, 9)]
+)
 def test_gemv_sums_with_and_without_subgroup_operations(monkeypatch, sums, m, k, n):
     # Devices whose start-up check passes sum a GEMV's lanes through subgroup operations;
     # the others through a tree in workgroup memory. Both, here, with a residual epilogue
