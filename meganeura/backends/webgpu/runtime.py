@@ -31,7 +31,7 @@ from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
 
 STAGED_BYTES = 1 << 20
-FIRST_CHUNK = 8
+FIRST_CHUNK = 32
 
 # MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
 DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
@@ -248,9 +248,12 @@ class WebGPUProgram:
         self._fresh: set[int] = set()
         self._next = None  # the next run's command buffers, encoded ahead
         # Kernels in the first command buffer of a run (None: all in one). Dawn records the
-        # backend's commands when they are submitted (about 3 us a kernel on an H200 through
-        # Vulkan), and the device starts only after that: submitting 8, 16, 32... kernels at a
-        # time lets it start at once (a 332-kernel decode step: 5.26 -> 4.51 ms).
+        # backend's commands when they are submitted (about 2 us a kernel on an H200 through
+        # Vulkan), and the device starts only after that: submitting 32, 64, 128... kernels at
+        # a time lets it start early, and each submission costs the host too. On an H200, a
+        # 213-kernel decoding step with its logits read back (host-bound) took 2.16 ms in one
+        # submission, 1.88 from 8 kernels, 1.78 from 32; a 128-token prefill (device-bound)
+        # 4.49, 4.16 and 4.18 ms.
         self.first_chunk: int | None = FIRST_CHUNK
         self.copies = [
             (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
