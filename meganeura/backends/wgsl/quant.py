@@ -216,7 +216,7 @@ def _quantized_matmul(plan: Plan, kernel: Kernel) -> KernelSource:
   for (var t = 0u; t < {tile}u; t++) {{
     var q = 0.0;
     {squares}
-{_workgroup_sum("q", "total", outputs * LANES, sums)}    rstd[t] = inverseSqrt(total / {float(K)!r} + {eps});
+{_sum("q", "total", outputs * LANES, "slot", "0u", sums)}    rstd[t] = inverseSqrt(total / {float(K)!r} + {eps});
     workgroupBarrier();
   }}
 """
@@ -257,7 +257,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   if (n < {N}u) {{
 {_dot_loop(qtype, w, x_at, blocks, tile, x_vec4)}  }}
   for (var t = 0u; t < {tile}u; t++) {{
-{_team_sum("acc[t]", sums)}    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{
+{_sum("acc[t]", "total", LANES, "lane", "slot - lane", sums)}    if (lane == 0u && n < {N}u && m0 + t < {M}u) {{
       let idx = (m0 + t) * {N}u + n;
 {product_store(plan, kernel, b.name_of, out, "total", "idx", "      ")}    }}
     workgroupBarrier();
@@ -271,42 +271,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     return KernelSource((SUBGROUPS_ENABLE if sums else "") + text, b.order, grid, label)
 
 
-def _team_sum(value: str, sums: bool) -> str:
-    """Statements leaving in `total` (valid in each team's lane 0) the sum of `value` over the
-    team's LANES lanes (its `slot`s), through `red`; with `sums`, subgroup sums (see
-    kernels.SUBGROUP_BUILTINS)."""
-    if sums:
-        return f"""    let part = subgroupAdd({value});
-    if (sg_id == 0u) {{ red[slot] = part; }}
-    workgroupBarrier();
-    var total = 0.0;
-    if (lane == 0u) {{ for (var j = 0u; j < {LANES}u; j += sg_size) {{ total += red[slot + j]; }} }}
-"""
-    return f"""    red[slot] = {value};
-    workgroupBarrier();
-    for (var s = {LANES // 2}u; s > 0u; s = s >> 1u) {{
-      if (lane < s) {{ red[slot] += red[slot + s]; }}
-      workgroupBarrier();
-    }}
-    let total = red[slot];
-"""
-
-
-def _workgroup_sum(value: str, name: str, size: int, sums: bool) -> str:
-    """Statements leaving in `name`, in every invocation, the sum of `value` over the
-    workgroup's `size` invocations (its `slot`s), through `red`."""
+def _sum(value: str, name: str, size: int, index: str, first: str, sums: bool) -> str:
+    """Statements leaving in `name` the sum of `value` over `size` invocations (numbered
+    `index` among them, their `slot`s from `first` on: a team's lanes or the whole
+    workgroup), through `red`; with `sums`, subgroup sums (see kernels.SUBGROUP_BUILTINS)."""
     if sums:
         return f"""    let {name}_part = subgroupAdd({value});
     if (sg_id == 0u) {{ red[slot] = {name}_part; }}
     workgroupBarrier();
     var {name} = 0.0;
-    for (var j = 0u; j < {size}u; j += sg_size) {{ {name} += red[j]; }}
+    for (var j = 0u; j < {size}u; j += sg_size) {{ {name} += red[{first} + j]; }}
 """
     return f"""    red[slot] = {value};
     workgroupBarrier();
     for (var s = {size // 2}u; s > 0u; s = s >> 1u) {{
-      if (slot < s) {{ red[slot] += red[slot + s]; }}
+      if ({index} < s) {{ red[slot] += red[slot + s]; }}
       workgroupBarrier();
     }}
-    let {name} = red[0];
+    let {name} = red[{first}];
 """
