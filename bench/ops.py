@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from meganeura import Graph, build
+from meganeura.backends.webgpu.runtime import _record
 from meganeura.backends.wgsl import attention_rows, matmul_simt
 from meganeura.backends.wgsl import matmul as wgsl_matmul
 from meganeura.backends.wgsl.kernels import generate
@@ -84,11 +85,7 @@ def time_program(program, repeats: int = REPEATS) -> float:
             start = time.perf_counter()
             encoder = device.create_command_encoder()
             cpass = encoder.begin_compute_pass()
-            for _ in range(n):
-                for pipeline, bind_group, grid in program.dispatches:
-                    cpass.set_pipeline(pipeline)
-                    cpass.set_bind_group(0, bind_group)
-                    cpass.dispatch_workgroups(*grid)
+            _record(cpass, program.dispatches * n)
             cpass.end()
             device.queue.submit([encoder.finish()])
             device.queue.read_buffer(probe, 0, 4)
