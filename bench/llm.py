@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
 import numpy as np
-from timing import median_ms
+from timing import median_ms, write_json
 
 from meganeura.generation import LanguageModel
 from meganeura.io.gguf import QuantizedWeight
@@ -60,9 +59,15 @@ class Ours:
     """One inference engine (f32 or Q4_1 weights) and its timed steps; building it (weights
     uploaded, the decode and 128-token prefill programs compiled and run once) is timed."""
 
-    def __init__(self, config, weights, device, quantized, precision="highest"):
+    def __init__(self, config, weights, device, quantized, precision="highest", dtype="float32"):
         model = LanguageModel(
-            config, weights, None, device, keep_quantized=quantized, matmul_precision=precision
+            config,
+            weights,
+            None,
+            device,
+            keep_quantized=quantized,
+            matmul_precision=precision,
+            dtype=dtype,
         )
         start = time.perf_counter()
         self.engine = engine = model.engine(1, CONTEXT)
@@ -95,6 +100,22 @@ class Ours:
         out["decode_ms"] = median_ms(self.decode, runs)
         if self.engine.pipelines:
             out["generate_ms"] = median_ms(self.generate, max(3, runs // 5), 1) / GENERATE
+        return out
+
+    def device_ms(self) -> dict[str, float]:
+        """Device time of a decoding step and of a prefill (their kernels run several times
+        over in one compute pass, timestamps around it), where the GPU offers timestamps."""
+        session = self.engine.session
+        if "timestamp-query" not in getattr(session.executor, "gpu", None).features:
+            return {}
+        out = {}
+        for key, ids in (("decode_device_ms", np.array([[7]])), ("prefill_device_ms", self.prompt)):
+            self.engine.reset()
+            if ids.shape[1] == 1:
+                self.engine.feed(self.prompt)
+            feeds, name = self.engine.chunk_inputs(ids.astype(np.int32), np.ones(ids.shape, bool))
+            out[key] = min(session.device_time(feeds, [name], 5) for _ in range(3)) / 1e3
+        self.engine.reset()
         return out
 
 
@@ -179,17 +200,21 @@ def main() -> None:
     engines = {
         "f32": Ours(config, weights, args.device, False),
         "q4_1": Ours(config, quantize_projections(weights), args.device, True),
+        "f16": Ours(config, weights, args.device, False, dtype="float16"),
     }
     if args.high:
         engines["f32_high"] = Ours(config, weights, args.device, False, "high")
     device = engines["f32"].engine.device
     results = bench_ours(engines, max(1, args.runs // args.rounds), args.rounds)
+    if engines["f32"].engine.pipelines:
+        for name, ours in engines.items():
+            results[name].update(ours.device_ms())
     del engines
     if not args.no_torch:
         results["torch"], results["torch_device"] = bench_torch(config, weights, args.runs)
     results["device"] = device
     print(f"meganeura on {device}; {args.layers} layers, SmolLM2-135M shapes")
-    for key in ("f32", "q4_1", "f32_high"):
+    for key in ("f32", "q4_1", "f16", "f32_high"):
         if key not in results:
             continue
         r = results[key]
@@ -200,6 +225,11 @@ def main() -> None:
             f"  {key:8s} build {r['build_s']:.2f} s, prefill {PREFILL} {_value(r, 'prefill')} ms, "
             f"decode {_value(r, 'decode')} ms/token{greedy}"
         )
+        if "decode_device_ms" in r:
+            print(
+                f"  {'':8s} device time: prefill {r['prefill_device_ms']:.3f} ms, "
+                f"decoding step {r['decode_device_ms']:.3f} ms"
+            )
     if "torch" in results:
         t = results["torch"]
         print(
@@ -208,8 +238,7 @@ def main() -> None:
             f"{t['decode_ms']:.2f} ms/token ({t['decode_ms'] / results['f32']['decode_ms']:.1f}x)"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

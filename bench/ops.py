@@ -39,6 +39,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from timing import write_json
 
 from meganeura import Graph, build
 from meganeura.backends.webgpu.runtime import _record
@@ -592,9 +593,8 @@ def main() -> None:
             + (f" (64-query blocks: {r['blocks_s'] * 1e6:.1f} us)" if "blocks_s" in r else "")
         )
     if args.json:
-        with open(args.json, "w") as f:
-            results = {"card": card, "ours_device": probe.device, "timing": timing, "results": rows}
-            json.dump(results, f, indent=1)
+        results = {"card": card, "ours_device": probe.device, "timing": timing, "results": rows}
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

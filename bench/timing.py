@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -18,3 +20,11 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3, per: int = 1
         fn()
         times.append((time.perf_counter() - start) * 1e3 / per)
     return statistics.median(times)
+
+
+def write_json(path: str, results) -> None:
+    """`results` as JSON at `path`, written whole or not at all (a temporary file, renamed)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(partial, path)

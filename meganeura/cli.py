@@ -311,7 +311,7 @@ def _load_model(args: argparse.Namespace):
 
     start = time.perf_counter()
     path = args.model or default_model_path()
-    model = load_pretrained(path, device=args.device)
+    model = load_pretrained(path, device=args.device, dtype=args.dtype)
     print(f"model: {path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return model
 
@@ -379,6 +379,13 @@ def _add_model_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
         default="auto",
         choices=DEVICE_NAMES,
         help="where to run (default: auto, a hardware GPU if there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="storage of the weight matrices on the device (default: float32; GGUF-quantized "
+        "ones stay quantized on a GPU)",
     )
     parser.add_argument(
         "--max-new-tokens",

@@ -26,6 +26,24 @@ from meganeura.models.smollm2 import KVCache, Llama, LlamaConfig, chunk_outputs
 MIN_CAPACITY = 256  # room for a few chat turns before the cache must grow
 
 
+# The storage of a model's weight matrices on the device, by the names users give it.
+DTYPES = {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16", "half": "f16"}
+DTYPE_NAMES = {"f32": "float32", "f16": "float16"}
+
+
+def weight_dtype(dtype: Any) -> str:
+    """Our dtype for a model's weights from `dtype` ("float16", "f16", np.float16, or a
+    torch dtype's name), or an error listing what is supported."""
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", str(dtype))
+    name = name.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported for a language model's weights; "
+            f"valid: {', '.join(DTYPES)} (bfloat16 and others: load as float32 or float16)"
+        )
+    return DTYPES[name]
+
+
 class ContextLengthError(ValueError):
     """A prompt that does not fit the model's context."""
 
@@ -91,12 +109,20 @@ class Engine:
         device: str = "auto",
         keep_quantized: bool = False,
         matmul_precision: str = "highest",
+        weight_dtype: str = "f32",
     ):
         from meganeura.session import build
 
         self.config, self.batch, self.capacity = config, batch, capacity
         graph = Graph()
-        model = Llama(graph, config, weights, trainable=False, keep_quantized=keep_quantized)
+        model = Llama(
+            graph,
+            config,
+            weights,
+            trainable=False,
+            keep_quantized=keep_quantized,
+            weight_dtype=weight_dtype,
+        )
         cache = KVCache(graph, config, batch, capacity)
         self.chunk_sizes = [1 << k for k in range(capacity.bit_length()) if 1 << k <= capacity]
         self.outputs = {t: chunk_outputs(model, cache, t) for t in self.chunk_sizes}
@@ -290,8 +316,10 @@ class LanguageModel:
         keep_quantized: bool = False,
         source: str = "",
         matmul_precision: str = "highest",
+        dtype: Any = "float32",
     ):
         self.config = config
+        self.weight_dtype = weight_dtype(dtype)
         self.weights = dict(weights)
         self.tokenizer = tokenizer
         self.device = device
@@ -309,9 +337,11 @@ class LanguageModel:
 
     def __repr__(self) -> str:
         c = self.config
+        dtype = self.weight_dtype
+        weights = f", {DTYPE_NAMES[dtype]} weights" if dtype != "f32" else ""
         return (
             f"LanguageModel({self.source or 'llama'}: {c.num_hidden_layers} layers, hidden "
-            f"{c.hidden_size}, vocab {c.vocab_size}, device {self.device!r})"
+            f"{c.hidden_size}, vocab {c.vocab_size}, device {self.device!r}{weights})"
         )
 
     @property
@@ -344,6 +374,7 @@ class LanguageModel:
             self.device,
             self.keep_quantized,
             self.matmul_precision,
+            self.weight_dtype,
         )
         self._engines[(batch, capacity)] = engine
         return engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,13 +42,17 @@ def load_pretrained(
     device: str = "auto",
     keep_quantized: bool | None = None,
     matmul_precision: str = "highest",
+    dtype: Any = "float32",
 ) -> LanguageModel:
     """A Llama-architecture language model (SmolLM2 and kin) from `path`: a Hugging Face
     directory (config.json, *.safetensors or a sharded index, tokenizer.json,
     tokenizer_config.json) or a .gguf file. `keep_quantized` keeps GGUF Q8_0/Q4_0/Q4_1
     weights quantized on the device (default: on a GPU, not on the NumPy executor).
     `matmul_precision` as in `meganeura.build`: "high" lets f32 products (a prompt's) run on
-    the GPU's matrix units with f16 operands where a start-up check finds that faster."""
+    the GPU's matrix units with f16 operands where a start-up check finds that faster.
+    `dtype="float16"` stores the weight matrices as f16 on the device (half the memory and
+    the bytes a decoding step reads; computed in f32, as with "float32"); quantized weights
+    kept quantized stay so."""
     path = default_model_path() if path is None else Path(path)
     if path.is_dir():
         config, weights, tokenizer = _load_directory(path)
@@ -67,7 +72,14 @@ def load_pretrained(
 
         keep_quantized = resolve_device(device) != "cpu"
     return LanguageModel(
-        config, weights, tokenizer, device, bool(keep_quantized), str(path), matmul_precision
+        config,
+        weights,
+        tokenizer,
+        device,
+        bool(keep_quantized),
+        str(path),
+        matmul_precision,
+        dtype,
     )
 
 

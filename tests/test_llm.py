@@ -56,6 +56,51 @@ def test_random_llama_logits_match_transformers(tmp_path, device, variant):
         )
 
 
+def f16_values(model):
+    """`model` with its weights rounded to f16 values (kept f32): the model an f16
+    checkpoint holds, and what one stored with f16 matrices computes."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_f16_weight_storage_computes_the_f16_rounded_model(tmp_path, device):
+    """dtype="float16" stores the matrices as f16 and computes in f32: the logits, decoding
+    against the cache and greedy generation are those of the f32 model whose matrices hold
+    the same f16 values, within f32 rounding. A float16 checkpoint loads the same way."""
+    model = f16_values(random_llama(seed=4, tie_word_embeddings=False))
+    ids = [5, 80, 17, 200, 33, 9, 41]
+    want = reference_logits(model, ids)
+    prompts = [[5, 80, 17, 200, 33, 9, 41, 8], [7, 66]]
+    expected = [reference_greedy(model, p, 10) for p in prompts]
+    for directory, saved in ((tmp_path / "f32", None), (tmp_path / "f16", torch.float16)):
+        directory.mkdir()
+        ours = load_pretrained(save_hf(model, directory, dtype=saved), device=device, dtype="f16")
+        model.float()  # (save_hf converted it in place)
+        assert ours.weight_dtype == "f16" and "float16 weights" in repr(ours)
+        np.testing.assert_allclose(ours.logits(ids), want, atol=1e-4, rtol=1e-4)
+    assert ours.generate_ids(prompts, 10, Sampling(greedy=True)) == expected
+    parameters = ours.engine(1, 16).session.graph
+    dtypes = {parameters.nodes[nid].type.dtype for nid in parameters.parameters.values()}
+    assert "f16" in dtypes  # the matrices really are stored as f16
+
+
+def test_weights_out_of_f16_range_and_unknown_dtypes_are_refused(tmp_path):
+    model = random_llama(seed=4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
+    ours = load_pretrained(save_hf(model, tmp_path), device="cpu", dtype="float16")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight.*do not fit f16"):
+        ours.logits([1, 2])
+    with pytest.raises(ValueError, match=r"dtype 'bfloat16' is not supported.*float16"):
+        load_pretrained(tmp_path, device="cpu", dtype="bfloat16")
+    graph = Graph()
+    with pytest.raises(ValueError, match="f16 weights are for inference"):
+        Llama(graph, ours.config, weight_dtype="f16")
+
+
 @pytest.mark.gpu
 def test_high_precision_prompt_logits_stay_close_to_transformers(tmp_path):
     """matmul_precision="high" rounds a prompt's product operands to f16 (where the GPU's
@@ -346,6 +391,11 @@ def test_generate_command_streams_only_the_generated_text(tmp_path, capsys):
     chat = load_pretrained(directory, device="cpu").chat("the hat", 8, greedy=True)
     assert main(["generate", "--chat", *args, "the hat"]) == 0
     assert capsys.readouterr().out == chat + "\n"
+    half = load_pretrained(directory, device="cpu", dtype="float16").generate(
+        "the hat", 8, greedy=True
+    )
+    assert main(["generate", *args, "--dtype", "float16", "the hat"]) == 0
+    assert capsys.readouterr().out == half + "\n"
     assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 2
     assert "missing: no such model" in capsys.readouterr().err
 

@@ -175,6 +175,48 @@ def test_f16_storage_accumulates_in_f32(device, rows):
     np.testing.assert_allclose(got, exact.astype(np.float16), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "tb"),
+    [
+        ((1, 576), (96, 576), True),  # decoding: GEMV over contiguous k, vec4<f16> loads
+        ((3, 13), (9, 13), True),  # GEMV, scalar loads
+        ((2, 3, 64), (64, 36), False),  # GEMV over columns
+        ((40, 68), (24, 68), True),  # tiled, k split
+        ((260, 24), (260, 24), True),  # 128 x 128 tiles
+    ],
+)
+def test_f32_by_f16_weights_is_f32_with_gradients_in_each_dtype(device, a_shape, b_shape, tb):
+    """x (f32) @ W (f16), weights stored in f16 for an f32 model: the product is f32, W
+    widened as it is loaded; x's gradient is f32 and W's is rounded to f16."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(a_shape).astype(np.float32)
+    w = rng.standard_normal(b_shape).astype(np.float16)
+    g = Graph()
+    tx, tw = g.parameter("x", x.shape, init=x), g.parameter("w", w.shape, init=w, dtype="f16")
+    out = g.output("out", g.apply("matmul", [tx, tw], trans_b=tb) + 0.5)
+    up = rng.standard_normal(out.shape).astype(np.float32)
+    dx, dw = grad((out * g.input("up", up.shape)).sum(), [tx, tw])
+    g.output("dx", dx)
+    g.output("dw", dw)
+    got = build(g, device=device).run({"up": up})
+    rx, rw = (
+        torch.tensor(x, requires_grad=True),
+        torch.tensor(w.astype(np.float32), requires_grad=True),
+    )
+    ref = rx @ (rw.T if tb else rw) + 0.5
+    ref.backward(torch.tensor(up))
+    assert (got["out"].dtype, got["dx"].dtype, got["dw"].dtype) == (
+        np.float32,
+        np.float32,
+        np.float16,
+    )
+    for name, want, tol in (("out", ref, 1e-5), ("dx", rx.grad, 1e-5), ("dw", rw.grad, 1e-3)):
+        want = want.detach().numpy()
+        atol = tol * np.abs(want).max()
+        np.testing.assert_allclose(got[name], want, rtol=tol, atol=atol, err_msg=name)
+
+
 def test_matmul_precision_is_checked():
     g = Graph()
     g.output("y", g.input("a", (2, 2)) @ g.input("b", (2, 2)))

@@ -31,6 +31,8 @@ from meganeura.ops.attention import attention
 from meganeura.ops.quant import QuantizedTensor, quantized_matmul, quantized_parameter
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+WEIGHT_DTYPES = ("f32", "f16")  # storage of the weight matrices on the device
+F16_MAX = 65504.0
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -177,14 +179,27 @@ def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 Weights = Mapping[str, "np.ndarray | QuantizedWeight"]
 
 
+def to_f16(value: np.ndarray, name: str) -> np.ndarray:
+    """`value` rounded to f16, or an error naming the weight if it does not fit f16's range."""
+    peak = float(np.max(np.abs(value))) if value.size else 0.0
+    if not np.isfinite(peak) or peak > F16_MAX:
+        raise ValueError(
+            f"{name}: values up to {peak:.6g} do not fit f16 (largest {F16_MAX:g}); "
+            "keep this model's weights in f32"
+        )
+    return value.astype(np.float16)
+
+
 @dataclass
 class Llama:
     """The parameters of a Llama model in `graph`, and the forward pass over them.
 
     `weights` gives initial values by Hugging Face name (missing ones are initialized as
     transformers initializes them); a QuantizedWeight stays quantized on the device when
-    `keep_quantized` is set and is dequantized to f32 otherwise. With `lora`, base weights are
-    frozen and only the adapters train.
+    `keep_quantized` is set and is dequantized otherwise. With `weight_dtype="f16"` the
+    matrices (projections, embeddings, lm_head) are stored as f16 on the device, half the
+    bytes, and widened to f32 as the products load them (norm weights and activations stay
+    f32); inference only. With `lora`, base weights are frozen and only the adapters train.
     """
 
     graph: Graph
@@ -193,9 +208,19 @@ class Llama:
     trainable: bool = True
     lora: LoraConfig | None = None
     keep_quantized: bool = False
+    weight_dtype: str = "f32"
 
     def __post_init__(self):
         c = self.config
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"Llama: weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}"
+            )
+        if self.weight_dtype != "f32" and self.trainable:
+            raise ValueError(
+                f"Llama: {self.weight_dtype} weights are for inference; training keeps f32 "
+                "weights (build with trainable=False, or weight_dtype='f32')"
+            )
         unknown = sorted(set(self.weights) - set(parameter_shapes(self.config)))
         if unknown:
             raise ValueError(
@@ -227,6 +252,10 @@ class Llama:
             value = np.ones(shape, np.float32) if name.endswith("norm.weight") else std
         elif tuple(value.shape) != shape:
             raise ValueError(f"Llama: {name} is {list(value.shape)}, expected {list(shape)}")
+        if self.weight_dtype == "f16" and len(shape) == 2:
+            if isinstance(value, np.ndarray):  # (an initializer draws in the parameter's dtype)
+                value = to_f16(value, name)
+            return self.graph.parameter(name, shape, init=value, trainable=False, dtype="f16")
         return self.graph.parameter(name, shape, init=value, trainable=trainable)
 
     def _add_adapter(self, weight_name: str) -> None:
@@ -309,6 +338,8 @@ class Llama:
         if isinstance(table, QuantizedTensor):
             table = table.dequantize()  # inlined: only the gathered rows are decoded
         x = F.embedding(table, input_ids)
+        if x.dtype != "f32":
+            x = x.astype("f32")
         for i in range(self.config.num_hidden_layers):
             x = self.layer(i, x, positions, mask, cache)
         return self.rms_norm(x, "model.norm.weight")

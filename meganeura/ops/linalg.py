@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from meganeura.graph import TensorType
+from meganeura.graph import TensorType, dtype_of_array, numpy_dtype
 from meganeura.ops import OpDef, register
 from meganeura.ops.reduce import sum_to
 
@@ -33,10 +33,16 @@ def matmul_dims(a: TensorType, b: TensorType, trans_a: bool, trans_b: bool):
 
 def _infer(types, attrs):
     a, b = types
-    if a.dtype != b.dtype or a.dtype not in ("f32", "f16"):
-        raise TypeError(f"matmul: operands must both be f32 or both f16, got {a} and {b}")
+    if a.dtype not in ("f32", "f16") or b.dtype not in ("f32", "f16"):
+        raise TypeError(f"matmul: operands must be f32 or f16, got {a} and {b}")
     batch, m, _, n = matmul_dims(a, b, attrs["trans_a"], attrs["trans_b"])
-    return TensorType((*batch, m, n), a.dtype)
+    return TensorType((*batch, m, n), _product_dtype(a.dtype, b.dtype))
+
+
+def _product_dtype(a: str, b: str) -> str:
+    """f16 @ f16 is f16; a product with an f32 operand is f32 (f16 weights stored for an f32
+    model: the f16 operand is widened as it is loaded, the accumulation is f32 either way)."""
+    return "f16" if a == b == "f16" else "f32"
 
 
 def _normalize(types, attrs):
@@ -59,7 +65,7 @@ def _reference(arrays, attrs):
         out = (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
     else:
         out = np.matmul(a, b)
-    return out.astype(arrays[0].dtype)
+    return out.astype(numpy_dtype(_product_dtype(*(dtype_of_array(x) for x in arrays))))
 
 
 def mm(a, b, trans_a=False, trans_b=False):
@@ -72,7 +78,13 @@ def _vjp(g, x, out, attrs):
     # C = op(A) op(B): dop(A) = G op(B)^T and dop(B) = op(A)^T G, transposed back where needed.
     da = mm(b, g, trans_a=tb, trans_b=True) if ta else mm(g, b, trans_b=not tb)
     db = mm(g, a, trans_a=True, trans_b=ta) if tb else mm(a, g, trans_a=not ta)
-    return [sum_to(da, a.shape), sum_to(db, b.shape)]
+    # With one f16 operand the product and its gradients are f32: each goes back to its
+    # operand's dtype.
+    return [_as(sum_to(da, a.shape), a), _as(sum_to(db, b.shape), b)]
+
+
+def _as(grad, x):
+    return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
 
 
 # Products of at most this many rows may compute A as they load it (OpDef.computed_inputs):
