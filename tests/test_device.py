@@ -200,3 +200,28 @@ def test_pipelines_compile_together_once_each_and_name_a_failing_kernel():
     assert first is again and executor.pipeline(kernel, "later") is first
     with pytest.raises(RuntimeError, match="kernel broken failed to compile"):
         executor.pipelines([(kernel, "one"), ("@compute @workgroup_size(1) fn main() {", "broken")])
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("wait", ["spin", "block", "no pump"])
+def test_reads_poll_for_the_device_then_block(monkeypatch, wait):
+    """A read spins on Dawn's ProcessEvents for up to SPIN_SECONDS, then blocks; without the
+    spin (a deadline of zero, or a binding without ProcessEvents) it blocks at once. Each way
+    it reads what the run wrote, run after run."""
+    import numpy as np
+
+    from meganeura import Graph, build
+    from meganeura.backends.webgpu import runtime
+
+    assert runtime._event_pump("wgpudawn") is not None
+    assert runtime._event_pump("meganeura") is None  # no such extras: block
+    if wait == "block":
+        monkeypatch.setattr(runtime, "SPIN_SECONDS", 0.0)
+    if wait == "no pump":
+        monkeypatch.setattr(runtime, "_event_pump", lambda binding: None)
+    g = Graph()
+    g.output("y", g.input("x", (300,)) * 2.0)
+    session = build(g, device="vulkan-cpu")
+    for step in range(3):
+        x = np.arange(300, dtype=np.float32) + step
+        np.testing.assert_array_equal(session.run({"x": x})["y"], 2 * x)
