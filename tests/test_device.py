@@ -225,3 +225,27 @@ def test_reads_poll_for_the_device_then_block(monkeypatch, wait):
     for step in range(3):
         x = np.arange(300, dtype=np.float32) + step
         np.testing.assert_array_equal(session.run({"x": x})["y"], 2 * x)
+
+
+@pytest.mark.lavapipe
+def test_polling_sees_the_map_complete():
+    """The spin must see the device finish (not run out its time and fall back to blocking,
+    which would make every read cost SPIN_SECONDS)."""
+    import time
+
+    from meganeura.backends.webgpu import runtime
+
+    gpu = resolve_device("vulkan-cpu")
+    wgpu, device = gpu.wgpu, gpu.device
+    usage = wgpu.BufferUsage
+    src = device.create_buffer(size=1 << 20, usage=usage.COPY_SRC | usage.COPY_DST)
+    dst = device.create_buffer(size=1 << 20, usage=usage.MAP_READ | usage.COPY_DST)
+    encoder = device.create_command_encoder()
+    encoder.copy_buffer_to_buffer(src, 0, dst, 0, 1 << 20)
+    device.queue.submit([encoder.finish()])
+    promise = dst.map_async(wgpu.MapMode.READ)
+    start = time.perf_counter()
+    assert runtime.poll_until_done(promise, runtime._event_pump(wgpu.__name__), 30.0)
+    assert time.perf_counter() - start < 10.0
+    promise.sync_wait()
+    dst.unmap()

@@ -474,14 +474,25 @@ def read_mappable(wgpu, buffer, nbytes: int, convert=bytes):
     promise = buffer.map_async(wgpu.MapMode.READ)
     pump = _event_pump(wgpu.__name__)
     if pump is not None:
-        deadline = time.perf_counter() + SPIN_SECONDS
-        while buffer.map_state == "pending" and time.perf_counter() < deadline:
-            pump()
+        poll_until_done(promise, pump, SPIN_SECONDS)
     promise.sync_wait()
     try:
         return convert(buffer.read_mapped(0, nbytes))
     finally:
         buffer.unmap()
+
+
+def poll_until_done(promise, pump, seconds: float) -> bool:
+    """Call `pump` until `promise` (a wgpu-py GPUPromise) has its result or `seconds` pass;
+    whether it has. The binding offers no public test of a promise: its state is read where
+    it keeps it (`_state`, "pending" until the callback arrives), and without that attribute
+    this returns at once and the caller blocks as before."""
+    deadline = time.perf_counter() + seconds
+    while getattr(promise, "_state", "") == "pending":
+        if time.perf_counter() >= deadline:
+            return False
+        pump()
+    return True
 
 
 @functools.cache
