@@ -21,7 +21,13 @@ import numpy as np
 
 from meganeura.graph import Graph
 from meganeura.io.tokenizer import Tokenizer
-from meganeura.models.smollm2 import KVCache, Llama, LlamaConfig, chunk_outputs
+from meganeura.models.smollm2 import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    check_f16_range,
+    chunk_outputs,
+)
 
 MIN_CAPACITY = 256  # room for a few chat turns before the cache must grow
 
@@ -321,6 +327,10 @@ class LanguageModel:
         self.config = config
         self.weight_dtype = weight_dtype(dtype)
         self.weights = dict(weights)
+        if self.weight_dtype == "f16":  # refuse weights out of f16's range now, not at first use
+            for name, value in self.weights.items():
+                if isinstance(value, np.ndarray) and value.ndim == 2:
+                    check_f16_range(value, name)
         self.tokenizer = tokenizer
         self.device = device
         self.keep_quantized = keep_quantized

@@ -91,14 +91,16 @@ def test_weights_out_of_f16_range_and_unknown_dtypes_are_refused(tmp_path):
     model = random_llama(seed=4)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
-    ours = load_pretrained(save_hf(model, tmp_path), device="cpu", dtype="float16")
+    directory = save_hf(model, tmp_path)
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight.*do not fit f16"):
-        ours.logits([1, 2])
+        load_pretrained(directory, device="cpu", dtype="float16")
+    ours = load_pretrained(directory, device="cpu")
     with pytest.raises(ValueError, match=r"dtype 'bfloat16' is not supported.*float16"):
         load_pretrained(tmp_path, device="cpu", dtype="bfloat16")
-    graph = Graph()
     with pytest.raises(ValueError, match="f16 weights are for inference"):
-        Llama(graph, ours.config, weight_dtype="f16")
+        Llama(Graph(), ours.config, weight_dtype="f16")
+    with pytest.raises(ValueError, match=r"down_proj\.weight: values up to 100000 do not fit"):
+        Llama(Graph(), ours.config, ours.weights, trainable=False, weight_dtype="f16")
 
 
 @pytest.mark.gpu

@@ -179,14 +179,19 @@ def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 Weights = Mapping[str, "np.ndarray | QuantizedWeight"]
 
 
-def to_f16(value: np.ndarray, name: str) -> np.ndarray:
-    """`value` rounded to f16, or an error naming the weight if it does not fit f16's range."""
+def check_f16_range(value: np.ndarray, name: str) -> None:
+    """An error naming the weight if its values do not fit f16's range."""
     peak = float(np.max(np.abs(value))) if value.size else 0.0
     if not np.isfinite(peak) or peak > F16_MAX:
         raise ValueError(
             f"{name}: values up to {peak:.6g} do not fit f16 (largest {F16_MAX:g}); "
             "keep this model's weights in f32"
         )
+
+
+def to_f16(value: np.ndarray, name: str) -> np.ndarray:
+    """`value` rounded to f16, or an error naming the weight if it does not fit f16's range."""
+    check_f16_range(value, name)
     return value.astype(np.float16)
 
 
