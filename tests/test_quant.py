@@ -8,6 +8,7 @@ import pytest
 from meganeura import Graph, build
 from meganeura import functional as F
 from meganeura.autodiff import grad
+from meganeura.backends.wgsl.kernels import generate
 from meganeura.io.gguf import QuantizedWeight
 from meganeura.lower.rewrite import QUANTIZED_ROWS
 from meganeura.ops.quant import dequantize, pack_words, quantized_matmul, quantized_parameter
@@ -215,6 +216,44 @@ def test_products_of_many_rows_run_dense_on_the_dequantized_weight(device, rows)
     norm = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
     for n, w in weights.items():
         np.testing.assert_allclose(got[n], norm @ w.dequantize().T + 1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", [*DEVICES, pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(
+    ("rows", "out", "cols", "norm"),
+    [
+        (40, 48, 64, False),  # split tiles
+        (20, 33, 96, True),  # split tiles, partial ones, the norm in the product
+        (1024, 512, 64, False),  # 128 x 128 tiles
+    ],
+)
+def test_dense_q4_1_products_decode_as_they_stage(device, qtype, rows, out, cols, norm):
+    """A dense product of many rows with a Q4_1 weight decodes the weight's blocks four weights
+    at a time as its tiles stage them: one launch, no f32 weight. Other qtypes are widened by
+    a `dequantize` launch first. Both against the gguf package's own dequantization."""
+    w = quantized(out, cols, qtype, seed=3)
+    graph = Graph()
+    x = graph.input("x", (rows, cols))
+    scale = graph.input("scale", (cols,))
+    h = F.rms_norm(x, scale, eps=1e-5) if norm else x
+    weight = dequantize(quantized_parameter(graph, "w", w))
+    graph.output("y", graph.apply("matmul", [h, weight], trans_b=True) + 1.0)
+    rng = np.random.default_rng(13)
+    data = rng.normal(size=(rows, cols)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    session = build(graph, device=device)
+    got = session.run({"x": data, "scale": gamma})["y"]
+    x64 = data.astype(np.float64)
+    if norm:
+        x64 = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * gamma
+    want = x64 @ w.dequantize().astype(np.float64).T + 1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if device != "cpu":
+        program = session._last
+        assert len(program.dispatches) == (1 if qtype == "Q4_1" else 2)
+        decoded = any("mn_decoded" in generate(program.plan, k).wgsl for k in program.plan.kernels)
+        assert decoded == (qtype == "Q4_1")
 
 
 @pytest.mark.lavapipe

@@ -198,7 +198,7 @@ def _computed_inputs(graph: Graph, node, users, materialized: set[int]) -> set[i
     if opdef.computed_inputs is None:
         return set()
     types = [graph.nodes[i].type for i in node.inputs]
-    allowed = opdef.computed_inputs(types, node.attrs)
+    allowed = opdef.computed_inputs(types, node.attrs, [graph.nodes[i] for i in node.inputs])
     out = set()
     for n, reads in allowed.items():
         i = node.inputs[n]

@@ -6,10 +6,11 @@ where every graph (optimized or not, written by hand or from primitives) passes.
   workgroup and decodes the weight again for every such tile: right for decoding (one row),
   slow for a prompt (on an H200 a 128-row prefill's quantized products took about 290 us
   each, the dense ones 35 us). So a product of more than QUANTIZED_ROWS rows becomes
-  `matmul(x, dequantize(raw), trans_b=True)` (`rms_norm_matmul` for the norm's form): one
-  launch writes the f32 weight into a transient buffer, placed right before its product so
-  the memory plan reuses one buffer for them all, and the tiled f32 kernels take it from
-  there, as llama.cpp dequantizes weights for the matrix products of batched prompts.
+  `matmul(x, dequantize(raw), trans_b=True)` (`rms_norm_matmul` for the norm's form). The
+  tiled f32 kernels decode a Q4_1 weight four weights at a time as they stage it (a computed
+  operand, ops/linalg.py's `decoded_b`); for the other qtypes one launch writes the f32
+  weight into a transient buffer, placed right before its product so the memory plan reuses
+  one buffer for them all, as llama.cpp dequantizes weights for batched prompts.
 - `tokens_first_attention`: an attention whose output a reader permutes to [B, Tq, Hq, Dv]
   (a model merging the heads back into its rows for the output projection) stores it in
   that order (`attention`'s `tokens_first`), so the merged rows are a plain view of its

@@ -37,9 +37,10 @@ class OpDef:
     strided_inputs: bool = False
     # Inputs such an archetype can also read through a generated function evaluating their
     # inlined DAG (a view that is not affine, SwiGLU, RoPE) instead of a buffer, saving the
-    # launch that would store them: (types, attrs) -> {input position: how many times the
-    # kernel evaluates each element, at most}. The planner weighs that recomputation.
-    computed_inputs: Callable[[list[TensorType], dict], dict[int, int]] | None = None
+    # launch that would store them: (types, attrs, the nodes producing the inputs) -> {input
+    # position: how many times the kernel evaluates each element, at most}. The planner
+    # weighs that recomputation.
+    computed_inputs: Callable[[list[TensorType], dict, list], dict[int, int]] | None = None
     # The kernel can write its output into this input's buffer, touching only what changes
     # (write_rows); the planner shares the buffer when nothing reads the old value afterwards.
     in_place: int | None = None

@@ -326,7 +326,7 @@ register(
         strided_inputs=True,
         # q (RoPE'd, say) may be computed as it is staged: once per workgroup of its rows, and
         # of each of their key splits.
-        computed_inputs=lambda types, attrs: {0: 16},
+        computed_inputs=lambda types, attrs, producers: {0: 16},
         doc="packed [output | log-sum-exp] of scaled dot-product attention",
     )
 )

@@ -93,11 +93,30 @@ def _as(grad, x):
 # projections computing SwiGLU and the heads' transpose as they loaded took 43 us instead of
 # 26 us plus a 7.7 us launch storing them.
 COMPUTED_A_ROWS = 8
+# Larger products may decode a GGUF-quantized weight B [N, K] (`dequantize`, as a prompt's
+# dense products of quantized weights read it) as their tiles stage it, four weights per
+# vec4, in every workgroup along M (tiles of at least 16 rows): the qtypes whose blocks the
+# tiled kernels decode (backends/wgsl/matmul_operands.py). On an H200 a 128-token prefill
+# with Q4_1 weights went 4.30 -> 3.84 ms (four launches a layer writing f32 weights gone).
+DECODED_B_ROWS = 16
+DECODED_QTYPES = ("Q4_1",)
 
 
-def _computed_a(types, attrs) -> dict[int, int]:
+def decoded_b(types, attrs, producers) -> dict[int, int]:
+    """{position of B: evaluations} where B, the last input, is a quantized weight the tiled
+    kernels decode as they stage it (read transposed, x @ Wᵀ); else {}."""
+    b = producers[-1]
+    rows = math.prod(types[0].shape[:-1])
+    if b.op == "dequantize" and b.attrs["qtype"] in DECODED_QTYPES and attrs["trans_b"]:
+        return {len(types) - 1: math.ceil(rows / DECODED_B_ROWS)}
+    return {}
+
+
+def _computed_operands(types, attrs, producers) -> dict[int, int]:
     _, M, _, N = matmul_dims(types[0], types[1], attrs["trans_a"], attrs["trans_b"])
-    return {0: math.ceil(N / 2)} if M <= COMPUTED_A_ROWS else {}
+    if M <= COMPUTED_A_ROWS:
+        return {0: math.ceil(N / 2)}
+    return decoded_b(types, attrs, producers)
 
 
 register(
@@ -109,6 +128,6 @@ register(
         _vjp,
         normalize=_normalize,
         strided_inputs=True,
-        computed_inputs=_computed_a,
+        computed_inputs=_computed_operands,
     )
 )

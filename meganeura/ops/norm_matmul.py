@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from meganeura.ops import OpDef, get_op, register
+from meganeura.ops.linalg import decoded_b
 
 NORMS = {"rms_norm_matmul": ("rms_norm", 1), "layer_norm_matmul": ("layer_norm", 2)}
 
@@ -85,6 +86,7 @@ for _op, (_norm, _params) in NORMS.items():
             _vjp(_norm),
             normalize=_normalize(_op),
             strided_inputs=True,
+            computed_inputs=decoded_b,
             doc=f"matmul({_norm}(x, params, eps), b, trans_b): the norm applied as the "
             "matmul loads x",
         )

@@ -113,7 +113,7 @@ def _qmm_vjp(g, inputs, out, attrs):
     return [matmul(g, w), None]
 
 
-def _computed_x(types, attrs) -> dict[int, int]:
+def _computed_x(types, attrs, producers) -> dict[int, int]:
     """x may be computed as it is loaded: each workgroup (two outputs at the least) reads it."""
     return {0: math.ceil(attrs["shape"][0] / 2)}
 

@@ -17,8 +17,9 @@ from meganeura.backends.wgsl.kernels import (
     product_store,
 )
 from meganeura.backends.wgsl.norm_prologue import NormPrologue
-from meganeura.lower.plan import Kernel, Plan, buffers_read
-from meganeura.ops.linalg import matmul_dims
+from meganeura.lower.plan import Kernel, Plan, buffers_read, strided_view
+from meganeura.ops.linalg import DECODED_QTYPES, matmul_dims
+from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
 
 class VecBindings(_Bindings):
@@ -51,6 +52,9 @@ class Operand:
     offset: int
     batch_strides: list[int]
     computed: bool = False
+    # A computed GGUF weight that tiled kernels decode four weights at a time: the WGSL
+    # function (row, k) -> vec4<f32> of its weights k..k+3 (k a multiple of 4) in row `row`.
+    decoded: str = ""
 
     def at(self, index: str) -> str:
         """The element at buffer (or, computed, linear) index `index`, as f32."""
@@ -116,7 +120,31 @@ class Matmul:
         lead = len(self.batch) - (len(shape) - 2)
         bstrides = [0] * lead + [0 if shape[d] == 1 else strides[d] for d in range(len(shape) - 2)]
         computed = base is None
-        return Operand(nid if computed else base, buf, s_row, s_col, offset, bstrides, computed)
+        decoded = ""
+        node = self.graph.nodes[nid]
+        if computed and node.op == "dequantize" and node.attrs["qtype"] in DECODED_QTYPES:
+            decoded = f"mn_decoded{nid}"
+            self.functions.append(self._decode_function(node, decoded))
+        operand = Operand(nid if computed else base, buf, s_row, s_col, offset, bstrides, computed)
+        operand.decoded = decoded
+        return operand
+
+    def _decode_function(self, node, name: str) -> str:
+        """WGSL `fn name(row, k) -> vec4<f32>`: weights k..k+3 (k a multiple of 4) of row `row`
+        of a Q4_1 weight, from its raw words. A row is K / 32 blocks of 5 words: the f16 pair
+        (d, m), then 16 bytes whose low nibbles are the block's weights 0-15 and high nibbles
+        16-31; a weight is q * d + m (GGML's block_q4_1)."""
+        base, _, offset = strided_view(self.graph, node.inputs[0], self.plan.materialized)
+        raw = self.bind.name_of(base)
+        words = node.attrs["shape"][1] // BLOCK * QUANT_LAYOUTS["Q4_1"] // 4
+        return f"""fn {name}(row: u32, k: u32) -> vec4<f32> {{
+  let w = {f"{offset}u + " if offset else ""}row * {words}u + (k / 32u) * 5u;
+  let dm = unpack2x16float({raw}[w]);
+  let j = k % 32u;
+  let q = {raw}[w + 1u + (j % 16u) / 4u] >> select(0u, 4u, j >= 16u);
+  return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u)) * dm.x + dm.y;
+}}
+"""
 
     def epilogue_reads(self) -> set[int]:
         """Buffers the epilogue loads (besides the product itself)."""

@@ -88,11 +88,12 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     vec_a = (K % 4 == 0 and K > 0) if a.s_col == 1 else (M % 4 == 0 and a.s_row == 1)
     vec_b = (K % 4 == 0 and K > 0) if b.s_row == 1 else (N % 4 == 0 and b.s_col == 1)
     vec_a = vec_a and mm.use_vec4(a, a.s_col == 1)
-    vec_b = vec_b and mm.use_vec4(b, b.s_row != 1)
+    # A decoded weight (read along k) is staged four weights at a time, as vec4 loads are.
+    vec_b = vec_b and (mm.use_vec4(b, b.s_row != 1) or (bool(b.decoded) and b.s_row == 1))
     # A norm prologue normalizes the vec4 of one row (k..k+3), not one of four rows.
     vec_a = vec_a and (mm.prologue is None or a.s_col == 1)
     for vec, x in ((vec_a, a), (vec_b, b)):
-        if vec:
+        if vec and not x.decoded:
             mm.bind.vector.add(mm.plan.buffer_of[x.base])
     # Before the loads that read them: the statistics of the tile's rows, in `tile`.
     statistics = mm.row_statistics(R, "m0", 256, "tid", scratch="tile")
@@ -229,7 +230,10 @@ def _stage(
             in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
             put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
         lets.append(f"  var {reg} = vec4<f32>(0.0);")
-        if vec:  # along k under a prologue: the vec4 of one row at k..k+3
+        if vec and x.decoded:  # a quantized weight: four weights of row start + r at k..k+3
+            loaded = f"{x.decoded}(min({start} + {r}, {rows - 1}u), min(k0 + {k}, {K - 4}u))"
+            value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
+        elif vec:  # along k under a prologue: the vec4 of one row at k..k+3
             loaded = normalize(f"vec4<f32>({x.buf}[{at_vec}])", r, f"min(k0 + {k}, {K - 4}u)", True)
             value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
         else:
@@ -300,6 +304,13 @@ def _tiled_large(mm: Matmul) -> KernelSource:
             f"{name}{i} = select(0.0, {value(r, k)}, {start} + {r} < {rows}u && k0 + {k} < {K}u);"
             for i, (r, k) in enumerate(at)
         )
+        if x.decoded and x.s_col == 1:  # a quantized weight: its four weights in one decode
+            r, k = f"{name}r", f"{name}k"
+            loads = (
+                f"let {name}v = select(vec4<f32>(0.0), {x.decoded}(min({start} + {r}, {rows - 1}u),"
+                f" min(k0 + {k}, {K - 4}u)), {start} + {r} < {rows}u && k0 + {k} < {K}u); "
+                + " ".join(f"{name}{i} = {name}v.{ch};" for i, ch in enumerate("xyzw"))
+            )
         keep = mm.keep_statistics() if name == "As" else ""
         if keep:  # a norm prologue: the statistics of the rows it loads, in registers
             index += "\n" + keep.rstrip("\n")
