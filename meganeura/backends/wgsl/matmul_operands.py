@@ -125,9 +125,8 @@ class Matmul:
         if computed and node.op == "dequantize" and node.attrs["qtype"] in DECODED_QTYPES:
             decoded = f"mn_decoded{nid}"
             self.functions.append(self._decode_function(node, decoded))
-        operand = Operand(nid if computed else base, buf, s_row, s_col, offset, bstrides, computed)
-        operand.decoded = decoded
-        return operand
+        base = nid if computed else base
+        return Operand(base, buf, s_row, s_col, offset, bstrides, computed, decoded)
 
     def _decode_function(self, node, name: str) -> str:
         """WGSL `fn name(row, k) -> vec4<f32>`: weights k..k+3 (k a multiple of 4) of row `row`
