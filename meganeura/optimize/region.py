@@ -19,14 +19,8 @@ from meganeura.ops import INLINED_KINDS, get_op
 from meganeura.optimize.egraph import EGraphRun, ENode, prepared
 from meganeura.optimize.encode import ConstantPool, codec, encode_region, parse_type
 from meganeura.optimize.extract import CostModel, Extraction
-from meganeura.optimize.rules import (
-    DECLARATIONS,
-    STAGES,
-    available_rules,
-    schedule,
-    tables,
-    types_rules,
-)
+from meganeura.optimize.facts import DECLARATIONS, tables
+from meganeura.optimize.rules import STAGES, available_rules, schedule, types_rules
 
 
 @dataclass
