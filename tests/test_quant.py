@@ -256,6 +256,27 @@ def test_dense_q4_1_products_decode_as_they_stage(device, qtype, rows, out, cols
         assert decoded == (qtype == "Q4_1")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_decoded_weight_is_read_at_its_offset_in_a_larger_buffer(device):
+    """A Q4_1 weight stored after another in one buffer (as siblings are stored together) is
+    decoded from its own words: the decode starts at the view's offset."""
+    first, second = quantized(8, 64, "Q4_1", seed=5), quantized(24, 64, "Q4_1", seed=6)
+    words = [pack_words(w.blocks) for w in (first, second)]
+    graph = Graph()
+    x = graph.input("x", (40, 64))
+    raw = graph.input("raw", (sum(w.size for w in words),), "u32")
+    part = raw[words[0].size :]
+    weight = graph.apply("dequantize", [part], qtype="Q4_1", shape=(24, 64))
+    graph.output("y", graph.apply("matmul", [x, weight], trans_b=True))
+    data = np.random.default_rng(14).normal(size=(40, 64)).astype(np.float32)
+    session = build(graph, device=device)
+    got = session.run({"x": data, "raw": np.concatenate(words)})["y"]
+    want = data.astype(np.float64) @ second.dequantize().astype(np.float64).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if device != "cpu":
+        assert len(session._last.dispatches) == 1
+
+
 @pytest.mark.lavapipe
 @pytest.mark.parametrize("sums", [False, True])
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])

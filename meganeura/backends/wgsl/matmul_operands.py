@@ -22,6 +22,17 @@ from meganeura.ops.linalg import DECODED_QTYPES, matmul_dims
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
 
+def raw_words(graph, node, materialized) -> tuple[int, int]:
+    """(buffer node, offset in words) of the raw words a dequantize reads: its input's buffer,
+    or a contiguous run of one (a slice of a larger buffer)."""
+    view = strided_view(graph, node.inputs[0], materialized)
+    if view is None or tuple(view[1]) != (1,):
+        raise AssertionError(
+            f"{node.describe()} reads words that are no contiguous run of a buffer"
+        )
+    return view[0], view[2]
+
+
 class VecBindings(_Bindings):
     """Bindings where some buffers are declared as arrays of vec4 for 16-byte loads."""
 
@@ -133,7 +144,7 @@ class Matmul:
         of a Q4_1 weight, from its raw words. A row is K / 32 blocks of 5 words: the f16 pair
         (d, m), then 16 bytes whose low nibbles are the block's weights 0-15 and high nibbles
         16-31; a weight is q * d + m (GGML's block_q4_1)."""
-        base, _, offset = strided_view(self.graph, node.inputs[0], self.plan.materialized)
+        base, offset = raw_words(self.graph, node, self.plan.materialized)
         raw = self.bind.name_of(base)
         words = node.attrs["shape"][1] // BLOCK * QUANT_LAYOUTS["Q4_1"] // 4
         return f"""fn {name}(row: u32, k: u32) -> vec4<f32> {{

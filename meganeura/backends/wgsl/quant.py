@@ -27,7 +27,7 @@ from meganeura.backends.wgsl.kernels import (
     operand_view,
     product_store,
 )
-from meganeura.backends.wgsl.matmul_operands import VecBindings
+from meganeura.backends.wgsl.matmul_operands import VecBindings, raw_words
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
@@ -68,11 +68,13 @@ archetype("dequantize")(_pointwise)
 def _dequantize(em: Emitter, node, idx: str) -> str:
     qtype = node.attrs["qtype"]
     rows, cols = node.attrs["shape"]
-    buf = em.binding_of(node.inputs[0])
+    raw, offset = raw_words(em.graph, node, em.materialized)
+    buf = em.binding_of(raw)
     r = em.index(Emitter.coord(idx, (rows, cols), 0))
     c = em.index(Emitter.coord(idx, (rows, cols), 1))
     row_bytes = cols // BLOCK * QUANT_LAYOUTS[qtype]
-    base = em.index(f"{r} * {row_bytes}u + ({c} / {BLOCK}u) * {QUANT_LAYOUTS[qtype]}u")
+    start = f"{4 * offset}u + " if offset else ""
+    base = em.index(f"{start}{r} * {row_bytes}u + ({c} / {BLOCK}u) * {QUANT_LAYOUTS[qtype]}u")
     j = em.index(f"{c} % {BLOCK}u")
     return _value(qtype, buf, base, j)
 
