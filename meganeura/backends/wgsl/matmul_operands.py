@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meganeura.backends.wgsl.blocks import q4_1_vec4_function, raw_words
 from meganeura.backends.wgsl.emit import STORAGE_TYPE, prelude_for
 from meganeura.backends.wgsl.kernels import (
     KernelSource,
@@ -17,20 +18,8 @@ from meganeura.backends.wgsl.kernels import (
     product_store,
 )
 from meganeura.backends.wgsl.norm_prologue import NormPrologue
-from meganeura.lower.plan import Kernel, Plan, buffers_read, strided_view
+from meganeura.lower.plan import Kernel, Plan, buffers_read
 from meganeura.ops.linalg import DECODED_QTYPES, matmul_dims
-from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
-
-
-def raw_words(graph, node, materialized) -> tuple[int, int]:
-    """(buffer node, offset in words) of the raw words a dequantize reads: its input's buffer,
-    or a contiguous run of one (a slice of a larger buffer)."""
-    view = strided_view(graph, node.inputs[0], materialized)
-    if view is None or tuple(view[1]) != (1,):
-        raise AssertionError(
-            f"{node.describe()} reads words that are no contiguous run of a buffer"
-        )
-    return view[0], view[2]
 
 
 class VecBindings(_Bindings):
@@ -140,21 +129,9 @@ class Matmul:
         return Operand(base, buf, s_row, s_col, offset, bstrides, computed, decoded)
 
     def _decode_function(self, node, name: str) -> str:
-        """WGSL `fn name(row, k) -> vec4<f32>`: weights k..k+3 (k a multiple of 4) of row `row`
-        of a Q4_1 weight, from its raw words. A row is K / 32 blocks of 5 words: the f16 pair
-        (d, m), then 16 bytes whose low nibbles are the block's weights 0-15 and high nibbles
-        16-31; a weight is q * d + m (GGML's block_q4_1)."""
+        """The WGSL function decoding four weights of the Q4_1 weight `node` dequantizes."""
         base, offset = raw_words(self.graph, node, self.plan.materialized)
-        raw = self.bind.name_of(base)
-        words = node.attrs["shape"][1] // BLOCK * QUANT_LAYOUTS["Q4_1"] // 4
-        return f"""fn {name}(row: u32, k: u32) -> vec4<f32> {{
-  let w = {f"{offset}u + " if offset else ""}row * {words}u + (k / 32u) * 5u;
-  let dm = unpack2x16float({raw}[w]);
-  let j = k % 32u;
-  let q = {raw}[w + 1u + (j % 16u) / 4u] >> select(0u, 4u, j >= 16u);
-  return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u)) * dm.x + dm.y;
-}}
-"""
+        return q4_1_vec4_function(name, self.bind.name_of(base), offset, node.attrs["shape"][1])
 
     def epilogue_reads(self) -> set[int]:
         """Buffers the epilogue loads (besides the product itself)."""

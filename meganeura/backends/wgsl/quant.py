@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from meganeura.backends.wgsl.blocks import q4_1_nibbles, raw_words
 from meganeura.backends.wgsl.emit import Emitter, inline_value, literal
 from meganeura.backends.wgsl.kernels import (
     SUBGROUP_BUILTINS,
@@ -27,7 +28,7 @@ from meganeura.backends.wgsl.kernels import (
     operand_view,
     product_store,
 )
-from meganeura.backends.wgsl.matmul_operands import VecBindings, raw_words
+from meganeura.backends.wgsl.matmul_operands import VecBindings
 from meganeura.lower.plan import Kernel, Plan, strided_view
 from meganeura.ops.quant import BLOCK, QUANT_LAYOUTS
 
@@ -125,8 +126,8 @@ def _dot_loop(qtype: str, w: str, x_at, blocks: int, tile: int, x_vec4=None) -> 
         """Add word u's values (loaded as dm<n>, q<n>) times x to acc, for every row slot."""
         return (
             f"let q = q{n}; let dm = dm{n}; let k = ({u} / 4u) * {BLOCK}u + 4u * ({u} % 4u);\n"
-            "let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));\n"
-            "let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));\n"
+            f"let lo = {q4_1_nibbles('q')};\n"
+            f"let hi = {q4_1_nibbles('(q >> 4u)')};\n"
             f"for (var t = 0u; t < {tile}u; t++) {{\n"
             f"  let xl = {x4('k')};\n"
             f"  let xh = {x4('k + 16u')};\n"
