@@ -106,7 +106,8 @@ class Ours:
         """Device time of a decoding step and of a prefill (their kernels run several times
         over in one compute pass, timestamps around it), where the GPU offers timestamps."""
         session = self.engine.session
-        if "timestamp-query" not in getattr(session.executor, "gpu", None).features:
+        gpu = getattr(session.executor, "gpu", None)  # None: the NumPy executor
+        if gpu is None or "timestamp-query" not in gpu.features:
             return {}
         out = {}
         for key, ids in (("decode_device_ms", np.array([[7]])), ("prefill_device_ms", self.prompt)):
@@ -206,9 +207,8 @@ def main() -> None:
         engines["f32_high"] = Ours(config, weights, args.device, False, "high")
     device = engines["f32"].engine.device
     results = bench_ours(engines, max(1, args.runs // args.rounds), args.rounds)
-    if engines["f32"].engine.pipelines:
-        for name, ours in engines.items():
-            results[name].update(ours.device_ms())
+    for name, ours in engines.items():
+        results[name].update(ours.device_ms())
     del engines
     if not args.no_torch:
         results["torch"], results["torch_device"] = bench_torch(config, weights, args.runs)

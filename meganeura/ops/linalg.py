@@ -105,8 +105,8 @@ DECODED_QTYPES = ("Q4_1",)
 def decoded_b(types, attrs, producers) -> dict[int, int]:
     """{position of B: evaluations} where B, the last input, is a quantized weight the tiled
     kernels decode as they stage it (read transposed, x @ Wᵀ); else {}."""
-    b = producers[-1]
-    rows = math.prod(types[0].shape[:-1])
+    b, x = producers[-1], types[0]
+    rows = math.prod(x.shape[:-2]) * x.shape[-1 if attrs.get("trans_a") else -2]
     if b.op == "dequantize" and b.attrs["qtype"] in DECODED_QTYPES and attrs["trans_b"]:
         return {len(types) - 1: math.ceil(rows / DECODED_B_ROWS)}
     return {}
