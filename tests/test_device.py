@@ -249,3 +249,21 @@ def test_polling_sees_the_map_complete():
     assert time.perf_counter() - start < 10.0
     promise.sync_wait()
     dst.unmap()
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize(("checks", "unchecked"), [("", True), ("1", False), ("0", True)])
+def test_bounds_checks_are_off_unless_asked_for(checks, unchecked):
+    require_vulkan_cpu("dawn")
+    script = (
+        "from wgpudawn.backends.dawn.extras import get_toggles\n"
+        "from meganeura.backends.webgpu.device import resolve_device\n"
+        "d = resolve_device('vulkan-cpu', 'dawn')\n"
+        "print('disable_robustness' in get_toggles(d.device))\n"
+    )
+    env = dict(os.environ, MEGANEURA_BOUNDS_CHECKS=checks)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == str(unchecked)
