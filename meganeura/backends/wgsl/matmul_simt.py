@@ -6,9 +6,11 @@ makes enough workgroups; a tile smaller than 64 x 64 keeps 256 invocations with 
 each by splitting k among groups of them inside the workgroup, so a small product (an LLM
 prefill: 128 rows) runs on every SM in few serial steps, in one kernel.
 
-With a norm prologue (rms_norm_matmul, layer_norm_matmul) both kernels first compute the
+With a norm prologue (rms_norm_matmul, layer_norm_matmul) the kernels first compute the
 statistics of their tile's rows over the whole of k in the staging memory, which then holds
 operands as before: each invocation keeps the statistics of the rows it loads in registers.
+The split tiles defer an RMSNorm instead (NormPrologue.defer): they sum the squares of the
+rows as they stage them and scale their outputs at the end, reading each row once.
 """
 
 from __future__ import annotations
@@ -95,12 +97,28 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     for vec, x in ((vec_a, a), (vec_b, b)):
         if vec and not x.decoded:
             mm.bind.vector.add(mm.plan.buffer_of[x.base])
-    # Before the loads that read them: the statistics of the tile's rows, in `tile`.
-    statistics = mm.row_statistics(R, "m0", 256, "tid", scratch="tile")
-    ia, fa, sa = _stage(mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", normalized=True)
+    # An RMSNorm whose rows are staged as vec4s along k sums their squares as it stages them
+    # and scales the outputs at the end (NormPrologue.defer); other norms first compute the
+    # statistics of the tile's rows, in `tile`, before the loads that read them.
+    deferred = mm.prologue is not None and mm.prologue.can_defer() and vec_a and a.s_col == 1
+    if deferred:
+        mm.prologue.defer()
+    statistics = "" if deferred else mm.row_statistics(R, "m0", 256, "tid", scratch="tile")
+    ia, fa, sa = _stage(
+        mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", normalized=True, square_sums=deferred
+    )
     ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0")
     k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
     store = mm.store("acc_v", "idx", "        ")
+    rounds = math.ceil(R * D / 4 / 256)  # rounds of A loads per step (one for every tile)
+    finish_rows = ["4u * ty + 0u", "4u * ty + 1u", "4u * ty + 2u", "4u * ty + 3u"]
+    if S > 1:
+        finish_rows = [
+            f"4u * (((tid + {256 * t}u) % {P}u) / {GX}u) + (tid + {256 * t}u) / {P}u"
+            for t in range(math.ceil(4 * P / 256))
+        ]
+    scale = _deferred_scales(mm, R, rounds, finish_rows) if deferred else ""
+    row_scale = (lambda i: f" * nm_rs[{i}]") if deferred else (lambda i: "")
     if S == 1:
         finish = f"""  var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
   for (var i = 0u; i < 4u; i++) {{
@@ -108,7 +126,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     for (var c = 0u; c < 4u; c++) {{
       let gn = n0 + 4u * tx + c;
       if (gm < {M}u && gn < {N}u) {{
-        let acc_v = accs[i][c];
+        let acc_v = accs[i][c]{row_scale("i")};
         let idx = bz * {M * N}u + gm * {N}u + gn;
 {store}      }}
     }}
@@ -117,7 +135,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     else:
         # Partial sums of group g, output row i of the 4 x 4 blocks, at (g * 4 + i) * P + lid:
         # neighbouring invocations write and read neighbouring vec4s.
-        finish = f"""  tile[(grp * 4u) * {P}u + lid] = acc0;
+        finish = f"""{"  workgroupBarrier();" + chr(10) if deferred else ""}  tile[(grp * 4u) * {P}u + lid] = acc0;
   tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
   tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
   tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
@@ -130,7 +148,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     for (var c = 0u; c < 4u; c++) {{
       let gn = n0 + 4u * (q % {GX}u) + c;
       if (gm < {M}u && gn < {N}u) {{
-        let acc_v = sum[c];
+        let acc_v = sum[c]{row_scale("o / 256u")};
         let idx = bz * {M * N}u + gm * {N}u + gn;
 {store}      }}
     }}
@@ -169,11 +187,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {sa}{sb}    }}
     workgroupBarrier();
   }}
-{finish}}}
+{scale}{finish}}}
 """
     shared = f"var<workgroup> tile: array<vec4<f32>, {TILE_VEC4}>;\n"
     grid = (math.ceil(N / C), math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
+
+
+def _deferred_scales(mm: Matmul, R: int, rounds: int, rows: list[str]) -> str:
+    """After the main loop of a split tile under a deferred RMSNorm: the 1 / rms of each of
+    the tile's R rows from the square sums the A loads kept (invocation e = tid + 256 j of
+    round j loaded row (e / 2) % R, `_stage`), through `tile`, then in registers nm_rs[i] the
+    scale of local row `rows[i]` for the invocation's outputs."""
+    per_row = 256 * rounds // (2 * R)  # invocations whose loads read a row, in pairs
+    parts = "".join(f"    tile[{256 * j}u + tid].x = nm_sq{j};\n" for j in range(rounds))
+    total = f"tile[2u * tid + {2 * R}u * t].x + tile[2u * tid + {2 * R}u * t + 1u].x"
+    at = 256 * rounds
+    rstd = mm.prologue.deferred_rstd("nm_total")
+    reads = "".join(
+        f"  nm_rs[{i}] = tile[{at}u + min({row}, {R - 1}u)].x;\n" for i, row in enumerate(rows)
+    )
+    return f"""  {{
+{parts}    workgroupBarrier();
+    if (tid < {R}u) {{
+      var nm_total = 0.0f;
+      for (var t = 0u; t < {per_row}u; t++) {{ nm_total += {total}; }}
+      tile[{at}u + tid].x = {rstd};
+    }}
+    workgroupBarrier();
+  }}
+  var nm_rs: array<f32, {len(rows)}>;
+{reads}"""
 
 
 def _stage(
@@ -188,12 +232,15 @@ def _stage(
     start: str,
     origin: str,
     normalized: bool = False,
+    square_sums: bool = False,
 ) -> tuple[str, str, str]:
     """Staging of one operand, seen as rows x k, into `tile` at vec4 `at`: stage `st` holds
     k rows of tile_rows / 4 vec4s. Returns the per-invocation index lets and register
     declarations, the fetch of step k0 into registers, and their store into stage st.
     `normalized` (A) passes the loads through the matmul's norm prologue, if it has one,
-    and holds the statistics of the rows they read in registers (after the index lets)."""
+    and holds the statistics of the rows they read in registers (after the index lets).
+    `square_sums` (a deferred RMSNorm, vec4 loads along k): round j of the loads also adds
+    the squares of the row's elements it loads to nm_sq{j}."""
     K = mm.K
     quads = tile_rows // 4
     along_k = x.s_col == 1
@@ -230,9 +277,18 @@ def _stage(
             in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
             put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
         lets.append(f"  var {reg} = vec4<f32>(0.0);")
+        load = ""
         if vec and x.decoded:  # a quantized weight: four weights of row start + r at k..k+3
             loaded = f"{x.decoded}(min({start} + {r}, {rows - 1}u), min(k0 + {k}, {K - 4}u))"
             value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
+        elif vec and square_sums:  # the row's squares summed, its weight applied
+            lets.append(f"  var nm_sq{j} = 0.0f;")
+            raw = f"select(vec4<f32>(0.0), vec4<f32>({x.buf}[{at_vec}]), {in_range})"
+            scaled = normalize(f"{reg}x", r, f"min(k0 + {k}, {K - 4}u)", True)
+            load = (
+                f"      let {reg}x = {raw};\n      {reg} = {scaled};\n"
+                f"      nm_sq{j} += {mm.prologue.square_sum(f'{reg}x')};"
+            )
         elif vec:  # along k under a prologue: the vec4 of one row at k..k+3
             loaded = normalize(f"vec4<f32>({x.buf}[{at_vec}])", r, f"min(k0 + {k}, {K - 4}u)", True)
             value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
@@ -254,7 +310,7 @@ def _stage(
                 )
                 + ")"
             )
-        load = f"      {reg} = {value};"
+        load = load or f"      {reg} = {value};"
         if count % 256 and j == count // 256:  # a last, partial round of loads
             load = f"      if ({e} < {count}u) {{\n  {load}\n      }}"
             put = f"      if ({e} < {count}u) {{\n{put}\n      }}"
