@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from meganeura import Graph, build, grad
 from meganeura import functional as F
-from meganeura.backends.wgsl import attention_rows
+from meganeura.backends.wgsl import attention_rows, attention_team
 from meganeura.backends.wgsl.attention_rows import RowsLayout, forward_layout
+from meganeura.backends.wgsl.attention_team import TeamLayout, team_layout
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.lower.plan import plan as make_plan
 from meganeura.ops import all_ops
@@ -35,14 +36,18 @@ def allowed(tq: int, tk: int, causal: bool, window: int) -> torch.Tensor:
     return ok
 
 
-# Settings of (FEW_QUERIES, FILL_WORKGROUPS) that force each forward kernel on small shapes.
+NEVER = 10**9
+# Settings of attention_rows' (FEW_QUERIES, FILL_WORKGROUPS, SPLIT_BLOCKS) and attention_team's
+# (MIN_QUERIES, MAX_KEYS) that force each forward kernel on small shapes.
 FORWARDS = {
-    "blocks": (0, 0),  # the 64-query block kernel
-    "rows": (10**9, 10**9),  # the few-rows kernel, one query per workgroup
-    "rows_packed": (10**9, 1),  # the few-rows kernel, as many queries per workgroup as fit
+    "blocks": (0, 0, NEVER, NEVER, 0),  # the 64-query block kernel
+    "rows": (NEVER, NEVER, NEVER, NEVER, 0),  # the few-rows kernel, one query per workgroup
+    # the few-rows kernel, as many queries per workgroup as fit
+    "rows_packed": (NEVER, 1, NEVER, NEVER, 0),
     # the few-rows kernel with the keys split over workgroups, one 64-key block each, and a
     # second dispatch combining them
-    "rows_split": (10**9, 10**9, 1),
+    "rows_split": (NEVER, NEVER, 1, NEVER, 0),
+    "team": (NEVER, NEVER, NEVER, 1, NEVER),  # a team of lanes per row, any query count
 }
 
 
@@ -52,10 +57,12 @@ def forward_kernel(name: str | None):
     the one chosen by shape)."""
     with pytest.MonkeyPatch.context() as patch:
         if name is not None:
-            few, fill, *split = FORWARDS[name]
+            few, fill, split, min_queries, max_keys = FORWARDS[name]
             patch.setattr(attention_rows, "FEW_QUERIES", few)
             patch.setattr(attention_rows, "FILL_WORKGROUPS", fill)
-            patch.setattr(attention_rows, "SPLIT_BLOCKS", split[0] if split else 10**9)
+            patch.setattr(attention_rows, "SPLIT_BLOCKS", split)
+            patch.setattr(attention_team, "MIN_QUERIES", min_queries)
+            patch.setattr(attention_team, "MAX_KEYS", max_keys)
         yield
 
 
@@ -264,7 +271,9 @@ def test_few_query_attention_matches_torch_cpu(case, seed):
 # the forward alone is one, so it meets more shapes.
 @pytest.mark.lavapipe
 @settings(max_examples=5, deadline=None)
-@given(case=attention_cases(), forward=st.sampled_from(["rows", "rows_packed", "rows_split"]))
+@given(
+    case=attention_cases(), forward=st.sampled_from(["rows", "rows_packed", "rows_split", "team"])
+)
 def test_few_query_attention_matches_torch_lavapipe(case, forward):
     with forward_kernel(forward):
         run_case("vulkan-cpu", **case)
@@ -272,7 +281,10 @@ def test_few_query_attention_matches_torch_lavapipe(case, forward):
 
 @pytest.mark.lavapipe
 @settings(max_examples=25, deadline=None)
-@given(case=attention_cases(), forward=st.sampled_from([None, "rows", "rows_packed", "rows_split"]))
+@given(
+    case=attention_cases(),
+    forward=st.sampled_from([None, "rows", "rows_packed", "rows_split", "team"]),
+)
 def test_few_query_forward_and_log_sum_exp_lavapipe(case, forward):
     with forward_kernel(forward):
         check_forward("vulkan-cpu", **case)
@@ -297,9 +309,15 @@ def test_forward_kernel_choice():
     assert _forward_grid(1, 9, 3, 1, 512, 64, mask=True) == (8, 3, 1)
     # A short cache (3 blocks) is not worth a second dispatch.
     assert forward_layout(1, 9, 3, 1, 192, 64, 64) == RowsLayout(3, 1, 64)
-    # Prefill of 128 tokens: 64-query blocks would give 18 workgroups; 3 x 3 rows give 129.
+    # Prefill of 128 tokens: 64-query blocks would give 18 workgroups; the few-rows kernel's
+    # 3 x 3 rows give 129, and the team kernel replaces it: a workgroup per query and kv
+    # group, each row's keys split over 8 teams of 8 lanes.
     assert forward_layout(1, 9, 3, 128, 512, 64, 64) == RowsLayout(heads=3, queries=3, keys=64)
-    assert _forward_grid(1, 9, 3, 128, 512, 64, mask=True) == (43, 3, 1)
+    assert team_layout(1, 9, 3, 128, 512, 64, 64) == TeamLayout(8, 8, 3, 1, 8)
+    assert _forward_grid(1, 9, 3, 128, 512, 64, mask=True) == (128, 3, 1)
+    # Decode stays on the few-rows kernel's key splits; so do long caches.
+    assert team_layout(1, 9, 3, 1, 512, 64, 64) is None
+    assert team_layout(1, 9, 3, 128, 4096, 64, 64) is None
     # Batched chunks of 4 queries (speculative decoding), head dim 128: 4 heads x 2 queries.
     assert forward_layout(64, 32, 8, 4, 4096, 128, 128) == RowsLayout(4, 2, 32)
     # Training-sized: the block kernel launches enough workgroups (8 x 4 x 9 = 288).
@@ -340,8 +358,8 @@ def test_queries_with_no_visible_key_give_zeros(device, forward):
 # SmolLM2-135M's: 9 query heads over 3 kv heads, head dim 64.
 
 MASKED_SHAPES = {
-    # (B, Tq, Tk); the kernels chosen by shape: decode splits the keys over 5 workgroups,
-    # 5 queries over 4, a 128-query prefill runs 3 heads x 3 queries per workgroup.
+    # (B, Tq, Tk); the kernels chosen by shape: decode splits the keys over 5 workgroups of
+    # the few-rows kernel; 5 queries and a 128-query prefill run the team kernel.
     "decode": (1, 1, 300),
     "chunk5": (2, 5, 200),
     "prefill": (1, 128, 512),
@@ -415,10 +433,15 @@ def check_masked_forward(device, B, Hq, Hkv, Tq, Tk, D, mask, causal=False, nan_
     return seen
 
 
-MASKED_KERNELS = [(None, "cpu")] + [
-    pytest.param(name, "vulkan-cpu", marks=pytest.mark.lavapipe, id=f"vulkan-cpu-{name}")
-    for name in ("by_shape", "rows", "rows_packed", "blocks")
-]
+def masked_kernels(*names: str) -> list:
+    """(forward, device): the NumPy executor once, lavapipe with each forward named."""
+    return [(None, "cpu")] + [
+        pytest.param(name, "vulkan-cpu", marks=pytest.mark.lavapipe, id=f"vulkan-cpu-{name}")
+        for name in names
+    ]
+
+
+MASKED_KERNELS = masked_kernels("by_shape", "rows", "rows_packed", "blocks", "team")
 
 
 @pytest.mark.parametrize("kind", ["cache", "left_padding", "hidden_rows", "finite"])
@@ -432,7 +455,7 @@ def test_keys_hidden_by_the_mask(forward, device, shape, kind):
         assert not seen.all() and seen.any()
 
 
-@pytest.mark.parametrize(("forward", "device"), MASKED_KERNELS[:2] + MASKED_KERNELS[-1:])
+@pytest.mark.parametrize(("forward", "device"), masked_kernels("by_shape", "rows_packed", "blocks"))
 def test_prefill_into_a_larger_cache(forward, device):
     B, Tq, Tk = MASKED_SHAPES["prefill"]
     with forward_kernel(None if forward == "by_shape" else forward):
@@ -443,6 +466,9 @@ def test_masked_shapes_reach_each_layout():
     assert forward_layout(1, 9, 3, *MASKED_SHAPES["decode"][1:], 64, 64).splits == 5
     assert forward_layout(2, 9, 3, *MASKED_SHAPES["chunk5"][1:], 64, 64).splits == 4
     assert forward_layout(1, 9, 3, *MASKED_SHAPES["prefill"][1:], 64, 64) == RowsLayout(3, 3, 64)
+    assert team_layout(1, 9, 3, *MASKED_SHAPES["decode"][1:], 64, 64) is None
+    assert team_layout(2, 9, 3, *MASKED_SHAPES["chunk5"][1:], 64, 64) is not None
+    assert team_layout(1, 9, 3, *MASKED_SHAPES["prefill"][1:], 64, 64) is not None
     with forward_kernel("rows"):
         assert forward_layout(2, 9, 3, 5, 200, 64, 64) == RowsLayout(3, 1, 64)
     with forward_kernel("rows_packed"):
@@ -452,18 +478,21 @@ def test_masked_shapes_reach_each_layout():
 
 
 @pytest.mark.lavapipe
-@pytest.mark.parametrize("forward", ["by_shape", "rows", "rows_packed", "blocks"])
+@pytest.mark.parametrize("forward", ["by_shape", "rows", "rows_packed", "rows_split", "blocks"])
 def test_key_blocks_the_mask_hides_are_not_read(forward):
     # Keys 0..63 (left padding) and 192.. (unwritten cache slots) are hidden from every row:
-    # whole 64-key blocks, the walk's unit, so that no block walked reads their NaN K and V.
-    # Where the keys are split over workgroups (by shape here, one block each), the first
-    # and the last two walk nothing and leave empty partial softmaxes to the combination.
+    # whole 64-key blocks, the walk's unit, so that no block walked reads their NaN K and V
+    # (the team kernel, chosen by shape here, narrows its walk to the visible keys exactly).
+    # Where the keys are split over workgroups (one block each), the first and the last two
+    # walk nothing and leave empty partial softmaxes to the combination.
     B, Hq, Tq, Tk = 1, 9, 3, 320
     mask = cache_mask("cache", B, Hq, Tq, Tk)
     mask[..., :64] = -np.inf
     assert np.isneginf(mask[..., 192:]).all()
     with forward_kernel(None if forward == "by_shape" else forward):
         if forward == "by_shape":
+            assert team_layout(B, Hq, 3, Tq, Tk, 64, 64) is not None
+        if forward == "rows_split":
             assert forward_layout(B, Hq, 3, Tq, Tk, 64, 64).splits == 5
         nan_keys = [*range(64), *range(192, Tk)]
         check_masked_forward("vulkan-cpu", B, Hq, 3, Tq, Tk, 64, mask, nan_keys=nan_keys)
@@ -531,6 +560,105 @@ def test_training_memory_is_linear_in_sequence_length():
     assert 16 * largest <= B * H * T * T * 4  # what one [T, T] matrix per head would take
     kinds = {g.nodes[kern.node].op for kern in program.kernels}
     assert {"attention", "attention_grad_q", "attention_grad_kv"} <= kinds
+
+
+# -- the team kernel (short prefill chunks) -----------------------------------------------------
+
+
+def prefill_mask(B: int, Tq: int, Tk: int, filled: int, padding: int = 0) -> np.ndarray:
+    """[B, 1, Tq, Tk] additive mask of Tq new tokens written after `filled` cache slots, as
+    generation builds it: each sees the slots up to its own, later slots are hidden; batch
+    row b also hides its first `padding` * b slots (left padding)."""
+    keys = np.arange(Tk)[None, None, None, :]
+    visible = keys <= filled + np.arange(Tq)[None, None, :, None]
+    visible = visible & (keys >= padding * np.arange(B)[:, None, None, None])
+    return np.where(visible, 0.0, -np.inf).astype(np.float32)
+
+
+TEAM_CASES = {
+    # SmolLM2-135M's 128-token prefill into its 512-slot KV cache (GQA 9 / 3, head dim 64).
+    "smollm2_prefill": dict(B=1, Hq=9, Hkv=3, Tq=128, Tk=512, D=64, filled=0),
+    # A chunk of 37 tokens after a 100-token prompt: the visible keys start mid-split.
+    "smollm2_chunk": dict(B=1, Hq=9, Hkv=3, Tq=37, Tk=512, D=64, filled=100),
+    "batch2_left_padding": dict(B=2, Hq=6, Hkv=2, Tq=13, Tk=96, D=32, filled=20, padding=7),
+    "causal_no_mask": dict(B=1, Hq=4, Hkv=2, Tq=45, Tk=45, D=64, Dv=64, causal=True),
+    "head_dim_40": dict(B=1, Hq=3, Hkv=1, Tq=11, Tk=70, D=40, Dv=40, causal=True),
+    "batch2_dv24": dict(B=2, Hq=4, Hkv=4, Tq=6, Tk=30, D=16, Dv=24, causal=True),
+    # Teams of 16 lanes: more than lavapipe's subgroups hold, so they add through workgroup
+    # memory with subgroup operations allowed too.
+    "head_dim_128_window_softcap": dict(
+        B=1, Hq=2, Hkv=1, Tq=20, Tk=90, D=128, Dv=128, causal=True, window=30, softcap=3.0
+    ),
+}
+
+
+def subgroup_sums(monkeypatch, device: str, sums: bool) -> None:
+    """Let (or keep) kernels built on `device` from here on add across lanes through
+    subgroup operations; skips where the device's start-up check turned them off."""
+    gpu = build(Graph(), device=device).executor.gpu
+    if sums and not gpu.checks["subgroup_sums"]:
+        pytest.skip(f"subgroup sums are off on {gpu.info.name}")
+    monkeypatch.setitem(gpu.checks, "subgroup_sums", sums)
+
+
+SUMS = pytest.mark.parametrize("sums", [False, True], ids=["shared", "subgroups"])
+
+
+@SUMS
+@pytest.mark.parametrize("device", [LAVAPIPE, GPU])
+@pytest.mark.parametrize("case", sorted(TEAM_CASES))
+def test_team_forward_matches_torch(monkeypatch, case, device, sums):
+    """The team kernel, chosen by shape, against PyTorch (outputs and log-sum-exps), with its
+    lanes adding through subgroup operations and through workgroup memory."""
+    subgroup_sums(monkeypatch, device, sums)
+    c = dict(TEAM_CASES[case])
+    B, Hq, Hkv, Tq, Tk, D = (c.pop(n) for n in ("B", "Hq", "Hkv", "Tq", "Tk", "D"))
+    assert team_layout(B, Hq, Hkv, Tq, Tk, D, c.get("Dv", D)) is not None
+    if "filled" in c:
+        mask = prefill_mask(B, Tq, Tk, c.pop("filled"), c.pop("padding", 0))
+        check_masked_forward(device, B, Hq, Hkv, Tq, Tk, D, mask)
+    else:
+        flags = dict(causal=False, window=0, softcap=0.0, scale=None) | c
+        check_forward(device, B, Hq, Hkv, Tq, Tk, D, **flags)
+
+
+@SUMS
+@pytest.mark.parametrize("device", [LAVAPIPE, GPU])
+def test_team_forward_reads_f16(monkeypatch, device, sums):
+    subgroup_sums(monkeypatch, device, sums)
+    B, Hq, Hkv, Tq, Tk, D = 1, 6, 2, 24, 200, 64
+    rng = np.random.default_rng(5)
+    q, k, v = (
+        rng.standard_normal(shape).astype(np.float16)
+        for shape in ((B, Hq, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D))
+    )
+    mask = prefill_mask(B, Tq, Tk, 50)
+    assert team_layout(B, Hq, Hkv, Tq, Tk, D, D) is not None
+    g = Graph()
+    tq, tk, tv = (g.input(n, a.shape, "f16") for n, a in (("q", q), ("k", k), ("v", v)))
+    g.output("out", F.scaled_dot_product_attention(tq, tk, tv, g.input("m", mask.shape)))
+    got = build(g, device=device).run({"q": q, "k": k, "v": v, "m": mask})["out"]
+    tq, tk, tv, tm = (torch.tensor(a, dtype=torch.float64) for a in (q, k, v, mask))
+    ref = torch_attention(tq, tk, tv, tm, False, 0, 0.0, D**-0.5).numpy()
+    assert got.dtype == np.float16
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-3
+
+
+@pytest.mark.parametrize("sums", [False, True])
+def test_team_kernel_uses_subgroups_only_where_allowed(sums):
+    g = Graph()
+    q, k, v = (
+        g.input(n, (1, h, t, 64)) for n, h, t in (("q", 9, 128), ("k", 3, 512), ("v", 3, 512))
+    )
+    out = F.scaled_dot_product_attention(q, k, v, g.input("m", (1, 1, 128, 512)))
+    program = make_plan(g, [out.id], {})
+    program.options["subgroup_sums"] = sums
+    (kernel,) = [kern for kern in program.kernels if g.nodes[kern.node].op == "attention"]
+    source = generate(program, kernel)
+    assert source.label.startswith("attention") and source.grid == (128, 3, 1)
+    assert ("subgroupShuffleXor" in source.wgsl) is sums
+    # Without a whole team in one subgroup, the lanes add through workgroup memory.
+    assert "team_mem[pb" in source.wgsl
 
 
 # -- VJPs against finite differences (float64 through the NumPy references) ----------------------

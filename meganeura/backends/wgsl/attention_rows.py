@@ -37,7 +37,9 @@ workgroup: the largest count that still gives FILL_WORKGROUPS workgroups, or 1 w
 -- a workgroup's time is one walk over its keys whatever its row count, so when the GPU
 cannot be filled, the fewest rows per workgroup finish first. SmolLM2-135M (9 query heads
 over 3 kv heads, head dim 64): decode runs 3 workgroups of 3 rows, a 128-token prefill 129
-workgroups of 3 heads x 3 queries.
+workgroups of 3 heads x 3 queries. Where that layout would run 2 queries or more against at
+most 1024 keys (short prefill chunks), the team kernel of `attention_team.py` runs instead
+(`attention_team.team_layout`).
 
 When even that launches fewer than FILL_WORKGROUPS / 2 workgroups, each walking at least
 SPLIT_BLOCKS key blocks (decode: batch x kv heads far below the SM count), the keys are split
@@ -52,7 +54,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from meganeura.backends.wgsl import attention_units
+from meganeura.backends.wgsl import attention_team, attention_units
 from meganeura.backends.wgsl.attention import (
     BLOCK,
     NEG_MAX,
@@ -513,11 +515,16 @@ def rows_forward(plan: Plan, kernel: Kernel, layout: RowsLayout) -> KernelSource
 
 @archetype("attention")
 def attention_forward(plan: Plan, kernel: Kernel) -> KernelSource:
-    """The few-rows kernel where `forward_layout` picks it, else the 64-query block kernel,
-    on matrix units where they work and the precision allows (`attention_units`)."""
+    """Where `forward_layout` picks the few-rows kernel: the team kernel of
+    `attention_team.py` for short prefill chunks (`team_layout`), else the few-rows kernel.
+    Elsewhere the 64-query block kernel, on matrix units where they work and the precision
+    allows (`attention_units`)."""
     node, dims = _inputs(plan, kernel)
     layout = forward_layout(*dims)
     if layout is not None:
+        team = attention_team.team_layout(*dims)
+        if team is not None:
+            return attention_team.team_forward(plan, kernel, team)
         return rows_forward(plan, kernel, layout)
     syntax = plan.options.get("matrix_unit")
     f16 = plan.graph.nodes[node.inputs[0]].type.dtype == "f16"
