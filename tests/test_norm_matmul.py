@@ -144,11 +144,12 @@ TILE_CASES += [("layer_norm_matmul", 2, ALL_TILES[4], True)]
     TILE_CASES,
     ids=[f"{op}-{t.rows}x{t.cols}{'-xT' if tr else ''}" for op, _, t, tr in TILE_CASES],
 )
-@pytest.mark.parametrize("k", [37, 40], ids=["k37", "k40-vec4"])
+@pytest.mark.parametrize("k", [37, 40, 260], ids=["k37", "k40-vec4", "k260-vec4-steps"])
 def test_every_tile_normalizes_its_rows_on_lavapipe(op, params, tile, transposed, k):
     """Every small-product tile (k split among invocation groups, statistics in the staging
     memory) on rows past a tile and k off the staging depth; with k a multiple of 4, x is
-    loaded and its statistics read as vec4 (unless transposed)."""
+    loaded and its statistics read as vec4 (unless transposed); k = 260 takes several steps
+    of every tile's depth, through two stages or one (ONE_STAGE_TILES)."""
     with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
         check_case(op, params, ((70, k), (20, k), True), "vulkan-cpu", transposed=transposed)
 

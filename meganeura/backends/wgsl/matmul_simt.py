@@ -31,6 +31,12 @@ TILE_SHAPES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))  # (rows, cols)
 # on an H200; its other products keep their tiles.
 TILED_WORKGROUPS = 240
 TILE_VEC4 = 1024  # workgroup memory of a tile: 16 KiB, WebGPU's default limit
+# Tiles that stage one step twice as deep at a time instead of two, a barrier before the next
+# step's store (see Tile.stages). On an H200, 128-row products (q/k/v, o, gate/up, down of
+# SmolLM2-135M), two stages against one: 16 x 32 18.3 / 17.5 / 36.8 / 41.6 against 14.2 /
+# 13.9 / 34.7 / 31.2 us, 32 x 16 alike; but 16 x 16 12.7 against 13.6 (o) and 32 x 32 27.1
+# against 28.9 (gate/up), the tiles those products take, so the square tiles keep two.
+ONE_STAGE_TILES = ((16, 32), (32, 16))
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,16 @@ class Tile:
         return 256 * 16 // (self.rows * self.cols)
 
     @property
+    def stages(self) -> int:
+        """Staging buffers: with two, the next step is stored while this one is read (one
+        barrier a step); with one, each step is twice as deep and the store waits for a
+        second barrier."""
+        return 1 if (self.rows, self.cols) in ONE_STAGE_TILES else 2
+
+    @property
     def depth(self) -> int:
-        """k per step: two stages of both operand tiles fit the workgroup memory."""
-        fit = TILE_VEC4 * 4 // (2 * (self.rows + self.cols))
+        """k per step: `stages` stages of both operand tiles fit the workgroup memory."""
+        fit = TILE_VEC4 * 4 // (self.stages * (self.rows + self.cols))
         return 1 << (fit.bit_length() - 1)
 
 
@@ -81,13 +94,14 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     """One workgroup per tile, its k split among the groups of `tile`. Operand tiles are
     fetched with 16-byte loads along each operand's contiguous direction where the layout
     allows, into registers while the previous step computes, then stored k-major into the
-    other of two stages (one barrier per step); each invocation reads its 4 x 4 block's
+    other of two stages (one barrier per step; or, for ONE_STAGE_TILES, into the one stage
+    after a second barrier); each invocation reads its 4 x 4 block's
     operands as two vec4s per k."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     R, C, S, D = tile.rows, tile.cols, tile.splits, tile.depth
     GX, P = C // 4, R * C // 16  # invocations per group along n, per group in all
-    b_at = 2 * D * R // 4  # where the B stages start in `tile` (vec4s)
+    b_at = tile.stages * D * R // 4  # where the B stages start in `tile` (vec4s)
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
     bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     # 16-byte loads: along k (both operands of x @ W^T), or along rows (A^T, B as [K, N]).
@@ -175,7 +189,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {fa}{fb}{sa}{sb}  }}
   workgroupBarrier();
   for (var step = 0u; step < {steps}u; step++) {{
-    let cur = step % 2u;
+    let cur = {"step % 2u" if tile.stages == 2 else "0u"};
     let more = step + 1u < {steps}u;
     if (more) {{
       let k0 = (step + 1u) * {D}u;
@@ -186,8 +200,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       let bv = tile[{b_at}u + k * {C // 4}u + tx];
       acc0 += av.x * bv; acc1 += av.y * bv; acc2 += av.z * bv; acc3 += av.w * bv;
     }}
-    if (more) {{
-      let st = 1u - cur;
+{"" if tile.stages == 2 else "    workgroupBarrier();" + chr(10)}    if (more) {{
+      let st = {"1u - cur" if tile.stages == 2 else "0u"};
 {sa}{sb}    }}
     workgroupBarrier();
   }}
