@@ -266,6 +266,30 @@ def test_high_precision_on_a_gpu(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(130, 72, 150), (1024, 256, 1024)])
+def test_high_precision_with_f16_weights_on_a_gpu(shape):
+    """An f32 x f16 product (f16 weight storage) under "high": on the matrix units where the
+    product fills the GPU (x rounded to f16 there), else the SIMT kernels widen the weight."""
+    M, K, N = shape
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float16)
+    g = Graph()
+    y = g.apply("matmul", [g.input("a", a.shape), g.input("w", w.shape, "f16")], trans_b=True)
+    g.output("y", y)
+    session = build(g, device="gpu", matmul_precision="high")
+    program, _ = session._program((g.outputs["y"],), "forward")
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
+    fills = -(-M // 64) * -(-N // 64) >= UNITS_FILL
+    units = session.executor.f32_on_units and fills
+    assert any("subgroupMatrix" in text for text in wgsl) == units
+    got = session.run({"a": a, "w": w})["y"]
+    x = a.astype(np.float16) if units else a
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("shape", [(128, 96, 192), (150, 40, 260), (256, 64, 512)])
 def test_matrix_units_multiply_f16_operands(trans_b, shape):

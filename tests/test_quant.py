@@ -256,6 +256,31 @@ def test_dense_q4_1_products_decode_as_they_stage(device, qtype, rows, out, cols
         assert decoded == (qtype == "Q4_1")
 
 
+@pytest.mark.gpu
+def test_decoded_q4_1_products_on_matrix_units():
+    """Under "high", a product large enough for the matrix units reads its Q4_1 weight as it
+    stages it there too (one launch; x and the decoded weights rounded to f16)."""
+    rows, out, cols = 1024, 1024, 256
+    w = quantized(out, cols, "Q4_1", seed=4)
+    graph = Graph()
+    x = graph.input("x", (rows, cols))
+    weight = dequantize(quantized_parameter(graph, "w", w))
+    graph.output("y", graph.apply("matmul", [x, weight], trans_b=True))
+    data = np.random.default_rng(14).normal(size=(rows, cols)).astype(np.float32)
+    session = build(graph, device="gpu", matmul_precision="high")
+    got = session.run({"x": data})["y"]
+    program = session._last
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
+    units = any("subgroupMatrix" in text for text in wgsl)
+    assert units == bool(session.executor.f32_on_units)
+    assert len(program.dispatches) == 1
+    dense = w.dequantize()
+    if units:
+        data, dense = data.astype(np.float16), dense.astype(np.float16)
+    want = data.astype(np.float64) @ dense.astype(np.float64).T
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_decoded_weight_is_read_at_its_offset_in_a_larger_buffer(device):
     """A Q4_1 weight stored after another in one buffer (as siblings are stored together) is
