@@ -128,7 +128,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0")
     k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
     store = mm.store("acc_v", "idx", "        ")
-    rounds = math.ceil(R * D / 4 / 256)  # rounds of A loads per step (one for every tile)
+    rounds = math.ceil(R * D / 4 / 256)  # rounds of A loads per step (two for 32 x 16)
     finish_rows = ["4u * ty + 0u", "4u * ty + 1u", "4u * ty + 2u", "4u * ty + 3u"]
     if S > 1:
         finish_rows = [
