@@ -221,7 +221,7 @@ def _deferred_scales(mm: Matmul, R: int, rounds: int, rows: list[str]) -> str:
     parts = "".join(f"    tile[{256 * j}u + tid].x = nm_sq{j};\n" for j in range(rounds))
     total = f"tile[2u * tid + {2 * R}u * t].x + tile[2u * tid + {2 * R}u * t + 1u].x"
     at = 256 * rounds
-    rstd = mm.prologue.deferred_rstd("nm_total")
+    rstd = mm.prologue.rstd("nm_total")
     reads = "".join(
         f"  nm_rs[{i}] = tile[{at}u + min({row}, {R - 1}u)].x;\n" for i, row in enumerate(rows)
     )

@@ -68,7 +68,7 @@ class NormPrologue:
         as it loads them and scale its outputs at the end, instead of reading its rows a first
         time before the loop (on an H200, about 5 us of a 128-row product's 25). `load` then
         only multiplies by the weight; the kernel sums the squares (`square_sum`) and scales
-        (`deferred_rstd`). A layer norm's mean would also shift every output by a column sum
+        (`rstd`). A layer norm's mean would also shift every output by a column sum
         of B, so it keeps the prologue."""
         if not self.can_defer():
             raise ValueError(f"{'layer_norm' if self.centered else 'rms_norm'}: cannot defer")
@@ -78,9 +78,9 @@ class NormPrologue:
         """The sum of squares of the loaded vec4 `value` (of one row), for a deferred norm."""
         return f"dot({value}, {value})"
 
-    def deferred_rstd(self, square_sum: str) -> str:
-        """1 / rms of a row from the sum of the squares of its K elements, as `statistics`
-        computes it."""
+    def rstd(self, square_sum: str) -> str:
+        """1 / rms (1 / std, centered) of a row from the sum of the squares of its K elements:
+        what `statistics` keeps and a deferred norm scales by."""
         return f"inverseSqrt({square_sum} / {float(self.K)!r} + {self.eps!r})"
 
     def load(self, value: str, row: str, k: str, vec: bool = False) -> str:
@@ -179,7 +179,7 @@ class NormPrologue:
             body += row_sum("nm_sq", lambda v: square(f"({v} - nm_mu)"))
         else:
             body += row_sum("nm_sq", square)
-        store = f"select(0.0, inverseSqrt(nm_sq / {float(K)!r} + {self.eps!r}), nm_ok)"
+        store = f"select(0.0, {self.rstd('nm_sq')}, nm_ok)"
         body += f"      if (nm_lane == 0u && nm_r < {rows}u) {{\n"
         if self.centered:
             body += f"        {slot('mean', 'nm_r')} = nm_mu;\n"
