@@ -234,6 +234,19 @@ def test_high_precision_runs_where_there_are_no_matrix_units(device):
     np.testing.assert_allclose(got, a @ b, rtol=1e-2, atol=1e-2)
 
 
+def built_under_high(g: Graph, M: int, N: int):
+    """A GPU session of `g` under matmul_precision="high", and whether its M x N product went
+    to the matrix units, which it must exactly where the executor found them correct and
+    faster than f32 here and the product fills the GPU."""
+    session = build(g, device="gpu", matmul_precision="high")
+    program, _ = session._program(tuple(g.outputs.values()), "forward")
+    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
+    fills = -(-M // 64) * -(-N // 64) >= UNITS_FILL
+    units = session.executor.f32_on_units and fills
+    assert any("subgroupMatrix" in text for text in wgsl) == units
+    return session, units
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(130, 70, 150), (1000, 70, 600), (1024, 256, 1024)])
 def test_high_precision_on_a_gpu(shape):
@@ -250,14 +263,7 @@ def test_high_precision_on_a_gpu(shape):
             + g.input("bias", bias.shape)
         ).relu(),
     )
-    session = build(g, device="gpu", matmul_precision="high")
-    program, _ = session._program((g.outputs["y"],), "forward")
-    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
-    # Matrix units only where the executor found them correct and faster than f32 here, for
-    # products that fill the GPU.
-    fills = -(-M // 64) * -(-N // 64) >= UNITS_FILL
-    units = session.executor.f32_on_units and fills
-    assert any("subgroupMatrix" in text for text in wgsl) == units
+    session, units = built_under_high(g, M, N)
     got = session.run({"a": a, "w": w, "bias": bias})["y"]
     if units:
         a, w = a.astype(np.float16), w.astype(np.float16)
@@ -277,12 +283,7 @@ def test_high_precision_with_f16_weights_on_a_gpu(shape):
     g = Graph()
     y = g.apply("matmul", [g.input("a", a.shape), g.input("w", w.shape, "f16")], trans_b=True)
     g.output("y", y)
-    session = build(g, device="gpu", matmul_precision="high")
-    program, _ = session._program((g.outputs["y"],), "forward")
-    wgsl = [generate(program.plan, k).wgsl for k in program.plan.kernels]
-    fills = -(-M // 64) * -(-N // 64) >= UNITS_FILL
-    units = session.executor.f32_on_units and fills
-    assert any("subgroupMatrix" in text for text in wgsl) == units
+    session, units = built_under_high(g, M, N)
     got = session.run({"a": a, "w": w})["y"]
     x = a.astype(np.float16) if units else a
     want = x.astype(np.float64) @ w.astype(np.float64).T
