@@ -119,6 +119,8 @@ def index_limits(graph: Graph) -> dict[int, list[tuple[int, tuple, str]]]:
 def check_indices(name: str, array: np.ndarray, limits) -> None:
     """Raise IndexError if input `name` holds an index outside a range it is read with."""
     for n, extra, reader in limits:
+        if array.size == 0 or (array.min() >= 0 and array.max() < n):
+            continue  # every value in range (the usual case: no mask to build)
         bad = ((array < 0) | (array >= n)) & ~np.isin(array, extra)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -176,7 +176,7 @@ class Engine:
         feeds, name = self.chunk_inputs(ids, real, every)
         out = self.session.run(feeds, outputs=[name])[name]
         for row in range(b):
-            self.tokens[row].extend(int(i) for i, r in zip(ids[row], real[row], strict=True) if r)
+            self.tokens[row].extend(ids[row][real[row]].tolist())
         self.length = p + t
         return out
 

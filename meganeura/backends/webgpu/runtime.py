@@ -477,7 +477,8 @@ def read_mappable(wgpu, buffer, nbytes: int, convert=bytes):
         poll_until_done(promise, pump, SPIN_SECONDS)
     promise.sync_wait()
     try:
-        return convert(buffer.read_mapped(0, nbytes))
+        # A view of the mapped memory itself (not a copy first): convert copies out of it.
+        return convert(buffer.read_mapped(0, nbytes, copy=False))
     finally:
         buffer.unmap()
 
