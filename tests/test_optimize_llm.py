@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from meganeura import build, optim
+from meganeura.backends.wgsl.matmul import pairable as wgsl_pairable
 from meganeura.session import build_report
 from tests.llama_graphs import SMOLLM2_135M, TINY, decomposed_llama, fused_llama
 from tests.optimize_check import assert_same_values
@@ -127,8 +128,9 @@ def test_decomposed_model_optimizes_to_the_kernels_of_the_hand_written_one(train
     assert hand.optimize_seconds <= (5.0 if train else 2.0)
 
 
-def forward_kernels(graph, loss=None):
-    """The kernels of one forward run of the optimized graph, by what each computes."""
+def forward_kernels(graph, loss=None, pairable=None):
+    """The kernels of one forward run of the optimized graph, by what each computes (with
+    `pairable`, the backend's say on paired epilogues)."""
     from collections import Counter
 
     from meganeura.lower.plan import select_kernels
@@ -137,7 +139,7 @@ def forward_kernels(graph, loss=None):
 
     g, loss_id, _, _ = _step_graph(graph, loss, None, None, optimize=True)
     roots = list(g.outputs.values()) + ([] if loss_id is None else [loss_id])
-    _, kernels = select_kernels(g, roots, {})
+    _, kernels = select_kernels(g, roots, {}, pairable=pairable)
     out = Counter()
     for k in kernels:
         node = g.nodes[k.node]
@@ -175,3 +177,9 @@ def test_every_layer_is_fused(builder):
     # the gathered rows in place).
     assert kernels["reshape"] == 1
     assert sum(kernels.values()) == 7 * LAYERS + 2
+    # On the WebGPU backend, the split tiles of a 32-token prompt's gate/up product store
+    # SwiGLU of its two halves themselves (a paired epilogue): six kernels a layer.
+    paired = forward_kernels(graph, pairable=lambda g, nid: wgsl_pairable(g, nid, {}))
+    assert paired["matmul+swiglu"] == LAYERS
+    assert "swiglu" not in paired
+    assert sum(paired.values()) == 6 * LAYERS + 2

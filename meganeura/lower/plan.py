@@ -13,7 +13,7 @@ end of the step. The memory plan gives transient values buffers by liveness.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from meganeura.graph import Graph
@@ -33,6 +33,11 @@ class Kernel:
     # reader is the pointwise DAG rooted at `node`: that DAG runs in the store as an epilogue
     # (bias, residual, activation, the gradient added to it).
     core: int | None = None
+    # A paired epilogue (`pair`, see _paired_halves): the DAG reads the product only through
+    # these two slices, its first and second half along the last axis (gate and up of a
+    # SwiGLU); the kernel computes both halves' columns j and H + j together and stores the
+    # DAG at column j. The DAG's shape is then the product's with half the last axis.
+    pair: tuple[int, int] | None = None
     # Pointwise values of the kernel's shape that it also stores (each a materialized node
     # computed inside the kernel, read at the kernel's own index): an optimizer's new moments
     # stored by the kernel that computes the new parameter from them.
@@ -110,8 +115,15 @@ def _pointwise_path_is_identity(
     return True
 
 
-def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7):
-    """The materialized set and the kernels, in execution order."""
+def select_kernels(
+    graph: Graph,
+    roots: list[int],
+    updates: dict[int, int],
+    max_reads: int = 7,
+    pairable: Callable[[Graph, int], bool] | None = None,
+):
+    """The materialized set and the kernels, in execution order. `pairable(graph, nid)`
+    says whether the backend's kernel for product `nid` can run a paired epilogue."""
     live = graph.live_nodes(list(roots) + list(updates.values()))
     users: dict[int, list[int]] = {i: [] for i in live}
     for nid in live:
@@ -171,13 +183,15 @@ def select_kernels(graph: Graph, roots: list[int], updates: dict[int, int], max_
                 materialized.add(widest)
                 changed = True
 
-    fused = _fuse_epilogues(graph, live, roots, updates, materialized, leaves, max_reads)
+    fused, pairs = _fuse_epilogues(
+        graph, live, roots, updates, materialized, leaves, max_reads, pairable
+    )
     kernels = []
     for nid in live:
         if nid in materialized and get_op(graph.nodes[nid].op).kind != "source":
             core = fused.get(nid)
             kind = get_op(graph.nodes[nid if core is None else core].op).kind
-            kernels.append(Kernel(kind, nid, leaves(nid), core))
+            kernels.append(Kernel(kind, nid, leaves(nid), core, pair=pairs.get(nid)))
     return materialized, _merge_side_outputs(graph, kernels, materialized, max_reads)
 
 
@@ -290,11 +304,15 @@ def _merge_side_outputs(graph: Graph, kernels: list[Kernel], materialized, max_r
     return [k for k in kernels if k.node not in merged]
 
 
-def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, max_reads):
+def _fuse_epilogues(
+    graph: Graph, live, roots, updates, materialized, leaves, max_reads, pairable=None
+):
     """Inline each matmul whose only reader is a pointwise kernel of its shape, reading it at
     its own index: that kernel becomes the matmul, with the pointwise DAG in its store (bias,
-    residual, activation), saving a launch and a round trip through memory.
-    Returns {kernel node: the matmul it computes}."""
+    residual, activation), saving a launch and a round trip through memory. Where the
+    backend can pair columns (`pairable`), also a matmul whose only reader reads it through
+    its two halves along the last axis (_paired_halves): SwiGLU after the gate/up product.
+    Returns {kernel node: the matmul it computes} and {kernel node: its pair of halves}."""
     readers: dict[int, list[int]] = {}
     for k in live:
         if k in materialized and get_op(graph.nodes[k].op).kind != "source":
@@ -302,25 +320,68 @@ def _fuse_epilogues(graph: Graph, live, roots, updates, materialized, leaves, ma
                 readers.setdefault(i, []).append(k)
     pinned = set(roots) | set(updates.values())
     fused: dict[int, int] = {}
+    pairs: dict[int, tuple[int, int]] = {}
     for nid in live:
         node = graph.nodes[nid]
         users = readers.get(nid, [])
         if get_op(node.op).kind not in EPILOGUE_KINDS or nid in pinned or len(users) != 1:
             continue
         user = users[0]
-        if (
-            user in fused
-            or get_op(graph.nodes[user].op).kind not in ("pointwise", "view")
-            or graph.nodes[user].type.size != node.type.size
-            or not _pointwise_path_is_identity(graph, user, nid, materialized)
-        ):
+        if user in fused or get_op(graph.nodes[user].op).kind not in ("pointwise", "view"):
             continue
+        pair = None
+        if graph.nodes[user].type.size != node.type.size or not _pointwise_path_is_identity(
+            graph, user, nid, materialized
+        ):
+            pair = _paired_halves(graph, user, nid, materialized)
+            if pair is None or pairable is None or not pairable(graph, nid):
+                continue
         materialized.discard(nid)
         if len(leaves(user)) > max_reads:
             materialized.add(nid)
         else:
             fused[user] = nid
-    return fused
+            if pair is not None:
+                pairs[user] = pair
+    return fused, pairs
+
+
+def _paired_halves(graph: Graph, user: int, core: int, materialized: set[int]):
+    """(first half, second half): the two slices through which the pointwise DAG of `user`
+    reads `core`, each at the user's own index, when those are its only reads of it: core
+    [..., 2H], the slices [..., :H] and [..., H:], the user [..., H]. Else None."""
+    shape, out = graph.nodes[core].type.shape, graph.nodes[user].type.shape
+    if not shape or shape[-1] % 2 or out != (*shape[:-1], shape[-1] // 2):
+        return None
+    half = shape[-1] // 2
+    halves: dict[int, int] = {}  # start along the last axis -> slice node
+    stack, seen = [user], set()
+    while stack:
+        nid = stack.pop()
+        if nid in seen or (nid in materialized and nid != user):
+            continue
+        seen.add(nid)
+        for i in graph.nodes[nid].inputs:
+            if i != core:
+                stack.append(i)
+                continue
+            node = graph.nodes[nid]
+            if node.op != "slice" or any(st != 1 for st in node.attrs["steps"]):
+                return None
+            starts, stops = node.attrs["starts"], node.attrs["stops"]
+            full = all(
+                (a, b) == (0, n)
+                for a, b, n in zip(starts[:-1], stops[:-1], shape[:-1], strict=True)
+            )
+            if not full or starts[-1] not in (0, half) or stops[-1] != starts[-1] + half:
+                return None
+            if halves.setdefault(starts[-1], nid) != nid:
+                return None
+    if len(halves) != 2 or not all(
+        _pointwise_path_is_identity(graph, user, s, materialized) for s in halves.values()
+    ):
+        return None
+    return halves[0], halves[half]
 
 
 def strided_view(graph: Graph, nid: int, materialized: set[int]):
@@ -443,8 +504,14 @@ def _writes_over(graph: Graph, value: int, target: int, materialized: set[int]) 
     return True
 
 
-def plan(graph: Graph, roots: list[int], updates: dict[int, int], max_reads: int = 7) -> Plan:
-    materialized, kernels = select_kernels(graph, roots, updates, max_reads)
+def plan(
+    graph: Graph,
+    roots: list[int],
+    updates: dict[int, int],
+    max_reads: int = 7,
+    pairable: Callable[[Graph, int], bool] | None = None,
+) -> Plan:
+    materialized, kernels = select_kernels(graph, roots, updates, max_reads, pairable)
     position = {out: n for n, k in enumerate(kernels) for out in (k.node, *k.also)}
     last_use: dict[int, int] = {}
     for n, k in enumerate(kernels):

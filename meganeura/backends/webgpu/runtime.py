@@ -28,6 +28,7 @@ from meganeura.backends.webgpu.matrix_units import (
 )
 from meganeura.backends.webgpu.subgroups import probe_subgroup_sums
 from meganeura.backends.wgsl.kernels import generate
+from meganeura.backends.wgsl.matmul import pairable
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
@@ -192,7 +193,13 @@ class WebGPUProgram:
         self.executor = executor
         self.graph = graph
         limit = executor.gpu.max_storage_buffers
-        self.plan = make_plan(graph, roots, updates, max_reads=limit - 1)
+        self.plan = make_plan(
+            graph,
+            roots,
+            updates,
+            max_reads=limit - 1,
+            pairable=lambda g, nid: pairable(g, nid, options),
+        )
         self.plan.options = dict(options)
         plan = self.plan
         buffers = {}

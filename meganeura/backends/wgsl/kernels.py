@@ -282,22 +282,30 @@ def epilogue_buffers(plan: Plan, kernel: Kernel) -> set[int]:
 
 
 def product_store(
-    plan: Plan, kernel: Kernel, name_of, out: str, acc: str, idx: str, indent: str
+    plan: Plan, kernel: Kernel, name_of, out: str, acc: str | tuple[str, str], idx: str, indent: str
 ) -> str:
     """Statements storing a product kernel's value `acc` (f32) for output index `idx`: the
     value itself, or, when the planner fused the pointwise DAG reading the product into the
     kernel (kernel.core is the product), that DAG evaluated there (bias, residual,
-    activation). `name_of` gives the WGSL name of a node's buffer."""
+    activation). A paired epilogue (kernel.pair) takes `acc` as the values of the product's
+    two halves at this column, which its two slices read. `name_of` gives the WGSL name of a
+    node's buffer."""
     graph = plan.graph
     out_type = graph.nodes[kernel.node].type
     if kernel.core is None:
         return f"{indent}{out}[{idx}] = {_cast_out(acc, out_type.dtype)};\n"
     core_dtype = graph.nodes[kernel.core].type.dtype
-    em = Emitter(
-        graph, plan.materialized - {kernel.node}, name_of, indent, bound={kernel.core: f"mm_{idx}"}
-    )
+    if kernel.pair is None:
+        values = {kernel.core: (f"mm_{idx}", acc)}
+    else:
+        values = {
+            s: (f"mm{n}_{idx}", v) for n, (s, v) in enumerate(zip(kernel.pair, acc, strict=True))
+        }
+    bound = {nid: name for nid, (name, _) in values.items()}
+    em = Emitter(graph, plan.materialized - {kernel.node}, name_of, indent, bound=bound)
     value = em.value(kernel.node, idx)
-    lines = [f"{indent}let mm_{idx} = {_cast_out(acc, core_dtype)};", *em.lines]
+    lets = [f"{indent}let {name} = {_cast_out(v, core_dtype)};" for name, v in values.values()]
+    lines = [*lets, *em.lines]
     lines.append(f"{indent}{out}[{idx}] = {store_value(value, out_type.dtype)};")
     return "\n".join(lines) + "\n"
 

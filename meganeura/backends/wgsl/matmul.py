@@ -33,9 +33,12 @@ from meganeura.backends.wgsl.kernels import (
     archetype,
 )
 from meganeura.backends.wgsl.matmul_operands import Matmul, kernel_source
-from meganeura.backends.wgsl.matmul_simt import tiled
+from meganeura.backends.wgsl.matmul_simt import splits, tiled
 from meganeura.backends.wgsl.matmul_units import WORKGROUP_STORAGE, matrix_unit_kernel
+from meganeura.graph import Graph
 from meganeura.lower.plan import Kernel, Plan
+from meganeura.ops import get_op
+from meganeura.ops.linalg import matmul_dims
 
 GEMV_ROWS = 8
 GEMV_UNROLL = 4  # weight loads in flight per invocation, in a loop over a long row
@@ -50,23 +53,46 @@ GEMV_TEAM_PIECES = 8  # vec4 pieces of its row each of them reads, at least
 @archetype("matmul")
 def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     mm = Matmul(plan, kernel)
-    syntax = plan.options.get("matrix_unit")
-    if mm.M <= GEMV_ROWS:
+    variant = _variant(mm.M, mm.N, mm.nbatch, (mm.dtype, mm.b_dtype), plan.options)
+    if variant == "gemv":
         if mm.b.s_row == 1:
             return _gemv_contiguous_k(mm)
         return _gemv_columns(mm)
+    if variant == "units":
+        budget = plan.options.get("workgroup_storage", WORKGROUP_STORAGE)
+        return matrix_unit_kernel(mm, plan.options["matrix_unit"], budget)
+    return tiled(mm)
+
+
+def _variant(M: int, N: int, nbatch: int, dtypes: tuple[str, str], options: dict) -> str:
+    """Which kernel a product gets: "gemv", "units" (matrix units) or "tiled" (SIMT)."""
+    if M <= GEMV_ROWS:
+        return "gemv"
     # f16 operands lose nothing on matrix units (f32 accumulation); f32 ones are rounded to
     # f16, so only under matmul_precision="high", where the executor measured it pays, and
     # for products that fill the GPU: those of a 128-token prompt (128 x 576 x 960 and
     # the like) ran slower on matrix units than on the SIMT tiles, whose k splits inside
     # the workgroup give them more workgroups (44.6 against 34.9 us on an H200).
-    f16 = {mm.dtype, mm.b_dtype} == {"f16"}
-    high = plan.options.get("matmul_precision") == "high" and plan.options.get("f32_on_units")
-    fills = math.ceil(mm.M / 64) * math.ceil(mm.N / 64) * mm.nbatch >= UNITS_FILL
-    if syntax and (f16 or (high and fills)):
-        budget = plan.options.get("workgroup_storage", WORKGROUP_STORAGE)
-        return matrix_unit_kernel(mm, syntax, budget)
-    return tiled(mm)
+    f16 = set(dtypes) == {"f16"}
+    high = options.get("matmul_precision") == "high" and options.get("f32_on_units")
+    fills = math.ceil(M / 64) * math.ceil(N / 64) * nbatch >= UNITS_FILL
+    if options.get("matrix_unit") and (f16 or (high and fills)):
+        return "units"
+    return "tiled"
+
+
+def pairable(graph: Graph, nid: int, options: dict) -> bool:
+    """Whether the kernel of product `nid` (a matmul or a norm-matmul) can run a paired
+    epilogue (Kernel.pair): the split SIMT tiles can; GEMVs, matrix units and the 128 x 128
+    tiles cannot, and their product is stored for a kernel of its own to read."""
+    node = graph.nodes[nid]
+    if get_op(node.op).kind != "matmul":
+        return False
+    a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
+    trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs["trans_b"]
+    batch, M, _, N = matmul_dims(a, b, trans_a, trans_b)
+    nbatch = math.prod(batch)
+    return _variant(M, N, nbatch, (a.dtype, b.dtype), options) == "tiled" and splits(M, N, nbatch)
 
 
 # -- GEMV -----------------------------------------------------------------------------------

@@ -183,6 +183,12 @@ class Matmul:
         epilogue when the kernel has one."""
         return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
 
+    def store_pair(self, lo: str, hi: str, idx: str, indent: str) -> str:
+        """Statements writing a paired epilogue (Kernel.pair) at output index `idx`, from the
+        product's values `lo` and `hi` (f32) in the first and second half of its columns."""
+        name_of, out = self.bind.name_of, self.out
+        return product_store(self.plan, self.kernel, name_of, out, (lo, hi), idx, indent)
+
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
         if self.prologue is not None:
             shared += self.prologue.shared

@@ -85,9 +85,14 @@ def choose_tile(M: int, N: int, nbatch: int) -> Tile:
 def tiled(mm: Matmul) -> KernelSource:
     """128 x 128 tiles where there are enough of them to fill a GPU, else the tile that
     choose_tile picks."""
-    if math.ceil(mm.M / LARGE) * math.ceil(mm.N / LARGE) * mm.nbatch >= LARGE_TILES_MIN:
+    if not splits(mm.M, mm.N, mm.nbatch):
         return _tiled_large(mm)
     return _tiled_split(mm, choose_tile(mm.M, mm.N, mm.nbatch))
+
+
+def splits(M: int, N: int, nbatch: int) -> bool:
+    """Whether a product goes to the split tiles (else to the 128 x 128 tiles)."""
+    return math.ceil(M / LARGE) * math.ceil(N / LARGE) * nbatch < LARGE_TILES_MIN
 
 
 def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
@@ -101,6 +106,15 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     a, b = mm.a, mm.b
     R, C, S, D = tile.rows, tile.cols, tile.splits, tile.depth
     GX, P = C // 4, R * C // 16  # invocations per group along n, per group in all
+    # A paired epilogue (Kernel.pair): the tile's first C / 2 columns are product columns
+    # n0 + c of the first half, its last C / 2 those of the second half (H + n0 + c), and
+    # the finish stores the epilogue of each pair at column n0 + c of the H-wide output.
+    H = N // 2 if mm.kernel.pair else 0
+    if H:
+        half = C // 2
+        b_row = lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)"  # noqa: E731
+    else:
+        b_row = None
     b_at = tile.stages * D * R // 4  # where the B stages start in `tile` (vec4s)
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
     bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
@@ -125,19 +139,25 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     ia, fa, sa = _stage(
         mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", normalized=True, square_sums=deferred
     )
-    ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0")
+    ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0", row_of=b_row)
     k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
-    store = mm.store("acc_v", "idx", "        ")
+    store = "" if H else mm.store("acc_v", "idx", "        ")
     rounds = math.ceil(R * D / 4 / 256)  # rounds of A loads per step (two for 32 x 16)
     finish_rows = ["4u * ty + 0u", "4u * ty + 1u", "4u * ty + 2u", "4u * ty + 3u"]
-    if S > 1:
+    # Output vec4s of the finish through `tile` (o = i * OP + q: row i of the 4 x 4 blocks,
+    # block q of OP), each summed over the groups' partial sums; paired, only the blocks of
+    # the first half, each with its partner GX / 2 blocks on.
+    OP, OX = (P // 2, GX // 2) if H else (P, GX)
+    if S > 1 or H:
         finish_rows = [
-            f"4u * (((tid + {256 * t}u) % {P}u) / {GX}u) + (tid + {256 * t}u) / {P}u"
-            for t in range(math.ceil(4 * P / 256))
+            f"4u * (((tid + {256 * t}u) % {OP}u) / {OX}u) + (tid + {256 * t}u) / {OP}u"
+            for t in range(math.ceil(4 * OP / 256))
         ]
     scale = _deferred_scales(mm, R, rounds, finish_rows) if deferred else ""
     row_scale = (lambda i: f" * nm_rs[{i}]") if deferred else (lambda i: "")
-    if S == 1:
+    if H:
+        finish = _paired_finish(mm, M, H, S, P, GX, deferred, row_scale)
+    elif S == 1:
         finish = f"""  var accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
   for (var i = 0u; i < 4u; i++) {{
     let gm = m0 + 4u * ty + i;
@@ -181,7 +201,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let a0 = {a.origin(mm.batch)};
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {R}u;
-  let n0 = wid.x * {C}u;
+  let n0 = wid.x * {C // 2 if H else C}u;
 {statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
   var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
   {{
@@ -208,8 +228,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {scale}{finish}}}
 """
     shared = f"var<workgroup> tile: array<vec4<f32>, {TILE_VEC4}>;\n"
-    grid = (math.ceil(N / C), math.ceil(M / R), mm.nbatch)
+    grid = (math.ceil((H or N) / ((C // 2) if H else C)), math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
+
+
+def _paired_finish(mm: Matmul, M: int, H: int, S: int, P: int, GX: int, deferred, row_scale):
+    """The finish of a split tile under a paired epilogue: every group's partial sums (one
+    group when S is 1) through `tile`; invocation o sums output vec4 q of the first half and
+    its partner q + GX / 2 of the second, and stores the epilogue of the four pairs at the
+    H-wide output's columns n0 + 4 (q % GX) + c."""
+    OP, OX = P // 2, GX // 2
+    store = mm.store_pair("lo_v", "hi_v", "idx", "        ")
+    return f"""{"  workgroupBarrier();" + chr(10) if deferred else ""}  tile[(grp * 4u) * {P}u + lid] = acc0;
+  tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
+  tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
+  tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
+  workgroupBarrier();
+  for (var o = tid; o < {4 * OP}u; o += 256u) {{
+    let i = o / {OP}u; let qh = o % {OP}u;
+    let q = (qh / {OX}u) * {GX}u + qh % {OX}u;
+    var lo = tile[i * {P}u + q];
+    var hi = tile[i * {P}u + q + {OX}u];
+    for (var s = 1u; s < {S}u; s++) {{
+      lo += tile[(s * 4u + i) * {P}u + q];
+      hi += tile[(s * 4u + i) * {P}u + q + {OX}u];
+    }}
+    let gm = m0 + 4u * (q / {GX}u) + i;
+    for (var c = 0u; c < 4u; c++) {{
+      let gn = n0 + 4u * (q % {GX}u) + c;
+      if (gm < {M}u && gn < {H}u) {{
+        let lo_v = lo[c]{row_scale("o / 256u")};
+        let hi_v = hi[c]{row_scale("o / 256u")};
+        let idx = bz * {M * H}u + gm * {H}u + gn;
+{store}      }}
+    }}
+  }}
+"""
 
 
 def _deferred_scales(mm: Matmul, R: int, rounds: int, rows: list[str]) -> str:
@@ -251,6 +305,7 @@ def _stage(
     origin: str,
     normalized: bool = False,
     square_sums: bool = False,
+    row_of=None,
 ) -> tuple[str, str, str]:
     """Staging of one operand, seen as rows x k, into `tile` at vec4 `at`: stage `st` holds
     k rows of tile_rows / 4 vec4s. Returns the per-invocation index lets and register
@@ -258,9 +313,11 @@ def _stage(
     `normalized` (A) passes the loads through the matmul's norm prologue, if it has one,
     and holds the statistics of the rows they read in registers (after the index lets).
     `square_sums` (a deferred RMSNorm, vec4 loads along k): round j of the loads also adds
-    the squares of the row's elements it loads to nm_sq{j}."""
+    the squares of the row's elements it loads to nm_sq{j}. `row_of(r)` gives the operand
+    row that tile row r stages (by default start + r; rows four apart stay consecutive)."""
     K = mm.K
     quads = tile_rows // 4
+    row_of = row_of or (lambda r: f"{start} + {r}")
     along_k = x.s_col == 1
     count = tile_rows * depth // 4  # vec4s per stage
     lets, fetch, store = [], [], []
@@ -271,15 +328,16 @@ def _stage(
     for j in range(math.ceil(count / 256)):
         e = f"(tid + {256 * j}u)" if j else "tid"
         r, k, reg = f"{name}r{j}", f"{name}k{j}", f"{name}{j}"
+        g = row_of(r)  # the operand row of tile row r (an expression safe to add to)
         if along_k:  # two invocations per row, four k each: 32 contiguous bytes
             lets.append(
                 f"  let {r} = ({e} / 2u) % {tile_rows}u;"
                 f" let {k} = 4u * ({e} % 2u + 2u * ({e} / {2 * tile_rows}u));"
             )
-            parts = [(f"{start} + {r}", f"k0 + {k} + {i}u", r) for i in range(4)]
-            at_row = f"min({start} + {r}, {rows - 1}u) * {x.s_row}u"
+            parts = [(g, f"k0 + {k} + {i}u", r) for i in range(4)]
+            at_row = f"min({g}, {rows - 1}u) * {x.s_row}u"
             at_vec = f"({origin} + {at_row} + min(k0 + {k}, {K - 4}u)) / 4u"
-            in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
+            in_range = f"{g} < {rows}u && k0 + {k} < {K}u"
             put = "\n".join(
                 f"      tile[{at}u + (st * {depth}u + {k} + {i}u) * {quads}u + {r} / 4u][{r} % 4u]"
                 f" = {reg}.{ch};"
@@ -287,17 +345,16 @@ def _stage(
             )
         else:  # four rows per invocation, one k
             lets.append(f"  let {r} = 4u * ({e} % {quads}u); let {k} = {e} / {quads}u;")
-            parts = [(f"{start} + {r} + {i}u", f"k0 + {k}", f"{r} + {i}u") for i in range(4)]
+            parts = [(f"{g} + {i}u", f"k0 + {k}", f"{r} + {i}u") for i in range(4)]
             at_vec = (
-                f"({origin} + min({start} + {r}, {rows - 4}u)"
-                f" + min(k0 + {k}, {K - 1}u) * {x.s_col}u) / 4u"
+                f"({origin} + min({g}, {rows - 4}u) + min(k0 + {k}, {K - 1}u) * {x.s_col}u) / 4u"
             )
-            in_range = f"{start} + {r} < {rows}u && k0 + {k} < {K}u"
+            in_range = f"{g} < {rows}u && k0 + {k} < {K}u"
             put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
         lets.append(f"  var {reg} = vec4<f32>(0.0);")
         load = ""
         if vec and x.decoded:  # a quantized weight: four weights of row start + r at k..k+3
-            loaded = f"{x.decoded}(min({start} + {r}, {rows - 1}u), min(k0 + {k}, {K - 4}u))"
+            loaded = f"{x.decoded}(min({g}, {rows - 1}u), min(k0 + {k}, {K - 4}u))"
             value = f"select(vec4<f32>(0.0), {loaded}, {in_range})"
         elif vec and square_sums:  # the row's squares summed, its weight applied
             lets.append(f"  var nm_sq{j} = 0.0f;")
