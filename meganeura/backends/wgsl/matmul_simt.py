@@ -11,6 +11,10 @@ statistics of their tile's rows over the whole of k in the staging memory, which
 operands as before: each invocation keeps the statistics of the rows it loads in registers.
 The split tiles defer an RMSNorm instead (NormPrologue.defer): they sum the squares of the
 rows as they stage them and scale their outputs at the end, reading each row once.
+
+Under a paired epilogue (Kernel.pair: SwiGLU of a gate/up product's two halves), a split
+tile's first half of columns stages weight rows n0 + c and its second half rows H + n0 + c,
+so the finish has gate and up of the same columns and stores the epilogue of each pair.
 """
 
 from __future__ import annotations
@@ -314,7 +318,8 @@ def _stage(
     and holds the statistics of the rows they read in registers (after the index lets).
     `square_sums` (a deferred RMSNorm, vec4 loads along k): round j of the loads also adds
     the squares of the row's elements it loads to nm_sq{j}. `row_of(r)` gives the operand
-    row that tile row r stages (by default start + r; rows four apart stay consecutive)."""
+    row that tile row r stages (by default start + r); where an invocation loads four rows at
+    once, row_of(r) + i must be the row of tile row r + i (r a multiple of 4, i < 4)."""
     K = mm.K
     quads = tile_rows // 4
     row_of = row_of or (lambda r: f"{start} + {r}")
