@@ -41,6 +41,11 @@ TILE_VEC4 = 1024  # workgroup memory of a tile: 16 KiB, WebGPU's default limit
 # 13.9 / 34.7 / 31.2 us, 32 x 16 alike; but 16 x 16 12.7 against 13.6 (o) and 32 x 32 27.1
 # against 28.9 (gate/up), the tiles those products take, so the square tiles keep two.
 ONE_STAGE_TILES = ((16, 32), (32, 16))
+# vec4s added to each k row of a stage where the padded stages still fit TILE_VEC4: with a
+# stride of rows / 4 + 1 vec4s, the two invocations that load one row's two k-quads store
+# their four values 16 banks apart instead of into the same bank. (More workgroup memory than
+# TILE_VEC4 to make room for the pad slowed the square tiles by a third on an H200.)
+STAGE_PAD = 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,10 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
         b_row = lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)"  # noqa: E731
     else:
         b_row = None
-    b_at = tile.stages * D * R // 4  # where the B stages start in `tile` (vec4s)
+    # k rows of the stages: R / 4 (C / 4) vec4s, padded where that still fits TILE_VEC4.
+    pad = STAGE_PAD if tile.stages * D * ((R + C) // 4 + 2 * STAGE_PAD) <= TILE_VEC4 else 0
+    a_stride, b_stride = R // 4 + pad, C // 4 + pad
+    b_at = tile.stages * D * a_stride  # where the B stages start in `tile` (vec4s)
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
     bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     # 16-byte loads: along k (both operands of x @ W^T), or along rows (A^T, B as [K, N]).
@@ -141,9 +149,9 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
         mm.prologue.defer()
     statistics = "" if deferred else mm.row_statistics(R, "m0", 256, "tid", scratch="tile")
     ia, fa, sa = _stage(
-        mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", normalized=True, square_sums=deferred
+        mm, a, vec_a, "pa", 0, R, D, M, "m0", "a0", a_stride, normalized=True, square_sums=deferred
     )
-    ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0", row_of=b_row)
+    ib, fb, sb = _stage(mm, bt, vec_b, "pb", b_at, C, D, N, "n0", "b0", b_stride, row_of=b_row)
     k_row = f"cur * {D}u + grp + {S}u * kk" if S > 1 else f"cur * {D}u + kk"
     store = "" if H else mm.store("acc_v", "idx", "        ")
     rounds = math.ceil(R * D / 4 / 256)  # rounds of A loads per step (two for 32 x 16)
@@ -220,8 +228,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {fa}{fb}    }}
     for (var kk = 0u; kk < {D // S}u; kk++) {{
       let k = {k_row};
-      let av = tile[k * {R // 4}u + ty];
-      let bv = tile[{b_at}u + k * {C // 4}u + tx];
+      let av = tile[k * {a_stride}u + ty];
+      let bv = tile[{b_at}u + k * {b_stride}u + tx];
       acc0 += av.x * bv; acc1 += av.y * bv; acc2 += av.z * bv; acc3 += av.w * bv;
     }}
 {"" if tile.stages == 2 else "    workgroupBarrier();" + chr(10)}    if (more) {{
@@ -231,7 +239,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   }}
 {scale}{finish}}}
 """
-    shared = f"var<workgroup> tile: array<vec4<f32>, {TILE_VEC4}>;\n"
+    # The stages, and the groups' partial sums at the end (S groups x 4 P = 1024 vec4s).
+    shared = f"var<workgroup> tile: array<vec4<f32>, {max(TILE_VEC4, 1024)}>;\n"
     grid = (math.ceil((H or N) / ((C // 2) if H else C)), math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
 
@@ -307,12 +316,13 @@ def _stage(
     rows: int,
     start: str,
     origin: str,
+    stride: int,
     normalized: bool = False,
     square_sums: bool = False,
     row_of=None,
 ) -> tuple[str, str, str]:
     """Staging of one operand, seen as rows x k, into `tile` at vec4 `at`: stage `st` holds
-    k rows of tile_rows / 4 vec4s. Returns the per-invocation index lets and register
+    k rows of tile_rows / 4 vec4s, `stride` vec4s apart. Returns the per-invocation index lets and register
     declarations, the fetch of step k0 into registers, and their store into stage st.
     `normalized` (A) passes the loads through the matmul's norm prologue, if it has one,
     and holds the statistics of the rows they read in registers (after the index lets).
@@ -344,7 +354,7 @@ def _stage(
             at_vec = f"({origin} + {at_row} + min(k0 + {k}, {K - 4}u)) / 4u"
             in_range = f"{g} < {rows}u && k0 + {k} < {K}u"
             put = "\n".join(
-                f"      tile[{at}u + (st * {depth}u + {k} + {i}u) * {quads}u + {r} / 4u][{r} % 4u]"
+                f"      tile[{at}u + (st * {depth}u + {k} + {i}u) * {stride}u + {r} / 4u][{r} % 4u]"
                 f" = {reg}.{ch};"
                 for i, ch in enumerate("xyzw")
             )
@@ -355,7 +365,7 @@ def _stage(
                 f"({origin} + min({g}, {rows - 4}u) + min(k0 + {k}, {K - 1}u) * {x.s_col}u) / 4u"
             )
             in_range = f"{g} < {rows}u && k0 + {k} < {K}u"
-            put = f"      tile[{at}u + (st * {depth}u + {k}) * {quads}u + {r} / 4u] = {reg};"
+            put = f"      tile[{at}u + (st * {depth}u + {k}) * {stride}u + {r} / 4u] = {reg};"
         lets.append(f"  var {reg} = vec4<f32>(0.0);")
         load = ""
         if vec and x.decoded:  # a quantized weight: four weights of row start + r at k..k+3
