@@ -110,7 +110,9 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     allows, into registers while the previous step computes, then stored k-major into the
     other of two stages (one barrier per step; or, for ONE_STAGE_TILES, into the one stage
     after a second barrier); each invocation reads its 4 x 4 block's
-    operands as two vec4s per k."""
+    operands as two vec4s per k. The stores avoid bank conflicts between the two invocations
+    that load one row's two k-quads: a k row of the stages is padded by STAGE_PAD vec4s where
+    that still fits TILE_VEC4, and k rows of 16 floats take the rotated stores of `_stage`."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     R, C, S, D = tile.rows, tile.cols, tile.splits, tile.depth
