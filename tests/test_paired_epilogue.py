@@ -113,6 +113,14 @@ def test_a_gemv_stores_the_product_for_swiglu(device):
     assert any(label.startswith("swiglu") for label in labels), labels
 
 
+@pytest.mark.lavapipe
+def test_large_tiles_store_the_product_for_swiglu_on_lavapipe():
+    """Enough 128 x 128 tiles to fill a GPU (512 x 4096): those have no paired epilogue."""
+    labels = run((), 512, 32, 2048, "none")
+    assert not any("+swiglu" in label for label in labels), labels
+    assert any(label.startswith("swiglu") for label in labels), labels
+
+
 def test_the_numpy_executor_computes_the_same():
     run((), 20, 40, 24, "rms", device="cpu")
 
