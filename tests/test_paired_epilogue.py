@@ -1,8 +1,8 @@
 """A paired epilogue: SwiGLU of a product's two halves (gate and up), stored by the product's
-own kernel (Kernel.pair). The split tiles compute columns j and H + j of the product in one
-workgroup; other kernels store the product for SwiGLU's own kernel to read. Checked against
-NumPy in float64, forward only: a gradient would read the product, which then stays a value
-of its own."""
+own kernel (Kernel.pair). The SIMT tiles compute columns j and H + j of the product in one
+workgroup; other kernels (GEMVs, matrix units) store the product for SwiGLU's own kernel.
+Checked against NumPy in float64, forward only: a gradient would read the product, which
+then stays a value of its own."""
 
 from __future__ import annotations
 
@@ -113,12 +113,21 @@ def test_a_gemv_stores_the_product_for_swiglu(device):
     assert any(label.startswith("swiglu") for label in labels), labels
 
 
-@pytest.mark.lavapipe
-def test_large_tiles_store_the_product_for_swiglu_on_lavapipe():
-    """Enough 128 x 128 tiles to fill a GPU (512 x 4096): those have no paired epilogue."""
-    labels = run((), 512, 32, 2048, "none")
-    assert not any("+swiglu" in label for label in labels), labels
-    assert any(label.startswith("swiglu") for label in labels), labels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize(
+    ("m", "k", "h", "norm"),
+    [
+        (512, 32, 2048, "none"),  # enough 128 x 128 tiles to fill a GPU
+        (520, 37, 2020, "rms"),  # partial tiles in both directions, scalar loads, the norm
+        (512, 40, 2048, "layer"),
+    ],
+)
+def test_large_tiles_pair_the_halves(device, m, k, h, norm):
+    """The 128 x 128 tiles stage weight rows j and H + j in their two column blocks."""
+    split = AssertionError("these products take 128 x 128 tiles")
+    with mock.patch.object(matmul_simt, "_tiled_split", side_effect=split):
+        labels = run((), m, k, h, norm, device)
+    assert any("+swiglu" in label for label in labels), labels
 
 
 def test_the_numpy_executor_computes_the_same():

@@ -33,7 +33,7 @@ from meganeura.backends.wgsl.kernels import (
     archetype,
 )
 from meganeura.backends.wgsl.matmul_operands import Matmul, kernel_source
-from meganeura.backends.wgsl.matmul_simt import splits, tiled
+from meganeura.backends.wgsl.matmul_simt import tiled
 from meganeura.backends.wgsl.matmul_units import WORKGROUP_STORAGE, matrix_unit_kernel
 from meganeura.graph import Graph
 from meganeura.lower.plan import Kernel, Plan
@@ -83,8 +83,8 @@ def _variant(M: int, N: int, nbatch: int, dtypes: tuple[str, str], options: dict
 
 def pairable(graph: Graph, nid: int, options: dict) -> bool:
     """Whether the kernel of product `nid` (a matmul or a norm-matmul) can run a paired
-    epilogue (Kernel.pair): the split SIMT tiles can; GEMVs, matrix units and the 128 x 128
-    tiles cannot, and their product is stored for a kernel of its own to read."""
+    epilogue (Kernel.pair): the SIMT tiles can; GEMVs and matrix units cannot, and their
+    product is stored for a kernel of its own to read."""
     node = graph.nodes[nid]
     if get_op(node.op).kind != "matmul":
         return False
@@ -92,7 +92,7 @@ def pairable(graph: Graph, nid: int, options: dict) -> bool:
     trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs["trans_b"]
     batch, M, _, N = matmul_dims(a, b, trans_a, trans_b)
     nbatch = math.prod(batch)
-    return _variant(M, N, nbatch, (a.dtype, b.dtype), options) == "tiled" and splits(M, N, nbatch)
+    return _variant(M, N, nbatch, (a.dtype, b.dtype), options) == "tiled"
 
 
 # -- GEMV -----------------------------------------------------------------------------------

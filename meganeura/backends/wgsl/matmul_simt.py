@@ -435,16 +435,25 @@ def _tiled_large(mm: Matmul) -> KernelSource:
     """128 x 128 tiles, 8 x 8 outputs per invocation (two 4 x 4 blocks 64 apart in each
     direction, so the staged tiles are read as conflict-free vec4s), k in steps of 8 with two
     staging buffers: the next step's operands are fetched into registers while this step
-    computes, and one barrier per step suffices."""
+    computes, and one barrier per step suffices. Under a paired epilogue (Kernel.pair) the
+    tile's first 64 columns stage weight rows n0 + c and its last 64 rows H + n0 + c: each
+    invocation's two column blocks are then gate and up of the same columns."""
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
+    H = N // 2 if mm.kernel.pair else 0
+    half = LARGE // 2
+    b_rows = (
+        (lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)") if H else None
+    )
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
     bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     steps = math.ceil(K / LARGE_BK)
 
-    def operand(x: Operand, name: str, rows: int, start: str):
+    def operand(x: Operand, name: str, rows: int, start: str, row_of=None):
         """Index lets, four guarded global loads into registers {name}0..3, and the store of
-        those registers into stage `st` of the tile `name` ([k][128 / 4 vec4])."""
+        those registers into stage `st` of the tile `name` ([k][128 / 4 vec4]); `row_of(r)`
+        the operand row of tile row r (by default start + r)."""
+        row_of = row_of or (lambda r: f"{start} + {r}")
         if x.s_col == 1:  # contiguous along k: two invocations per row, four k each
             index = f"let {name}r = tid / 2u; let {name}k = (tid % 2u) * 4u;"
             at = [(f"{name}r", f"{name}k + {i}u") for i in range(4)]
@@ -461,18 +470,19 @@ def _tiled_large(mm: Matmul) -> KernelSource:
 
         def value(r: str, k: str) -> str:
             kk = f"min(k0 + {k}, {K - 1}u)"
-            v = x.at(f"{origin} + min({start} + {r}, {rows - 1}u) * {x.s_row}u + {kk} * {x.s_col}u")
+            v = x.at(f"{origin} + min({row_of(r)}, {rows - 1}u) * {x.s_row}u + {kk} * {x.s_col}u")
             return mm.load_a(v, r, kk) if name == "As" else v
 
         loads = " ".join(
-            f"{name}{i} = select(0.0, {value(r, k)}, {start} + {r} < {rows}u && k0 + {k} < {K}u);"
+            f"{name}{i} = select(0.0, {value(r, k)}, {row_of(r)} < {rows}u && k0 + {k} < {K}u);"
             for i, (r, k) in enumerate(at)
         )
         if x.decoded and x.s_col == 1:  # a quantized weight: its four weights in one decode
             r, k = f"{name}r", f"{name}k"
+            g = row_of(r)
             loads = (
-                f"let {name}v = select(vec4<f32>(0.0), {x.decoded}(min({start} + {r}, {rows - 1}u),"
-                f" min(k0 + {k}, {K - 4}u)), {start} + {r} < {rows}u && k0 + {k} < {K}u); "
+                f"let {name}v = select(vec4<f32>(0.0), {x.decoded}(min({g}, {rows - 1}u),"
+                f" min(k0 + {k}, {K - 4}u)), {g} < {rows}u && k0 + {k} < {K}u); "
                 + " ".join(f"{name}{i} = {name}v.{ch};" for i, ch in enumerate("xyzw"))
             )
         keep = mm.keep_statistics() if name == "As" else ""
@@ -483,7 +493,7 @@ def _tiled_large(mm: Matmul) -> KernelSource:
     # Before the loads that read them: the statistics of the tile's rows, in `As`.
     statistics = mm.row_statistics(LARGE, "m0", 256, "tid", scratch="As")
     ia, la, sa = operand(a, "As", M, "m0")
-    ib, lb, sb = operand(bt, "Bs", N, "n0")
+    ib, lb, sb = operand(bt, "Bs", N, "n0", b_rows)
     fmas = []
     for half, av in enumerate(("a0v", "a1v")):
         for i, ch in enumerate("xyzw"):
@@ -498,7 +508,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let a0 = {a.origin(mm.batch)};
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {LARGE}u;
-  let n0 = wid.x * {LARGE}u;
+  let n0 = wid.x * {half if H else LARGE}u;
 {statistics}  {ia}
   {ib}
   var acc: array<vec4<f32>, 16>;
@@ -533,7 +543,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }}
     workgroupBarrier();
   }}
-  for (var ri = 0u; ri < 8u; ri++) {{
+{_large_paired_finish(mm, M, H) if H else _large_finish(mm, M, N)}}}
+"""
+    shared = (
+        f"var<workgroup> As: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
+        f"var<workgroup> Bs: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
+    )
+    grid = (math.ceil(H / half) if H else math.ceil(N / LARGE), math.ceil(M / LARGE), mm.nbatch)
+    return kernel_source(mm, body, grid, shared)
+
+
+def _large_finish(mm: Matmul, M: int, N: int) -> str:
+    """The stores of a 128 x 128 tile's 8 x 8 outputs per invocation, through the epilogue."""
+    return f"""  for (var ri = 0u; ri < 8u; ri++) {{
     let gm = m0 + (ri / 4u) * 64u + 4u * ty + ri % 4u;
     for (var cj = 0u; cj < 2u; cj++) {{
       for (var lane = 0u; lane < 4u; lane++) {{
@@ -545,11 +567,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       }}
     }}
   }}
-}}
 """
-    shared = (
-        f"var<workgroup> As: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
-        f"var<workgroup> Bs: array<vec4<f32>, {2 * LARGE_BK * LARGE // 4}>;\n"
-    )
-    grid = (math.ceil(N / LARGE), math.ceil(M / LARGE), mm.nbatch)
-    return kernel_source(mm, body, grid, shared)
+
+
+def _large_paired_finish(mm: Matmul, M: int, H: int) -> str:
+    """Under a paired epilogue: each invocation's first column block holds the first half's
+    columns n0 + 4 tx + lane, its second the second half's same columns; the epilogue of
+    each pair goes to column n0 + 4 tx + lane of the H-wide output."""
+    return f"""  for (var ri = 0u; ri < 8u; ri++) {{
+    let gm = m0 + (ri / 4u) * 64u + 4u * ty + ri % 4u;
+    for (var lane = 0u; lane < 4u; lane++) {{
+      let gn = n0 + 4u * tx + lane;
+      if (gm < {M}u && gn < {H}u) {{
+        let lo_v = acc[ri * 2u][lane];
+        let hi_v = acc[ri * 2u + 1u][lane];
+        let idx = bz * {M * H}u + gm * {H}u + gn;
+{mm.store_pair("lo_v", "hi_v", "idx", "        ")}      }}
+    }}
+  }}
+"""
