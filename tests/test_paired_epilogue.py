@@ -26,23 +26,24 @@ ALL_TILES = [Tile(*shape) for shape in sorted({s for t in TILE_SHAPES for s in (
 EPS = 1e-5
 
 
-def swiglu_graph(batch, m: int, k: int, h: int, norm: str, split=(0, 1)):
-    """out = SwiGLU(y[..., :h], y[..., h:]) for y = norm(x) @ w^T, w [2h, k]; `split` moves
-    the slices (in units of h) to make a pattern that is not two halves."""
+def swiglu_graph(batch, m: int, k: int, h: int, norm: str, split=(0, 1), trans_b=True):
+    """out = SwiGLU(y[..., :h], y[..., h:]) for y = norm(x) @ w^T, w [2h, k] (or, without
+    `trans_b`, y = norm(x) @ w, w [k, 2h]); `split` moves the slices (in units of h) to make
+    a pattern that is not two halves."""
     g = Graph()
     x = g.input("x", (*batch, m, k))
-    w = g.input("w", (2 * h, k))
+    w = g.input("w", (2 * h, k) if trans_b else (k, 2 * h))
     if norm == "rms":
         x = F.rms_norm(x, g.input("nw", (k,)), eps=EPS)
     elif norm == "layer":
         x = F.layer_norm(x, g.input("nw", (k,)), g.input("nb", (k,)), eps=EPS)
-    y = g.apply("matmul", [x, w], trans_b=True)
+    y = g.apply("matmul", [x, w], trans_b=trans_b)
     lo, hi = (y[..., s * h : (s + 1) * h] for s in split)
     g.output("out", F.swiglu(lo, hi))
     return g
 
 
-def reference(feeds: dict, h: int, norm: str) -> np.ndarray:
+def reference(feeds: dict, h: int, norm: str, trans_b: bool = True) -> np.ndarray:
     x = feeds["x"].astype(np.float64)
     if norm == "layer":
         x = x - x.mean(-1, keepdims=True)
@@ -50,16 +51,19 @@ def reference(feeds: dict, h: int, norm: str) -> np.ndarray:
         x = x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS) * feeds["nw"]
     if norm == "layer":
         x = x + feeds["nb"]
-    y = x @ feeds["w"].astype(np.float64).T
+    w = feeds["w"].astype(np.float64)
+    y = x @ (w.T if trans_b else w)
     gate, up = y[..., :h], y[..., h:]
     return gate / (1 + np.exp(-gate)) * up
 
 
-def feeds_for(batch, m, k, h, norm, seed=0) -> dict:
+def feeds_for(batch, m, k, h, norm, seed=0, trans_b=True) -> dict:
     rng = np.random.default_rng(seed)
     feeds = {
         "x": rng.standard_normal((*batch, m, k)).astype(np.float32) + 1.0,
-        "w": (rng.standard_normal((2 * h, k)) / np.sqrt(k)).astype(np.float32),
+        "w": (rng.standard_normal((2 * h, k) if trans_b else (k, 2 * h)) / np.sqrt(k)).astype(
+            np.float32
+        ),
     }
     if norm != "none":
         feeds["nw"] = rng.standard_normal(k).astype(np.float32)
@@ -68,12 +72,12 @@ def feeds_for(batch, m, k, h, norm, seed=0) -> dict:
     return feeds
 
 
-def run(batch, m, k, h, norm, device="vulkan-cpu"):
+def run(batch, m, k, h, norm, device="vulkan-cpu", trans_b=True):
     """The output and the kernel labels of the program that computed it."""
-    session = build(swiglu_graph(batch, m, k, h, norm), device=device)
-    feeds = feeds_for(batch, m, k, h, norm)
+    session = build(swiglu_graph(batch, m, k, h, norm, trans_b=trans_b), device=device)
+    feeds = feeds_for(batch, m, k, h, norm, trans_b=trans_b)
     got = session.run(feeds)["out"]
-    want = reference(feeds, h, norm)
+    want = reference(feeds, h, norm, trans_b)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
     return getattr(session._last, "labels", [])  # the NumPy executor runs no kernels
 
@@ -153,3 +157,12 @@ def test_only_two_halves_of_a_pairable_product_make_a_pair():
     assert [k.pair is not None for k in swapped] == [True]
     same = _kernels(swiglu_graph((), 16, 8, 4, "none", split=(0, 0)), lambda g, nid: True)
     assert [k.kind for k in same] == ["matmul", "pointwise"]
+
+
+@pytest.mark.lavapipe
+@pytest.mark.parametrize("m", [70, 520], ids=["split-tiles", "128x128-tiles"])
+def test_weights_read_along_n_pair_on_lavapipe(m):
+    """x @ W with W [K, 2H] (not a Linear's layout): the weights are staged four columns of
+    one k at a time, each four-column block inside one half."""
+    labels = run((), m, 40, 2020 if m > 128 else 20, "rms", trans_b=False)
+    assert any("+swiglu" in label for label in labels), labels
