@@ -185,14 +185,8 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
   }}
 """
     else:
-        # Partial sums of group g, output row i of the 4 x 4 blocks, at (g * 4 + i) * P + lid:
-        # neighbouring invocations write and read neighbouring vec4s.
-        finish = f"""{"  workgroupBarrier();" + chr(10) if deferred else ""}  tile[(grp * 4u) * {P}u + lid] = acc0;
-  tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
-  tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
-  tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
-  workgroupBarrier();
-  for (var o = tid; o < {4 * P}u; o += 256u) {{
+        # The groups' partial sums through `tile` (_partial_sums), summed per output vec4.
+        finish = f"""{_partial_sums(P, deferred)}  for (var o = tid; o < {4 * P}u; o += 256u) {{
     let i = o / {P}u; let q = o % {P}u;
     var sum = tile[o];
     for (var s = 1u; s < {S}u; s++) {{ sum += tile[(s * 4u + i) * {P}u + q]; }}
@@ -247,6 +241,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     return kernel_source(mm, body, grid, shared)
 
 
+def _partial_sums(P: int, deferred: bool) -> str:
+    """Each group's 4 x 4 blocks into `tile` for a split tile's finish: row i of group g's
+    blocks at (g * 4 + i) * P + lid, neighbouring invocations at neighbouring vec4s (after a
+    barrier where the deferred RMSNorm's scales used `tile` last), then a barrier."""
+    return f"""{"  workgroupBarrier();" + chr(10) if deferred else ""}  tile[(grp * 4u) * {P}u + lid] = acc0;
+  tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
+  tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
+  tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
+  workgroupBarrier();
+"""
+
+
 def _paired_finish(mm: Matmul, M: int, H: int, S: int, P: int, GX: int, deferred, row_scale):
     """The finish of a split tile under a paired epilogue: every group's partial sums (one
     group when S is 1) through `tile`; invocation o sums output vec4 q of the first half and
@@ -254,12 +260,7 @@ def _paired_finish(mm: Matmul, M: int, H: int, S: int, P: int, GX: int, deferred
     H-wide output's columns n0 + 4 (q % GX) + c."""
     OP, OX = P // 2, GX // 2
     store = mm.store_pair("lo_v", "hi_v", "idx", "        ")
-    return f"""{"  workgroupBarrier();" + chr(10) if deferred else ""}  tile[(grp * 4u) * {P}u + lid] = acc0;
-  tile[(grp * 4u + 1u) * {P}u + lid] = acc1;
-  tile[(grp * 4u + 2u) * {P}u + lid] = acc2;
-  tile[(grp * 4u + 3u) * {P}u + lid] = acc3;
-  workgroupBarrier();
-  for (var o = tid; o < {4 * OP}u; o += 256u) {{
+    return f"""{_partial_sums(P, deferred)}  for (var o = tid; o < {4 * OP}u; o += 256u) {{
     let i = o / {OP}u; let qh = o % {OP}u;
     let q = (qh / {OX}u) * {GX}u + qh % {OX}u;
     var lo = tile[i * {P}u + q];
