@@ -154,6 +154,50 @@ def test_batched_and_cached_generation_match_transformers(tmp_path, device):
     )
 
 
+def projection_rows(graph, output: str) -> dict[str, int]:
+    """Rows each projection (by weight name) multiplies in the computation of `output`."""
+    from meganeura.ops import get_op
+
+    rows = {}
+    for nid in graph.live_nodes([graph.outputs[output]]):
+        node = graph.nodes[nid]
+        if get_op(node.op).kind == "matmul":
+            weight = graph.nodes[node.inputs[-1]].name
+            rows[weight] = int(np.prod(node.type.shape[:-1]))
+    return rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_prompt_chunk_runs_its_last_layer_past_keys_and_values_on_its_last_row(tmp_path, device):
+    """The next-token logits of an 8-token chunk need the last row of the last layer only:
+    its q/k/v product and cache write cover all 8 rows, its o, gate/up and down products one
+    row; every other layer (and the chunk's every-position logits) all 8. The last-row
+    logits equal the every-position logits' last row, after a cached prefix too."""
+    model = random_llama(seed=4)
+    engine = load_pretrained(save_hf(model, tmp_path), device=device).engine(2, 32)
+    graph = engine.session.graph
+    last, every = projection_rows(graph, "next_logits.8"), projection_rows(graph, "logits.8")
+    layer = f"model.layers.{model.config.num_hidden_layers - 1}"
+    one_row = {w for w, n in last.items() if n == 2}  # one row per sequence
+    assert one_row == {
+        f"{layer}.self_attn.o_proj.weight",
+        f"{layer}.mlp.[gate_proj.weight,up_proj.weight]",
+        f"{layer}.mlp.down_proj.weight",
+        "model.embed_tokens.weight",  # the tied lm_head
+    }
+    assert all(n == 16 for w, n in last.items() if w not in one_row)
+    assert all(n == 16 for w, n in every.items() if w != "model.embed_tokens.weight")
+    rng = np.random.default_rng(0)
+    prefix, chunk = rng.integers(3, 250, (2, 5)), rng.integers(3, 250, (2, 8))
+    real = np.ones((2, 8), bool)
+    real[1, :3] = False  # the second sequence's chunk starts with padding
+    engine.reset()
+    engine.feed(prefix)
+    every_logits = engine.feed(chunk, real, every=True)[:, -1]
+    engine.rewind(5)
+    np.testing.assert_allclose(engine.feed(chunk, real), every_logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "device",
     [

@@ -299,21 +299,34 @@ class Llama:
         positions: Tensor,
         mask: Tensor | None,
         cache: KVCache | None,
+        last_only: bool = False,
     ) -> Tensor:
+        """Self-attention of layer `i` over the normalized rows `x` [B, T, hidden]. With
+        `last_only` (a chunk against a cache, `mask` given), keys and values (and the cache
+        write) still cover every row, but only the last row attends: the output is
+        [B, 1, hidden]. Its query is still projected with the others' (one product with the
+        keys and values), then sliced."""
         c = self.config
         batch, tokens, _ = x.shape
-        proj = lambda p: self.linear(x, projection_name(i, p))  # noqa: E731
+        q_proj = self.linear(x, projection_name(i, "q_proj"))
+        rows, positions_q, mask_q = tokens, positions, mask
+        if last_only:
+            if mask is None:
+                raise ValueError("Llama.attention: last_only needs the mask of a cached chunk")
+            rows, q_proj = 1, q_proj[:, -1:, :]
+            positions_q, mask_q = positions[..., -1:], mask[:, :, -1:, :]
 
-        def heads(t: Tensor, count: int) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
-            return t.reshape(batch, tokens, count, c.head_dim).permute(0, 2, 1, 3)
+        def heads(t: Tensor, count: int, n: int) -> Tensor:  # [B, n, H*D] -> [B, H, n, D]
+            return t.reshape(batch, n, count, c.head_dim).permute(0, 2, 1, 3)
 
-        q = F.rope(heads(proj("q_proj"), c.num_attention_heads), positions, c.rope_theta)
-        k = F.rope(heads(proj("k_proj"), c.num_key_value_heads), positions, c.rope_theta)
-        v = heads(proj("v_proj"), c.num_key_value_heads)
+        q = F.rope(heads(q_proj, c.num_attention_heads, rows), positions_q, c.rope_theta)
+        k_proj = self.linear(x, projection_name(i, "k_proj"))
+        k = F.rope(heads(k_proj, c.num_key_value_heads, tokens), positions, c.rope_theta)
+        v = heads(self.linear(x, projection_name(i, "v_proj")), c.num_key_value_heads, tokens)
         if cache is not None:
             k, v = cache.write(i, k, v)
-        out = attention(q, k, v, mask, scale=1.0 / math.sqrt(c.head_dim), causal=mask is None)
-        out = out.permute(0, 2, 1, 3).reshape(batch, tokens, c.num_attention_heads * c.head_dim)
+        out = attention(q, k, v, mask_q, scale=1.0 / math.sqrt(c.head_dim), causal=mask is None)
+        out = out.permute(0, 2, 1, 3).reshape(batch, rows, c.num_attention_heads * c.head_dim)
         return self.linear(out, projection_name(i, "o_proj"))
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
@@ -321,10 +334,14 @@ class Llama:
         up = self.linear(x, projection_name(i, "up_proj"))
         return self.linear(F.swiglu(gate, up), projection_name(i, "down_proj"))
 
-    def layer(self, i, x, positions, mask, cache) -> Tensor:
+    def layer(self, i, x, positions, mask, cache, last_only: bool = False) -> Tensor:
+        """Decoder layer `i` over hidden states x [B, T, hidden]. With `last_only`, only the
+        last row comes out ([B, 1, hidden]): keys and values are still computed (and cached)
+        for every row, and the rest (the query, the attention, o, the MLP) for the last one."""
         p = f"model.layers.{i}"
         h = self.rms_norm(x, f"{p}.input_layernorm.weight")
-        x = x + self.attention(i, h, positions, mask, cache)
+        attended = self.attention(i, h, positions, mask, cache, last_only)
+        x = (x[:, -1:, :] if last_only else x) + attended
         return x + self.mlp(i, self.rms_norm(x, f"{p}.post_attention_layernorm.weight"))
 
     # -- the model ---------------------------------------------------------------------------
@@ -339,14 +356,20 @@ class Llama:
         ([B, T] or [T]). Without a mask, attention is causal over the T tokens; with `cache`,
         the tokens are written into it and `mask` (additive, [B, 1, T, capacity]) says which
         cache rows each token sees."""
+        x = self.embed(input_ids)
+        for i in range(self.config.num_hidden_layers):
+            x = self.layer(i, x, positions, mask, cache)
+        return self.final_norm(x)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The token embeddings [B, T, hidden] (f32) of `input_ids` [B, T]."""
         table = self.params["model.embed_tokens.weight"]
         if isinstance(table, QuantizedTensor):
             table = table.dequantize()  # inlined: only the gathered rows are decoded
         x = F.embedding(table, input_ids)
-        if x.dtype != "f32":
-            x = x.astype("f32")
-        for i in range(self.config.num_hidden_layers):
-            x = self.layer(i, x, positions, mask, cache)
+        return x.astype("f32") if x.dtype != "f32" else x
+
+    def final_norm(self, x: Tensor) -> Tensor:
         return self.rms_norm(x, "model.norm.weight")
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -399,9 +422,22 @@ def chunk_outputs(model: Llama, cache: KVCache, tokens: int) -> tuple[str, str, 
     rows = g.constant(np.arange(tokens, dtype=np.int32).reshape(tokens, 1))
     causal = F.where(slots <= rows + cache.position, 0.0, -np.inf)  # [T, capacity]
     mask = causal + cache.valid
-    hidden = model.forward(ids, positions, mask, cache)
+    x = model.embed(ids)
+    layers = model.config.num_hidden_layers
+    for i in range(layers - 1):
+        x = model.layer(i, x, positions, mask, cache)
+    hidden = model.final_norm(model.layer(layers - 1, x, positions, mask, cache))
     g.output(f"logits.{tokens}", model.logits(hidden))
-    last = g.output(f"next_logits.{tokens}", model.logits(hidden[:, -1, :]))
+    # Sampling needs the last position only, and so does everything in the last layer after
+    # its keys and values: that layer is built a second time for the last row alone (its
+    # key and value computation and cache write are the same nodes twice, merged by the
+    # optimizer), so a prompt's last layer runs its query, attention, o and MLP on one row.
+    if tokens > 1:
+        last_row = model.layer(layers - 1, x, positions, mask, cache, last_only=True)
+        last_hidden = model.final_norm(last_row)[:, -1, :]
+    else:
+        last_hidden = hidden[:, -1, :]
+    last = g.output(f"next_logits.{tokens}", model.logits(last_hidden))
     g.output(f"next_token.{tokens}", F.argmax(last, -1))
     return f"logits.{tokens}", f"next_logits.{tokens}", f"next_token.{tokens}"
 

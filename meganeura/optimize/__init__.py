@@ -128,7 +128,7 @@ def optimize(
     for target, value in original.updates.items():
         new.updates[ids[target]] = ids[value]
     for target, values in original.write_backs.items():
-        new.write_backs[ids[target]] = [ids[v] for v in values]
+        new.write_backs[ids[target]] = list(dict.fromkeys(ids[v] for v in values))
     report.seconds["emit"] = time.perf_counter() - start - sum(report.seconds.values())
     if count:
         report.nodes_before, report.kernels_before = count_kernels(original, all_roots)
@@ -140,7 +140,8 @@ def optimize(
 def deduplicated(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int]]:
     """`graph` with equal nodes (same op, attributes and inputs; constants by value) merged,
     and each live node's representative. Autodiff and hand-written models repeat small
-    computations (row statistics, transposes); merged, they are seen by every reader."""
+    computations (row statistics, transposes); merged, they are seen by every reader. Its
+    write-backs name the representatives."""
     canon: dict[int, int] = {}
     seen: dict[tuple, int] = {}
     nodes = list(graph.nodes)
@@ -159,7 +160,12 @@ def deduplicated(graph: Graph, live: list[int]) -> tuple[Graph, dict[int, int]]:
         canon[nid] = seen.setdefault(key, nid)
         if inputs != node.inputs:
             nodes[nid] = dataclasses.replace(node, inputs=inputs)
-    return dataclasses.replace(graph, nodes=nodes), canon
+    # Equal write-backs of one state (a layer built twice over the same cache write) are one.
+    write_backs = {
+        target: list(dict.fromkeys(canon.get(v, v) for v in values))
+        for target, values in graph.write_backs.items()
+    }
+    return dataclasses.replace(graph, nodes=nodes, write_backs=write_backs), canon
 
 
 def _optimize_block(graph, block: Block, users, outside_roots, pool, model, report, owner, stages):
