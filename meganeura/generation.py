@@ -133,6 +133,7 @@ class Engine:
         self.chunk_sizes = [1 << k for k in range(capacity.bit_length()) if 1 << k <= capacity]
         self.outputs = {t: chunk_outputs(model, cache, t) for t in self.chunk_sizes}
         self.session = build(graph, device=device, matmul_precision=matmul_precision)
+        self._runners: dict[str, Any] = {}  # session.runner of each chunk output fed
         self.reset()
 
     @property
@@ -143,12 +144,18 @@ class Engine:
         self.length = 0  # cache slots in use
         self.valid = np.zeros((self.batch, self.capacity), bool)
         self.tokens: list[list[int]] = [[] for _ in range(self.batch)]  # real tokens cached
+        # The `cache_valid` input (0 for a valid slot, -inf otherwise) and each sequence's
+        # real tokens cached, kept with `valid` rather than derived from it for every chunk.
+        self._mask = np.full((self.batch, 1, 1, self.capacity), -np.inf, np.float32)
+        self._seen = np.zeros(self.batch, np.int32)
 
     def rewind(self, slots: int) -> None:
         """Forget every cache slot from `slots` on (their rows are masked, then overwritten)."""
         self.valid[:, slots:] = False
+        self._mask[..., slots:] = -np.inf
+        self._seen = self.valid.sum(axis=1, dtype=np.int32)
         for b in range(self.batch):
-            self.tokens[b] = self.tokens[b][: int(self.valid[b, :slots].sum())]
+            self.tokens[b] = self.tokens[b][: int(self._seen[b])]
         self.length = slots
 
     def feed(self, ids: np.ndarray, real: np.ndarray | None = None, every: bool = False):
@@ -165,7 +172,8 @@ class Engine:
         pieces = []
         start = 0
         while start < ids.shape[1]:
-            t = max(s for s in self.chunk_sizes if s <= ids.shape[1] - start)
+            # The largest chunk size (a power of two) that the tokens left fill.
+            t = min(1 << ((ids.shape[1] - start).bit_length() - 1), self.chunk_sizes[-1])
             pieces.append(self._chunk(ids[:, start : start + t], real[:, start : start + t], every))
             start += t
         return np.concatenate(pieces, axis=1) if every else pieces[-1]
@@ -174,7 +182,9 @@ class Engine:
         b, t = ids.shape
         p = self.length
         feeds, name = self.chunk_inputs(ids, real, every)
-        out = self.session.run(feeds, outputs=[name])[name]
+        if name not in self._runners:
+            self._runners[name] = self.session.runner([name])
+        out = self._runners[name](feeds)[name]
         for row in range(b):
             self.tokens[row].extend(ids[row][real[row]].tolist())
         self.length = p + t
@@ -188,15 +198,16 @@ class Engine:
         valid; `feed` uses it, and so can a profiler."""
         t = ids.shape[1]
         p = self.length
-        seen = self.valid[:, :p].sum(axis=1)
-        positions = np.maximum(seen[:, None] + np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
+        counts = np.cumsum(real, axis=1, dtype=np.int32)
+        positions = np.maximum(self._seen[:, None] + counts - 1, 0)
+        self._seen = self._seen + counts[:, -1]
         self.valid[:, p : p + t] = real
-        valid = np.where(self.valid, np.float32(0), np.float32(-np.inf))[:, None, None]
+        self._mask[:, 0, 0, p : p + t] = np.where(real, np.float32(0), np.float32(-np.inf))
         every_name, last_name, _ = self.outputs[t]
         feeds = {
             f"ids.{t}": ids,
             f"positions.{t}": positions,
-            "cache_valid": valid,
+            "cache_valid": self._mask.copy(),
             "cache_position": np.array([p], np.int32),
         }
         return feeds, every_name if every else last_name

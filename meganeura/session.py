@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,6 +400,48 @@ class Session:
         names, roots = self._forward_roots("run", inputs, outputs)
         program = self._run(roots, "forward", inputs)
         return {name: program.read(self.graph.outputs[name]) for name in names}
+
+    def runner(self, outputs: Sequence[str]) -> Callable[[Mapping[str, Any]], dict]:
+        """A function that does `run(inputs, outputs)` for a loop that calls it many times (a
+        generation loop): the program is found once, and an input that is already a
+        contiguous array of its exact dtype and shape goes to the device as it is (anything
+        else is checked and converted as `run` does). Index inputs are still checked for
+        values out of range, which kernels would read silently."""
+        names, roots = self._forward_roots("runner", {}, outputs)
+        program, needed = self._program(roots, "forward")
+        g = self.graph
+        if self._index_limits is None:
+            self._index_limits = index_limits(g)
+        specs = []
+        for name in sorted(needed):
+            nid = g.inputs[name]
+            ttype = g.nodes[nid].type
+            specs.append((name, nid, ttype, numpy_dtype(ttype.dtype), self._index_limits.get(nid)))
+        reads = [(name, g.outputs[name]) for name in names]
+
+        def run(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+            if self.check_finite or len(inputs) != len(specs):
+                return self.run(inputs, names)  # (its checks and errors)
+            feeds = {}
+            for name, nid, ttype, dtype, limits in specs:
+                if name not in inputs:
+                    return self.run(inputs, names)
+                value = inputs[name]
+                if not (
+                    type(value) is np.ndarray
+                    and value.dtype == dtype
+                    and value.shape == ttype.shape
+                    and value.flags.c_contiguous
+                ):
+                    value = check_feed(name, value, ttype)
+                if limits is not None:
+                    check_indices(name, value, limits)
+                feeds[nid] = value
+            program.run(feeds)
+            self._last = program
+            return {name: program.read(nid) for name, nid in reads}
+
+        return run
 
     def _forward_roots(self, caller: str, inputs, outputs) -> tuple[list[str], tuple[int, ...]]:
         """The outputs `outputs` names (all by default), checked, and the roots of the forward
