@@ -28,13 +28,26 @@ from meganeura.backends.webgpu.matrix_units import (
 )
 from meganeura.backends.webgpu.subgroups import probe_subgroup_sums
 from meganeura.backends.wgsl.kernels import generate
-from meganeura.backends.wgsl.matmul import pairable
+from meganeura.backends.wgsl.matmul import pairable, product_variant
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
 
 STAGED_BYTES = 1 << 20
-FIRST_CHUNK = 32
+# How a run's kernels are split into command buffers: (kernels in the first, growth factor
+# of the next ones). Dawn records a command buffer's backend commands when it is submitted
+# (2.8-7 us a kernel on the hosts of the H200 machines measured), and the device starts only
+# once the first is submitted; each further submission costs the device about 15 us
+# (timestamps around a run: 2.849 ms in one, 2.887 from 32 kernels doubling, 2.938 from 2).
+# A program of GEMVs (a decoding step) runs its kernels about as fast as the host records
+# them: it keeps the host's submissions few, from 32 kernels doubling. A program of tiled
+# products (a prompt chunk, a training step) keeps the host waiting on the device: its first
+# buffer is short, so the device starts early, and each next one three times as long is
+# recorded while the device runs the ones before (a 128-token SmolLM2-135M prefill on an
+# H200, alternating rounds in three processes on three hosts: 3.251 / 3.331 / 3.173 ms
+# against 3.314 / 3.390 / 3.197 from 32 doubling).
+HOST_BOUND_CHUNKS = (32, 2)
+DEVICE_BOUND_CHUNKS = (8, 3)
 SPIN_SECONDS = 0.02  # how long a read waits for the device by polling before it blocks
 
 # MEGANEURA_DEBUG=1 prints each program's kernels; 2 also prints their WGSL.
@@ -165,6 +178,17 @@ class WebGPUExecutor:
         return WebGPUProgram(self, graph, roots, updates, self.codegen_options)
 
 
+def submission_chunks(graph: Graph, kernels, options: dict) -> tuple[int, int]:
+    """The command buffer split (first, growth) of a program of plan `kernels`: for
+    device-bound work when more of its products run as tiles than as GEMVs."""
+    variants = [
+        product_variant(graph, k.node if k.core is None else k.core, options) for k in kernels
+    ]
+    gemvs = variants.count("gemv")
+    tiles = len(variants) - gemvs - variants.count(None)
+    return DEVICE_BOUND_CHUNKS if tiles > gemvs else HOST_BOUND_CHUNKS
+
+
 def _record(cpass, dispatches) -> None:
     """Record `dispatches` (pipeline, bind group, grid) into compute pass `cpass`. A decode
     step records a few hundred: where the binding exposes the C entry points it wraps (Dawn's
@@ -257,14 +281,12 @@ class WebGPUProgram:
                 self.staging[nid] = (buffers[plan.buffer_of[nid]], staging, nbytes)
         self._fresh: set[int] = set()
         self._next = None  # the next run's command buffers, encoded ahead
-        # Kernels in the first command buffer of a run (None: all in one). Dawn records the
-        # backend's commands when they are submitted (about 2 us a kernel on an H200 through
-        # Vulkan), and the device starts only after that: submitting 32, 64, 128... kernels at
-        # a time lets it start early, and each submission costs the host too. On an H200, a
-        # 213-kernel decoding step with its logits read back (host-bound) took 2.16 ms in one
-        # submission, 1.88 from 8 kernels, 1.78 from 32; a 128-token prefill (device-bound)
-        # 4.49, 4.16 and 4.18 ms.
-        self.first_chunk: int | None = FIRST_CHUNK
+        # Kernels in the first command buffer of a run (None: all in one) and the growth of
+        # the next ones (see HOST_BOUND_CHUNKS). Earlier, on an H200: a 213-kernel decoding
+        # step with its logits read back took 2.16 ms in one submission, 1.88 from 8 kernels
+        # doubling, 1.78 from 32; a 128-token prefill 4.49, 4.16 and 4.18 ms.
+        self.first_chunk: int | None
+        self.first_chunk, self.chunk_growth = submission_chunks(plan.graph, plan.kernels, options)
         self.copies = [
             (buffers[plan.buffer_of[v]], buffers[plan.buffer_of[t]], graph.nodes[t].type.nbytes)
             for v, t in plan.copies
@@ -330,15 +352,15 @@ class WebGPUProgram:
     def _encode(self, dispatch: bool = True) -> list:
         """Command buffers of every kernel (unless not `dispatch`), the last of them ending
         with the copies of the staged roots and of the updates. With `first_chunk` set, the
-        kernels are split into command buffers of first_chunk, 2 first_chunk, 4 first_chunk...
-        kernels, submitted one by one: the device starts on the first while the backend still
-        records the rest."""
+        kernels are split into command buffers of first_chunk, g first_chunk, g^2 first_chunk...
+        kernels (g = `chunk_growth`), submitted one by one: the device starts on the first
+        while the backend still records the rest."""
         device = self.executor.device
         bounds = [0]
         size = self.first_chunk or len(self.dispatches)
         while bounds[-1] < len(self.dispatches):
             bounds.append(min(len(self.dispatches), bounds[-1] + size))
-            size *= 2
+            size *= self.chunk_growth
         parts = []
         for lo, hi in itertools.pairwise(bounds) if dispatch else []:
             encoder = device.create_command_encoder()

@@ -81,18 +81,23 @@ def _variant(M: int, N: int, nbatch: int, dtypes: tuple[str, str], options: dict
     return "tiled"
 
 
+def product_variant(graph: Graph, nid: int, options: dict) -> str | None:
+    """The kernel family of node `nid` if it is a product (a matmul or a norm-matmul):
+    "gemv", "units" or "tiled" (see _variant); None for any other node."""
+    node = graph.nodes[nid]
+    if get_op(node.op).kind != "matmul":
+        return None
+    a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
+    trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs["trans_b"]
+    batch, M, _, N = matmul_dims(a, b, trans_a, trans_b)
+    return _variant(M, N, math.prod(batch), (a.dtype, b.dtype), options)
+
+
 def pairable(graph: Graph, nid: int, options: dict) -> bool:
     """Whether the kernel of product `nid` (a matmul or a norm-matmul) can run a paired
     epilogue (Kernel.pair): the SIMT tiles can; GEMVs and matrix units cannot, and their
     product is stored for a kernel of its own to read."""
-    node = graph.nodes[nid]
-    if get_op(node.op).kind != "matmul":
-        return False
-    a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
-    trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs["trans_b"]
-    batch, M, _, N = matmul_dims(a, b, trans_a, trans_b)
-    nbatch = math.prod(batch)
-    return _variant(M, N, nbatch, (a.dtype, b.dtype), options) == "tiled"
+    return product_variant(graph, nid, options) == "tiled"
 
 
 # -- GEMV -----------------------------------------------------------------------------------
