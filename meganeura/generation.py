@@ -134,6 +134,7 @@ class Engine:
         self.outputs = {t: chunk_outputs(model, cache, t) for t in self.chunk_sizes}
         self.session = build(graph, device=device, matmul_precision=matmul_precision)
         self._runners: dict[str, Any] = {}  # session.runner of each chunk output fed
+        self._steps = np.arange(capacity, dtype=np.int32)
         self.reset()
 
     @property
@@ -163,7 +164,7 @@ class Engine:
         them. Returns the logits of the last position [B, vocab], or with `every` of every
         position [B, T, vocab]."""
         ids = np.asarray(ids, np.int32)
-        real = np.ones(ids.shape, bool) if real is None else np.asarray(real, bool)
+        real = None if real is None else np.asarray(real, bool)  # None: every token is real
         if ids.shape[1] > self.capacity - self.length:
             raise ContextLengthError(
                 f"{ids.shape[1]} more tokens do not fit the cache: {self.length} of "
@@ -174,11 +175,12 @@ class Engine:
         while start < ids.shape[1]:
             # The largest chunk size (a power of two) that the tokens left fill.
             t = min(1 << ((ids.shape[1] - start).bit_length() - 1), self.chunk_sizes[-1])
-            pieces.append(self._chunk(ids[:, start : start + t], real[:, start : start + t], every))
+            part = None if real is None else real[:, start : start + t]
+            pieces.append(self._chunk(ids[:, start : start + t], part, every))
             start += t
         return np.concatenate(pieces, axis=1) if every else pieces[-1]
 
-    def _chunk(self, ids: np.ndarray, real: np.ndarray, every: bool) -> np.ndarray:
+    def _chunk(self, ids: np.ndarray, real: np.ndarray | None, every: bool) -> np.ndarray:
         b, t = ids.shape
         p = self.length
         feeds, name = self.chunk_inputs(ids, real, every)
@@ -186,23 +188,30 @@ class Engine:
             self._runners[name] = self.session.runner([name])
         out = self._runners[name](feeds)[name]
         for row in range(b):
-            self.tokens[row].extend(ids[row][real[row]].tolist())
+            self.tokens[row].extend((ids[row] if real is None else ids[row][real[row]]).tolist())
         self.length = p + t
         return out
 
     def chunk_inputs(
-        self, ids: np.ndarray, real: np.ndarray, every: bool = False
+        self, ids: np.ndarray, real: np.ndarray | None, every: bool = False
     ) -> tuple[dict[str, np.ndarray], str]:
-        """The session inputs that feed one chunk of `ids` [B, T] (T one of `chunk_sizes`)
-        after the cache's current contents, and the output to read. Marks the chunk's slots
-        valid; `feed` uses it, and so can a profiler."""
+        """The session inputs that feed one chunk of `ids` [B, T] (T one of `chunk_sizes`;
+        `real` [B, T] False at pads, None if there are none) after the cache's current
+        contents, and the output to read. Marks the chunk's slots valid; `feed` uses it, and
+        so can a profiler."""
         t = ids.shape[1]
         p = self.length
-        counts = np.cumsum(real, axis=1, dtype=np.int32)
-        positions = np.maximum(self._seen[:, None] + counts - 1, 0)
-        self._seen = self._seen + counts[:, -1]
-        self.valid[:, p : p + t] = real
-        self._mask[:, 0, 0, p : p + t] = np.where(real, np.float32(0), np.float32(-np.inf))
+        if real is None:
+            positions = self._seen[:, None] + self._steps[:t]
+            self._seen = self._seen + t
+            self.valid[:, p : p + t] = True
+            self._mask[:, 0, 0, p : p + t] = 0.0
+        else:
+            counts = np.cumsum(real, axis=1, dtype=np.int32)
+            positions = np.maximum(self._seen[:, None] + counts - 1, 0)
+            self._seen = self._seen + counts[:, -1]
+            self.valid[:, p : p + t] = real
+            self._mask[:, 0, 0, p : p + t] = np.where(real, np.float32(0), np.float32(-np.inf))
         every_name, last_name, _ = self.outputs[t]
         feeds = {
             f"ids.{t}": ids,
