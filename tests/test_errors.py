@@ -246,6 +246,26 @@ def test_inputs_that_no_requested_output_needs_may_be_left_out(session):
     np.testing.assert_allclose(values["y"], np.e, rtol=1e-6)
 
 
+def test_a_runner_checks_and_converts_inputs_as_run_does(session):
+    run = session.runner(["loss", "y"])
+    np.testing.assert_allclose(run(good_feeds())["y"], session.run(good_feeds())["y"])
+    converted = run({"x": [[0.0, 1.0, 2.0], [3, 4, 5]], "labels": np.array([1, 0])})
+    assert converted["y"].dtype == np.float32
+    np.testing.assert_allclose(converted["y"], np.exp(np.arange(6.0).reshape(2, 3)), rtol=1e-6)
+    with raises(ValueError, "input 'x'", "expected shape [2, 3]", "got [3, 2]"):
+        run({**good_feeds(), "x": np.zeros((3, 2), np.float32)})
+    with raises(TypeError, "input 'labels'", "expected dtype i32", "got float64"):
+        run({**good_feeds(), "labels": np.array([0.5, 1.0])})
+    with raises(KeyError, "unknown input 'z'", "'labels'", "'unused'", "'x'"):
+        run({**good_feeds(), "z": np.zeros(3)})
+    with raises(KeyError, "missing input 'labels'", "'x'"):
+        run({"x": np.zeros((2, 3), np.float32), "unused": np.zeros(4, np.float32)})
+    with pytest.raises(IndexError, match=r"input 'labels': value 3 at \[1\]"):
+        run({**good_feeds(), "labels": np.array([0, 3], np.int32)})
+    with raises(KeyError, "'z'", "'loss'", "'y'"):
+        session.runner(["z"])
+
+
 def test_asking_for_an_unknown_output_lists_the_outputs(session):
     with raises(KeyError, "'z'", "'loss'", "'y'"):
         session.run(good_feeds(), outputs=["z"])
