@@ -178,16 +178,15 @@ class Matmul:
         placed before those loads. Empty without a prologue."""
         return "" if self.prologue is None else self.prologue.keep()
 
-    def store(self, acc: str, idx: str, indent: str) -> str:
+    def store(self, acc: str | tuple[str, str], idx: str, indent: str) -> str:
         """Statements writing product value `acc` (f32) at output index `idx`, through the
-        epilogue when the kernel has one."""
+        epilogue when the kernel has one (a paired epilogue's: the two halves' values)."""
         return product_store(self.plan, self.kernel, self.bind.name_of, self.out, acc, idx, indent)
 
     def store_pair(self, lo: str, hi: str, idx: str, indent: str) -> str:
         """Statements writing a paired epilogue (Kernel.pair) at output index `idx`, from the
         product's values `lo` and `hi` (f32) in the first and second half of its columns."""
-        name_of, out = self.bind.name_of, self.out
-        return product_store(self.plan, self.kernel, name_of, out, (lo, hi), idx, indent)
+        return self.store((lo, hi), idx, indent)
 
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
         if self.prologue is not None:

@@ -121,11 +121,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     # n0 + c of the first half, its last C / 2 those of the second half (H + n0 + c), and
     # the finish stores the epilogue of each pair at column n0 + c of the H-wide output.
     H = N // 2 if mm.kernel.pair else 0
-    if H:
-        half = C // 2
-        b_row = lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)"  # noqa: E731
-    else:
-        b_row = None
+    b_row = _paired_rows(H, C // 2) if H else None
     # k rows of the stages: R / 4 (C / 4) vec4s, padded where that still fits TILE_VEC4.
     pad = STAGE_PAD if tile.stages * D * ((R + C) // 4 + 2 * STAGE_PAD) <= TILE_VEC4 else 0
     a_stride, b_stride = R // 4 + pad, C // 4 + pad
@@ -239,6 +235,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     shared = f"var<workgroup> tile: array<vec4<f32>, {max(TILE_VEC4, 1024)}>;\n"
     grid = (math.ceil((H or N) / ((C // 2) if H else C)), math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
+
+
+def _paired_rows(H: int, half: int):
+    """Under a paired epilogue, the weight row that tile column r stages (a WGSL expression):
+    n0 + r in the tile's first `half` columns (the product's first half), H + n0 + r - half
+    in its last (the second half's same columns)."""
+    return lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)"
 
 
 def _partial_sums(P: int, deferred: bool) -> str:
@@ -443,9 +446,7 @@ def _tiled_large(mm: Matmul) -> KernelSource:
     a, b = mm.a, mm.b
     H = N // 2 if mm.kernel.pair else 0
     half = LARGE // 2
-    b_rows = (
-        (lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)") if H else None
-    )
+    b_rows = _paired_rows(H, half) if H else None
     # op(B) is k x n; seen as n "rows" of k it stages exactly like op(A).
     bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)
     steps = math.ceil(K / LARGE_BK)
