@@ -73,7 +73,11 @@ def canonical_wgsl(wgsl: str) -> str:
     return _GENERATED_NAMES.sub(rename, wgsl)
 
 
-def _storage_bytes(array: np.ndarray) -> bytes:
+def _storage_bytes(array: np.ndarray):
+    """`array` as the bytes its storage buffer holds: the array itself where it already is
+    (contiguous, whole 4-byte words, not bool), else a converted copy."""
+    if array.dtype != np.bool_ and array.flags.c_contiguous and array.nbytes % 4 == 0:
+        return array  # (a prefill's 4 uploads: 31-38 us with a copy each, 22-24 without)
     if array.dtype == np.bool_:
         array = array.astype(np.uint32)
     data = np.ascontiguousarray(array).tobytes()
