@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from meganeura.graph import Graph
+from meganeura.lower.row_writes import RowWrite, row_write
 from meganeura.ops import INLINED_KINDS, get_op
 
 # Kinds of kernels that can run a pointwise epilogue in their store: products, and the norms
@@ -42,6 +43,9 @@ class Kernel:
     # computed inside the kernel, read at the kernel's own index): an optimizer's new moments
     # stored by the kernel that computes the new parameter from them.
     also: list[int] = field(default_factory=list)
+    # write_rows nodes whose rows this product kernel stores after its own output, in place
+    # in their destination (see row_writes.py): a prompt chunk's keys and values.
+    writes: list[RowWrite] = field(default_factory=list)
 
 
 @dataclass
@@ -384,6 +388,53 @@ def _paired_halves(graph: Graph, user: int, core: int, materialized: set[int]):
     return halves[0], halves[half]
 
 
+def _fuse_row_writes(graph, kernels, in_place, materialized, max_reads, row_writable):
+    """The kernels with each write_rows that its rows' product can store (row_writes.py)
+    handed to that product's kernel: written in place (the write-back of its destination),
+    its rows read no other computed value, no kernel between the two reads the destination,
+    and the product's kernel still fits the binding limit with the write's inputs, its
+    destination and the table of its columns."""
+    index = {k.node: n for n, k in enumerate(kernels)}
+    gone: set[int] = set()
+    for j, kw in enumerate(kernels):
+        node = graph.nodes[kw.node]
+        if node.op != "write_rows" or in_place.get(kw.node) != node.inputs[0]:
+            continue
+        dest, rows = node.inputs[0], node.inputs[1]
+        computed = [
+            r
+            for r in buffers_read(graph, [rows], materialized)
+            if get_op(graph.nodes[r].op).kind != "source"
+        ]
+        if rows in materialized or len(computed) != 1 or computed[0] not in index:
+            continue
+        product = computed[0]
+        i = index[product]
+        kx = kernels[i]
+        others = set(kw.reads) - {product, dest}
+        reads = sorted(set(kx.reads) | others)
+        if (
+            i > j
+            or kx.kind != "matmul"
+            or kx.core is not None
+            or kx.pair is not None
+            or kx.writes
+            or kx.also
+            or not row_writable(graph, product)
+            or any(index.get(r, -1) >= i for r in others)
+            or any(dest in k.reads or kw.node in k.reads for k in kernels[i + 1 : j])
+            or len(reads) + 3 > max_reads + 1  # + the product, the destination, the table
+        ):
+            continue
+        found = row_write(graph, kw.node, product, materialized)
+        if found is None:
+            continue
+        kx.writes.append(found)
+        kx.reads = reads
+        gone.add(j)
+    return [k for n, k in enumerate(kernels) if n not in gone]
+
+
 def strided_view(graph: Graph, nid: int, materialized: set[int]):
     """(buffer node, strides, offset) if node `nid` is an affine view of a materialized node
     (reshapes of contiguous data, permutes, broadcasts, slices), else None. Element `c` of the
@@ -510,13 +561,13 @@ def plan(
     updates: dict[int, int],
     max_reads: int = 7,
     pairable: Callable[[Graph, int], bool] | None = None,
+    row_writable: Callable[[Graph, int], bool] | None = None,
 ) -> Plan:
+    """`pairable(graph, nid)` and `row_writable(graph, nid)` say whether the backend's kernel
+    for product `nid` can run a paired epilogue (Kernel.pair) and store row writes
+    (Kernel.writes)."""
     materialized, kernels = select_kernels(graph, roots, updates, max_reads, pairable)
     position = {out: n for n, k in enumerate(kernels) for out in (k.node, *k.also)}
-    last_use: dict[int, int] = {}
-    for n, k in enumerate(kernels):
-        for i in k.reads:
-            last_use[i] = n
 
     buffers: list[Buffer] = []
     buffer_of: dict[int, int] = {}
@@ -565,6 +616,12 @@ def plan(
             in_place[value] = target
         else:
             copies.append((value, target))
+    if row_writable is not None:
+        kernels = _fuse_row_writes(graph, kernels, in_place, materialized, max_reads, row_writable)
+    last_use: dict[int, int] = {}
+    for n, k in enumerate(kernels):
+        for i in k.reads:
+            last_use[i] = n
 
     for nid in sorted(materialized):
         node = graph.nodes[nid]

@@ -28,7 +28,7 @@ from meganeura.backends.webgpu.matrix_units import (
 )
 from meganeura.backends.webgpu.subgroups import probe_subgroup_sums
 from meganeura.backends.wgsl.kernels import generate
-from meganeura.backends.wgsl.matmul import pairable, product_variant
+from meganeura.backends.wgsl.matmul import pairable, product_variant, row_writable
 from meganeura.debug import fused_nodes, kernel_error
 from meganeura.graph import Graph, numpy_dtype
 from meganeura.lower.plan import plan as make_plan
@@ -227,6 +227,7 @@ class WebGPUProgram:
             updates,
             max_reads=limit - 1,
             pairable=lambda g, nid: pairable(g, nid, options),
+            row_writable=lambda g, nid: row_writable(g, nid, options),
         )
         self.plan.options = dict(options)
         plan = self.plan
@@ -259,9 +260,14 @@ class WebGPUProgram:
             scratch = [
                 executor.buffer(n, f"scratch{index}.{j}") for j, n in enumerate(source.scratch)
             ]
+            tables = []
+            for table in source.tables:  # constant tables of the kernel's own
+                tables.append(executor.buffer(table.nbytes, f"table{index}.{len(tables)}"))
+                device.queue.write_buffer(tables[-1], 0, table)
             for part in (source, *source.after):
                 pipeline = next(pipelines)
                 bound = [buffers[b] for b in part.bindings] + scratch
+                bound += tables if part is source else []
                 entries = [
                     {"binding": n, "resource": {"buffer": buf, "offset": 0, "size": buf.size}}
                     for n, buf in enumerate(bound)

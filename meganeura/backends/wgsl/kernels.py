@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from meganeura.backends.wgsl.emit import (
     STORAGE_TYPE,
     Emitter,
@@ -35,6 +37,9 @@ class KernelSource:
     scratch: tuple[int, ...] = ()
     # Dispatches run right after this one, each binding its own `bindings`, then the scratch.
     after: list[KernelSource] = field(default_factory=list)
+    # Constant arrays (4-byte elements) bound after the scratch, written once when the
+    # program is built: a row write's table of columns (Kernel.writes).
+    tables: tuple[np.ndarray, ...] = ()
 
 
 def _grid_1d(groups: int) -> tuple[int, int, int]:

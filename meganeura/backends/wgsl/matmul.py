@@ -33,7 +33,7 @@ from meganeura.backends.wgsl.kernels import (
     archetype,
 )
 from meganeura.backends.wgsl.matmul_operands import Matmul, kernel_source
-from meganeura.backends.wgsl.matmul_simt import tiled
+from meganeura.backends.wgsl.matmul_simt import splits, tiled
 from meganeura.backends.wgsl.matmul_units import WORKGROUP_STORAGE, matrix_unit_kernel
 from meganeura.graph import Graph
 from meganeura.lower.plan import Kernel, Plan
@@ -98,6 +98,18 @@ def pairable(graph: Graph, nid: int, options: dict) -> bool:
     epilogue (Kernel.pair): the SIMT tiles can; GEMVs and matrix units cannot, and their
     product is stored for a kernel of its own to read."""
     return product_variant(graph, nid, options) == "tiled"
+
+
+def row_writable(graph: Graph, nid: int, options: dict) -> bool:
+    """Whether the kernel of product `nid` can store row writes after its output
+    (Kernel.writes): the split SIMT tiles can (each tile's columns of one RoPE pair are
+    together in one workgroup); the others cannot."""
+    if product_variant(graph, nid, options) != "tiled":
+        return False
+    node = graph.nodes[nid]
+    a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
+    batch, M, _, N = matmul_dims(a, b, node.attrs.get("trans_a", False), node.attrs["trans_b"])
+    return splits(M, N, math.prod(batch))
 
 
 # -- GEMV -----------------------------------------------------------------------------------

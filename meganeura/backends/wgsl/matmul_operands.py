@@ -99,6 +99,7 @@ class Matmul:
         self.bind = VecBindings(plan, kernel.node)
         self.out = f"buf{self.bind.out_buffer}"
         self.functions: list[str] = []  # WGSL functions of computed operands
+        self.tables: list = []  # constant i32 arrays bound after the buffers (KernelSource)
         self.a = self._operand(a_id, ta)
         self.b = self._operand(b_id, tb)
         self.prologue = None
@@ -110,6 +111,7 @@ class Matmul:
         self.label = f"{self.node.op}%{self.core}" + (
             f"+{self.out_node.op}%{kernel.node}" if kernel.core is not None else ""
         )
+        self.label += "".join(f"+write_rows%{w.node}" for w in kernel.writes)
 
     def _operand(self, nid: int, trans: bool) -> Operand:
         shape = self.graph.nodes[nid].type.shape
@@ -188,10 +190,20 @@ class Matmul:
         product's values `lo` and `hi` (f32) in the first and second half of its columns."""
         return self.store((lo, hi), idx, indent)
 
+    def table(self, values) -> str:
+        """The WGSL name of constant i32 array `values`, bound after the kernel's buffers."""
+        n = next((n for n, t in enumerate(self.tables) if t is values), len(self.tables))
+        if n == len(self.tables):
+            self.tables.append(values)
+        return f"mm_table{n}"
+
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
         if self.prologue is not None:
             shared += self.prologue.shared
         decls = self.bind.declarations()
+        for n in range(len(self.tables)):
+            binding = len(self.bind.order) + n
+            decls += f"\n@group(0) @binding({binding}) var<storage, read> mm_table{n}: array<i32>;"
         body += "".join(self.functions)
         if "f16" in body or "f16" in decls or "f16" in shared:
             header = "enable f16;\n" + header
@@ -199,4 +211,5 @@ class Matmul:
 
 
 def kernel_source(mm: Matmul, body: str, grid, shared: str = "", header: str = "") -> KernelSource:
-    return KernelSource(mm.assemble(body, shared, header), mm.bind.order, grid, mm.label)
+    wgsl = mm.assemble(body, shared, header)
+    return KernelSource(wgsl, mm.bind.order, grid, mm.label, tables=tuple(mm.tables))

@@ -23,6 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from meganeura.backends.wgsl.emit import Emitter, store_value
 from meganeura.backends.wgsl.kernels import KernelSource
 from meganeura.backends.wgsl.matmul_operands import Matmul, Operand, kernel_source
 
@@ -121,7 +122,13 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     # n0 + c of the first half, its last C / 2 those of the second half (H + n0 + c), and
     # the finish stores the epilogue of each pair at column n0 + c of the H-wide output.
     H = N // 2 if mm.kernel.pair else 0
-    b_row = _paired_rows(H, C // 2) if H else None
+    # Row writes (Kernel.writes) under RoPE: the tile's first C / 2 columns are the first
+    # columns of RoPE pairs (c, c + Pd), its last C / 2 their partners, so that the write's
+    # rotations read columns this workgroup stored.
+    write = mm.kernel.writes[0] if mm.kernel.writes else None
+    Pd = write.pair if write is not None else 0
+    columns = _pair_columns(Pd, C // 2) if Pd else None
+    b_row = _paired_rows(H, C // 2) if H else columns
     # k rows of the stages: R / 4 (C / 4) vec4s, padded where that still fits TILE_VEC4.
     pad = STAGE_PAD if tile.stages * D * ((R + C) // 4 + 2 * STAGE_PAD) <= TILE_VEC4 else 0
     a_stride, b_stride = R // 4 + pad, C // 4 + pad
@@ -164,6 +171,10 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
             for t in range(math.ceil(4 * OP / 256))
         ]
     scale = _deferred_scales(mm, R, rounds, finish_rows) if deferred else ""
+
+    def column(tc: str) -> str:  # the product column of tile column tc
+        return f"n0 + {tc}" if columns is None else columns(f"({tc})")
+
     row_scale = (lambda i: f" * nm_rs[{i}]") if deferred else (lambda i: "")
     if H:
         finish = _paired_finish(mm, M, H, S, P, GX, deferred, row_scale)
@@ -172,7 +183,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
   for (var i = 0u; i < 4u; i++) {{
     let gm = m0 + 4u * ty + i;
     for (var c = 0u; c < 4u; c++) {{
-      let gn = n0 + 4u * tx + c;
+      let gn = {column("4u * tx + c")};
       if (gm < {M}u && gn < {N}u) {{
         let acc_v = accs[i][c]{row_scale("i")};
         let idx = bz * {M * N}u + gm * {N}u + gn;
@@ -188,7 +199,7 @@ def _tiled_split(mm: Matmul, tile: Tile) -> KernelSource:
     for (var s = 1u; s < {S}u; s++) {{ sum += tile[(s * 4u + i) * {P}u + q]; }}
     let gm = m0 + 4u * (q / {GX}u) + i;
     for (var c = 0u; c < 4u; c++) {{
-      let gn = n0 + 4u * (q % {GX}u) + c;
+      let gn = {column(f"4u * (q % {GX}u) + c")};
       if (gm < {M}u && gn < {N}u) {{
         let acc_v = sum[c]{row_scale("o / 256u")};
         let idx = bz * {M * N}u + gm * {N}u + gn;
@@ -205,8 +216,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let a0 = {a.origin(mm.batch)};
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {R}u;
-  let n0 = wid.x * {C // 2 if H else C}u;
-{statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+  let n0 = wid.x * {C // 2 if H or Pd else C}u;
+{_pair_origin(Pd)}{statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
   var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
   {{
     let k0 = 0u; let st = 0u;
@@ -229,19 +240,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {sa}{sb}    }}
     workgroupBarrier();
   }}
-{scale}{finish}}}
+{scale}{finish}{_row_writes(mm, write, R, C, column) if write else ""}}}
 """
     # The stages, and the groups' partial sums at the end (S groups x 4 P = 1024 vec4s).
     shared = f"var<workgroup> tile: array<vec4<f32>, {max(TILE_VEC4, 1024)}>;\n"
-    grid = (math.ceil((H or N) / ((C // 2) if H else C)), math.ceil(M / R), mm.nbatch)
+    columns_x = (
+        math.ceil(H / (C // 2)) if H else math.ceil(N / (2 if Pd else 1) / (C // 2 if Pd else C))
+    )
+    grid = (columns_x, math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
 
 
-def _paired_rows(H: int, half: int):
+def _pair_columns(Pd: int, half: int):
+    """Under a row write with RoPE pairs (c, c + Pd) in blocks of 2 Pd columns, the product
+    column of tile column r (a WGSL expression), also the weight row it stages: the pair's
+    first column lo(n0 + r) in the tile's first `half` columns, its partner
+    lo(n0 + r - half) + Pd in the last, where lo(u) is the u-th first column. Where `half`
+    divides Pd, lo(n0 + r) is p0 + r with p0 = lo(n0), computed once (`_pair_origin`)."""
+    if Pd % half == 0:
+        return _paired_rows(Pd, half, "p0")
+
+    def lo(u: str) -> str:
+        return f"({u}) / {Pd}u * {2 * Pd}u + ({u}) % {Pd}u"
+
+    return lambda r: (
+        f"select({lo(f'n0 + {r} - {half}u')} + {Pd}u, {lo(f'n0 + {r}')}, {r} < {half}u)"
+    )
+
+
+def _pair_origin(Pd: int) -> str:
+    """The statement computing p0 of _pair_columns from n0."""
+    return f"  let p0 = n0 / {Pd}u * {2 * Pd}u + n0 % {Pd}u;\n" if Pd else ""
+
+
+def _paired_rows(H: int, half: int, origin: str = "n0"):
     """Under a paired epilogue, the weight row that tile column r stages (a WGSL expression):
     n0 + r in the tile's first `half` columns (the product's first half), H + n0 + r - half
-    in its last (the second half's same columns)."""
-    return lambda r: f"select({H}u + n0 + {r} - {half}u, n0 + {r}, {r} < {half}u)"
+    in its last (the second half's same columns). (`origin` in place of n0: see
+    _pair_columns.)"""
+    return lambda r: f"select({H}u + {origin} + {r} - {half}u, {origin} + {r}, {r} < {half}u)"
 
 
 def _partial_sums(P: int, deferred: bool) -> str:
@@ -283,6 +320,54 @@ def _paired_finish(mm: Matmul, M: int, H: int, S: int, P: int, GX: int, deferred
     }}
   }}
 """
+
+
+def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
+    """After a split tile's finish, the row write (Kernel.writes, row_writes.RowWrite) of the
+    R x C elements it stored, element e by invocation e % 256: each element anchored at one
+    of them is evaluated, reading the product back after a storage barrier (this workgroup
+    stored the anchor and its RoPE partner), and stored at the write's run-time position, as
+    write_rows stores it in place. The position and the table entries are loaded before the
+    barrier. (Each invocation rotating a pair it summed itself, without the barrier, took a
+    128-token prefill 43 us longer on an H200: the paired finish keeps 64 invocations busy.)"""
+    graph = mm.graph
+    node = graph.nodes[write.node]
+    dest_id, rows_id, position_id = node.inputs
+    dest, rows = graph.nodes[dest_id].type, graph.nodes[rows_id].type
+    axis = node.attrs["axis"]
+    inner = math.prod(dest.shape[axis + 1 :])
+    length, count = dest.shape[axis], rows.shape[axis]
+    out = mm.bind.output(write.node)
+    table = mm.table(write.columns)
+    materialized = mm.plan.materialized - {write.node}
+    first = Emitter(graph, materialized, mm.bind.name_of, "  ")
+    position = first.value(position_id, "0u")
+    M, N, T = mm.M, mm.N, write.tokens
+    before = [*first.lines, f"  let rw_p = u32(clamp(i32({position}), 0i, {length - count}i));"]
+    after = []
+    for j in range(math.ceil(R * C / 256)):
+        e, gm, gn, c, v = (f"rw_{x}{j}" for x in ("e", "m", "n", "c", "v"))
+        before.append(
+            f"  let {e} = tid + {256 * j}u; let {gm} = m0 + {e} / {C}u;"
+            f" let {gn} = {column(f'{e} % {C}u')};\n"
+            f"  let {c} = {table}[min({gn}, {N - 1}u)];"
+        )
+        em = Emitter(graph, materialized, mm.bind.name_of, "    ")
+        value = em.value(rows_id, v)
+        at = (
+            f"({v} / {count * inner}u) * {length * inner}u"
+            f" + (({v} / {inner}u) % {count}u + rw_p) * {inner}u + {v} % {inner}u"
+        )
+        guard = f"{e} < {R * C}u && " if (j + 1) * 256 > R * C else ""
+        after.append(
+            f"  if ({guard}{gm} < {M}u && {gn} < {N}u && {c} >= 0i) {{\n"
+            f"    let rw_r{j} = bz * {M}u + {gm};\n"
+            f"    let {v} = u32({c}) + rw_r{j} / {T}u * {write.sequence_stride}u"
+            f" + rw_r{j} % {T}u * {write.row_stride}u;\n"
+            + "".join(line + "\n" for line in em.lines)
+            + f"    {out}[{at}] = {store_value(value, node.type.dtype)};\n  }}"
+        )
+    return "\n".join([*before, "  storageBarrier();", *after]) + "\n"
 
 
 def _deferred_scales(mm: Matmul, R: int, rounds: int, rows: list[str]) -> str:
