@@ -201,27 +201,28 @@ def test_a_prompt_chunk_runs_its_last_layer_past_keys_and_values_on_its_last_row
 @pytest.mark.lavapipe
 def test_prompt_chunks_start_the_device_early_and_decoding_steps_submit_in_few_buffers(tmp_path):
     """A prompt chunk's products run as tiles (the device is the bottleneck): its first
-    command buffer is short and each next one three times as long; a decoding step's are
-    GEMVs (the host is): 32 kernels first, doubling. Both compute what the NumPy executor
-    does."""
+    command buffer is short and each next one three times as long, the last taking all that
+    is left once at most three times its size is; a decoding step's are GEMVs (the host is):
+    32 kernels first, doubling. Both compute what the NumPy executor does."""
     from meganeura.backends.webgpu.runtime import DEVICE_BOUND_CHUNKS, HOST_BOUND_CHUNKS
 
-    directory = save_hf(random_llama(seed=5), tmp_path)
+    directory = save_hf(random_llama(seed=5, num_hidden_layers=6), tmp_path)
     engines = [load_pretrained(directory, device=d).engine(1, 32) for d in ("vulkan-cpu", "cpu")]
     prompt = np.arange(3, 19)[None]
     logits = [e.feed(prompt) for e in engines]
     session = engines[0].session
     chunk = session._last
-    assert (chunk.first_chunk, chunk.chunk_growth) == DEVICE_BOUND_CHUNKS
-    first, growth = DEVICE_BOUND_CHUNKS
+    assert (chunk.first_chunk, chunk.chunk_growth, chunk.last_takes_rest) == DEVICE_BOUND_CHUNKS
+    first, growth, _ = DEVICE_BOUND_CHUNKS
     sizes, left = [], len(chunk.dispatches)
     while left > 0:
-        sizes.append(min(left, first * growth ** len(sizes)))
+        size = first * growth ** len(sizes)
+        sizes.append(left if left <= size * growth else size)
         left -= sizes[-1]
     assert len(chunk._encode()) == len(sizes) > 1
     steps = [[e.feed(np.array([[t]])) for t in (7, 9)] for e in engines]
     step = session._last
-    assert (step.first_chunk, step.chunk_growth) == HOST_BOUND_CHUNKS
+    assert (step.first_chunk, step.chunk_growth, step.last_takes_rest) == HOST_BOUND_CHUNKS
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.stack(steps[0]), np.stack(steps[1]), atol=1e-4, rtol=1e-4)
 
