@@ -20,14 +20,14 @@ ROWS = {
 }
 
 
-def heads(t, count):  # [B, T, count * D] -> [B, count, T, D]
-    return t.reshape(B, T, count, D).permute(0, 2, 1, 3)
-
-
-def kv_graph(kind: str) -> Graph:
+def kv_graph(kind: str, D: int = D) -> Graph:
     """x [B, T, K] through one product with w [(HQ + 2 HKV) D, K]: its q columns rotated
     into output `q`, its k and v columns written by ROWS[kind] into a state cache
     [2, B, HKV, CAP, D] at `position`, whose new value's sum is output `total`."""
+
+    def heads(t, count):  # [B, T, count * D] -> [B, count, T, D]
+        return t.reshape(B, T, count, D).permute(0, 2, 1, 3)
+
     g = Graph()
     x = g.input("x", (B, T, K))
     positions = g.input("positions", (B, T), "i32")
@@ -45,7 +45,7 @@ def kv_graph(kind: str) -> Graph:
     return g
 
 
-def reference_rows(kind, y, positions):
+def reference_rows(kind, y, positions, D):
     freq = rope_frequencies(D)
     k = y[..., HQ * D : (HQ + HKV) * D].reshape(B, T, HKV, D).transpose(0, 2, 1, 3)
     v = y[..., (HQ + HKV) * D :].reshape(B, T, HKV, D).transpose(0, 2, 1, 3)
@@ -72,11 +72,16 @@ def row_write_kernels(session):
         pytest.param("gpu", marks=pytest.mark.gpu),
     ],
 )
-@pytest.mark.parametrize("kind", list(ROWS))
-def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, device):
+@pytest.mark.parametrize(
+    "kind, D",
+    # Head dims 16 and 8: RoPE partners 8 columns apart, which tiles of 16 columns hold in
+    # their two halves, or 4 apart, several pairs' blocks to a half.
+    [*((kind, D) for kind in ROWS), ("rope", 8)],
+)
+def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, D, device):
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.3, ((HQ + 2 * HKV) * D, K)).astype(np.float32)
-    sessions = [build(kv_graph(kind), device=d) for d in (device, "cpu")]
+    sessions = [build(kv_graph(kind, D), device=d) for d in (device, "cpu")]
     for s in sessions:
         s.set_parameters({"w": w})
     cache = np.zeros((2, B, HKV, CAP, D), np.float32)
@@ -87,7 +92,7 @@ def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, devic
         feeds = {"x": x, "positions": positions, "position": np.array([position], np.int32)}
         y = x @ w.T
         start = min(position, CAP - T)
-        cache[:, :, :, start : start + T] = reference_rows(kind, y, positions)
+        cache[:, :, :, start : start + T] = reference_rows(kind, y, positions, D)
         q = rope_reference(y[..., : HQ * D].reshape(B, T, HQ, D).transpose(0, 2, 1, 3),
                            positions, freq, False)  # fmt: skip
         for s in sessions:

@@ -217,7 +217,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let b0 = {bt.origin(mm.batch)};
   let m0 = wid.y * {R}u;
   let n0 = wid.x * {C // 2 if H or Pd else C}u;
-{_pair_origin(Pd)}{statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+{_pair_origin(Pd, C // 2)}{statistics}{ia}{ib}  var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
   var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
   {{
     let k0 = 0u; let st = 0u;
@@ -268,9 +268,9 @@ def _pair_columns(Pd: int, half: int):
     )
 
 
-def _pair_origin(Pd: int) -> str:
-    """The statement computing p0 of _pair_columns from n0."""
-    return f"  let p0 = n0 / {Pd}u * {2 * Pd}u + n0 % {Pd}u;\n" if Pd else ""
+def _pair_origin(Pd: int, half: int) -> str:
+    """The statement computing p0 of _pair_columns from n0, where it uses one."""
+    return f"  let p0 = n0 / {Pd}u * {2 * Pd}u + n0 % {Pd}u;\n" if Pd and Pd % half == 0 else ""
 
 
 def _paired_rows(H: int, half: int, origin: str = "n0"):
