@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from meganeura.backends.wgsl.emit import Emitter, store_value
 from meganeura.backends.wgsl.kernels import KernelSource
 from meganeura.backends.wgsl.matmul_operands import Matmul, Operand, kernel_source
+from meganeura.backends.wgsl.update import clamped_position, row_destination, rows_layout
 
 LARGE, LARGE_BK = 128, 8  # SIMT tile of large products: 8 x 8 outputs per invocation
 LARGE_TILES_MIN = 128  # enough 128 x 128 tiles to fill a GPU
@@ -332,19 +333,14 @@ def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
     128-token prefill 43 us longer on an H200: the paired finish keeps 64 invocations busy.)"""
     graph = mm.graph
     node = graph.nodes[write.node]
-    dest_id, rows_id, position_id = node.inputs
-    dest, rows = graph.nodes[dest_id].type, graph.nodes[rows_id].type
-    axis = node.attrs["axis"]
-    inner = math.prod(dest.shape[axis + 1 :])
-    length, count = dest.shape[axis], rows.shape[axis]
+    rows_id = node.inputs[1]
     out = mm.bind.output(write.node)
     table = mm.table(write.columns)
     materialized = mm.plan.materialized - {write.node}
     first = Emitter(graph, materialized, mm.bind.name_of, "  ")
-    position = first.value(position_id, "0u")
+    clamped_position(first, node, "rw_p")
     M, N, T = mm.M, mm.N, write.tokens
-    before = [*first.lines, f"  let rw_p = u32(clamp(i32({position}), 0i, {length - count}i));"]
-    after = []
+    before, after = first.lines, []
     for j in range(math.ceil(R * C / 256)):
         e, gm, gn, c, v = (f"rw_{x}{j}" for x in ("e", "m", "n", "c", "v"))
         before.append(
@@ -354,10 +350,7 @@ def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
         )
         em = Emitter(graph, materialized, mm.bind.name_of, "    ")
         value = em.value(rows_id, v)
-        at = (
-            f"({v} / {count * inner}u) * {length * inner}u"
-            f" + (({v} / {inner}u) % {count}u + rw_p) * {inner}u + {v} % {inner}u"
-        )
+        at = row_destination(rows_layout(graph, node), v, "rw_p")
         guard = f"{e} < {R * C}u && " if (j + 1) * 256 > R * C else ""
         after.append(
             f"  if ({guard}{gm} < {M}u && {gn} < {N}u && {c} >= 0i) {{\n"

@@ -21,29 +21,45 @@ from meganeura.backends.wgsl.kernels import (
 from meganeura.lower.plan import Kernel, Plan
 
 
+def rows_layout(graph, node) -> tuple[int, int, int]:
+    """(inner, length, count) of write_rows `node`: elements after its axis, the
+    destination's length along it, the rows' count along it."""
+    dest, rows = (graph.nodes[i].type for i in node.inputs[:2])
+    axis = node.attrs["axis"]
+    return math.prod(dest.shape[axis + 1 :]), dest.shape[axis], rows.shape[axis]
+
+
+def clamped_position(em: Emitter, node, name: str) -> None:
+    """Emit `let name`: write_rows `node`'s run-time position, clamped so the rows fit."""
+    _, length, count = rows_layout(em.graph, node)
+    position = em.value(node.inputs[2], "0u")
+    em.lines.append(f"{em.indent}let {name} = u32(clamp(i32({position}), 0i, {length - count}i));")
+
+
+def row_destination(layout: tuple[int, int, int], i: str, p: str) -> str:
+    """WGSL index into the destination of rows element `i` written at position `p`."""
+    inner, length, count = layout
+    outer, row = f"({i} / {count * inner}u)", f"(({i} / {inner}u) % {count}u + {p})"
+    return f"{outer} * {length * inner}u + {row} * {inner}u + {i} % {inner}u"
+
+
 @archetype("write_rows")
 def write_rows(plan: Plan, kernel: Kernel) -> KernelSource:
     graph = plan.graph
     node = graph.nodes[kernel.node]
-    dest_id, rows_id, position_id = node.inputs
+    dest_id, rows_id, _ = node.inputs
     dest, rows = graph.nodes[dest_id].type, graph.nodes[rows_id].type
-    axis = node.attrs["axis"]
-    inner = math.prod(dest.shape[axis + 1 :])
-    length, count = dest.shape[axis], rows.shape[axis]
+    inner, length, count = layout = rows_layout(graph, node)
     b = _Bindings(plan, kernel.node)
     out = f"buf{b.out_buffer}"
     em = Emitter(graph, plan.materialized - {kernel.node}, b.name_of, "  ")
-    position = em.value(position_id, "0u")
-    em.lines.append(f"  let p = u32(clamp(i32({position}), 0i, {length - count}i));")
+    clamped_position(em, node, "p")
     aliased = plan.buffer_of[dest_id] == plan.buffer_of[kernel.node]
     if aliased:
         total = rows.size
-        em.lines.append(f"  let outer = i / {count * inner}u;")
-        em.lines.append(f"  let c = (i / {inner}u) % {count}u;")
         value = em.value(rows_id, "i")
         store = (
-            f"  {out}[outer * {length * inner}u + (c + p) * {inner}u + i % {inner}u] = "
-            f"{store_value(value, node.type.dtype)};"
+            f"  {out}[{row_destination(layout, 'i', 'p')}] = {store_value(value, node.type.dtype)};"
         )
     else:
         total = dest.size
