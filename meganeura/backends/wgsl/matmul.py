@@ -81,16 +81,22 @@ def _variant(M: int, N: int, nbatch: int, dtypes: tuple[str, str], options: dict
     return "tiled"
 
 
-def product_variant(graph: Graph, nid: int, options: dict) -> str | None:
-    """The kernel family of node `nid` if it is a product (a matmul or a norm-matmul):
-    "gemv", "units" or "tiled" (see _variant); None for any other node."""
+def _product_dims(graph: Graph, nid: int):
+    """(M, N, batch count, operand dtypes) of product node `nid`, or None for another node."""
     node = graph.nodes[nid]
     if get_op(node.op).kind != "matmul":
         return None
     a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
     trans_a, trans_b = node.attrs.get("trans_a", False), node.attrs["trans_b"]
     batch, M, _, N = matmul_dims(a, b, trans_a, trans_b)
-    return _variant(M, N, math.prod(batch), (a.dtype, b.dtype), options)
+    return M, N, math.prod(batch), (a.dtype, b.dtype)
+
+
+def product_variant(graph: Graph, nid: int, options: dict) -> str | None:
+    """The kernel family of node `nid` if it is a product (a matmul or a norm-matmul):
+    "gemv", "units" or "tiled" (see _variant); None for any other node."""
+    dims = _product_dims(graph, nid)
+    return None if dims is None else _variant(*dims, options)
 
 
 def pairable(graph: Graph, nid: int, options: dict) -> bool:
@@ -106,10 +112,8 @@ def row_writable(graph: Graph, nid: int, options: dict) -> bool:
     together in one workgroup); the others cannot."""
     if product_variant(graph, nid, options) != "tiled":
         return False
-    node = graph.nodes[nid]
-    a, b = graph.nodes[node.inputs[0]].type, graph.nodes[node.inputs[-1]].type
-    batch, M, _, N = matmul_dims(a, b, node.attrs.get("trans_a", False), node.attrs["trans_b"])
-    return splits(M, N, math.prod(batch))
+    M, N, nbatch, _ = _product_dims(graph, nid)
+    return splits(M, N, nbatch)
 
 
 # -- GEMV -----------------------------------------------------------------------------------

@@ -192,10 +192,8 @@ class Matmul:
 
     def table(self, values) -> str:
         """The WGSL name of constant i32 array `values`, bound after the kernel's buffers."""
-        n = next((n for n, t in enumerate(self.tables) if t is values), len(self.tables))
-        if n == len(self.tables):
-            self.tables.append(values)
-        return f"mm_table{n}"
+        self.tables.append(values)
+        return f"mm_table{len(self.tables) - 1}"
 
     def assemble(self, body: str, shared: str = "", header: str = "") -> str:
         if self.prologue is not None:

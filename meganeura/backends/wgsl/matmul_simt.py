@@ -245,10 +245,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 """
     # The stages, and the groups' partial sums at the end (S groups x 4 P = 1024 vec4s).
     shared = f"var<workgroup> tile: array<vec4<f32>, {max(TILE_VEC4, 1024)}>;\n"
-    columns_x = (
-        math.ceil(H / (C // 2)) if H else math.ceil(N / (2 if Pd else 1) / (C // 2 if Pd else C))
-    )
-    grid = (columns_x, math.ceil(M / R), mm.nbatch)
+    # Paired or not, a workgroup covers C product columns (C / 2 of each half or pair side).
+    grid = (math.ceil(N / C), math.ceil(M / R), mm.nbatch)
     return kernel_source(mm, body, grid, shared)
 
 
@@ -340,6 +338,7 @@ def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
     first = Emitter(graph, materialized, mm.bind.name_of, "  ")
     clamped_position(first, node, "rw_p")
     M, N, T = mm.M, mm.N, write.tokens
+    layout = rows_layout(graph, node)
     before, after = first.lines, []
     for j in range(math.ceil(R * C / 256)):
         e, gm, gn, c, v = (f"rw_{x}{j}" for x in ("e", "m", "n", "c", "v"))
@@ -350,7 +349,7 @@ def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
         )
         em = Emitter(graph, materialized, mm.bind.name_of, "    ")
         value = em.value(rows_id, v)
-        at = row_destination(rows_layout(graph, node), v, "rw_p")
+        at = row_destination(layout, v, "rw_p")
         guard = f"{e} < {R * C}u && " if (j + 1) * 256 > R * C else ""
         after.append(
             f"  if ({guard}{gm} < {M}u && {gn} < {N}u && {c} >= 0i) {{\n"
