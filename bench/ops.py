@@ -43,7 +43,7 @@ from timing import write_json
 
 from meganeura import Graph, build
 from meganeura.backends.webgpu.runtime import _record
-from meganeura.backends.wgsl import attention_rows, matmul_simt
+from meganeura.backends.wgsl import attention_rows, matmul_direct, matmul_simt
 from meganeura.backends.wgsl import matmul as wgsl_matmul
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.ops.attention import attention
@@ -415,8 +415,22 @@ def _llm_case(ctx, name, M, N, K, residual, variant=None, target=""):
     return row
 
 
-def _forced_tile(tile):
-    return mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile)
+class _forced_tile:  # a context manager, used as mock.patch is
+    """Products built within take split tiles of shape `tile` (not the direct kernel); can
+    be entered again, once per product shape."""
+
+    def __init__(self, tile):
+        self.tile = tile
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(mock.patch.object(matmul_direct, "fits", lambda mm: False))
+        self.stack.enter_context(
+            mock.patch.object(matmul_simt, "choose_tile", lambda *_: self.tile)
+        )
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
 
 
 def _forced_gemv_columns(columns):

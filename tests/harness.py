@@ -14,8 +14,10 @@ central differences of the loss.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -246,3 +248,28 @@ def check_finite_differences(
             analytic[gid], numeric, rtol=rtol, atol=atol, err_msg=f"gradient of {name!r}"
         )
     return opg
+
+
+# -- which matmul kernel ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def split_tiles(tile=None):
+    """Products built within run on the split SIMT tiles (of shape `tile` where given)
+    instead of the direct kernel that x @ W^T products of their size take."""
+    from meganeura.backends.wgsl import matmul_direct, matmul_simt
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(matmul_direct, "fits", lambda mm: False))
+        if tile is not None:
+            stack.enter_context(mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile))
+        yield
+
+
+def direct_products(session) -> int:
+    """How many kernels of the session's last WebGPU program are direct products (generated
+    again: call it where the program was built, inside any `split_tiles`)."""
+    from meganeura.backends.wgsl.kernels import generate
+
+    plan = session._last.plan
+    return sum("var<workgroup> dp_red" in generate(plan, k).wgsl for k in plan.kernels)

@@ -2,7 +2,6 @@
 f16 storage and the matrix-unit path."""
 
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,14 +12,14 @@ from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from meganeura import Graph, build, grad, optim
 from meganeura import functional as F
-from meganeura.backends.wgsl import matmul_simt
+from meganeura.backends.wgsl import matmul_direct
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.backends.wgsl.matmul import GEMV_ROWS, GEMV_WORKGROUPS, UNITS_FILL
 from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, TILED_WORKGROUPS, Tile, choose_tile
 from meganeura.lower.plan import plan as make_plan
 from meganeura.nn import Linear
 from meganeura.ops.packed import segment
-from tests.harness import check_against_torch, normal
+from tests.harness import check_against_torch, normal, split_tiles
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -343,8 +342,16 @@ def test_small_products_get_small_tiles_with_k_split_inside_the_workgroup():
     assert choose_tile(9, 17, 1) == Tile(16, 16)  # too small to fill anything: smallest tile
     assert [Tile(*s).splits for s in TILE_SHAPES] == [1, 2, 4, 8, 16]
     for M, K, N in ((128, 576, 960), (128, 576, 576), (128, 576, 3072), (128, 1536, 576)):
-        size, grid = kernel_shapes(M, K, N)
+        # W as [K, N] (not contiguous along k): the split tiles.
+        size, grid = kernel_shapes(M, K, N, trans_b=False)
         assert size == 256 and math.prod(grid) >= TILED_WORKGROUPS, (M, K, N, grid)
+        # nn.Linear's x @ W^T where the split tile is small: the direct products, 16 x 16
+        # outputs a workgroup from 8 lanes per group of outputs, 16 x 8 from 16 lanes for
+        # long k. gate/up (N = 3072) keeps its 32 x 32 split tiles (test_direct_products).
+        size, grid = kernel_shapes(M, K, N)
+        cols = 8 if K >= matmul_direct.LONG_K else 16
+        if N < 3072:
+            assert (size, grid) == (matmul_direct.WG, (N // cols, M // 16, 1)), (M, K, N, grid)
     # Large products keep 128 x 128 tiles.
     assert kernel_shapes(2048, 576, 2048)[1] == (16, 16, 1)
 
@@ -427,7 +434,7 @@ def test_matmul_random_shapes_and_epilogues_on_the_numpy_executor(
 @given(*MATMUL_ARGS)
 def test_every_tile_on_lavapipe(tile, batches, m, k, n, ta, tb, epilogue, seed):
     # Every matmul of the graph (forward and both gradients) runs with this tile.
-    with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
+    with split_tiles(tile):
         check_matmul("vulkan-cpu", batches, m, k, n, ta, tb, epilogue, seed)
 
 

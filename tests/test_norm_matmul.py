@@ -5,7 +5,6 @@ variant, and errors."""
 from __future__ import annotations
 
 import re
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meganeura import Graph, build
-from meganeura.backends.wgsl import matmul_simt
+from meganeura.backends.wgsl import matmul_direct
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, Tile
 from meganeura.lower.plan import plan as make_plan
+from tests.harness import split_tiles
 from tests.torch_check import check, normal
 
 PARAMS = {"rms_norm_matmul": (0, 1), "layer_norm_matmul": (0, 1, 2)}
@@ -150,7 +150,7 @@ def test_every_tile_normalizes_its_rows_on_lavapipe(op, params, tile, transposed
     memory) on rows past a tile and k off the staging depth; with k a multiple of 4, x is
     loaded and its statistics read as vec4 (unless transposed); k = 260 takes several steps
     of every tile's depth, through two stages or one (ONE_STAGE_TILES)."""
-    with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
+    with split_tiles(tile):
         check_case(op, params, ((70, k), (20, k), True), "vulkan-cpu", transposed=transposed)
 
 
@@ -189,7 +189,7 @@ def _workgroup_memory(wgsl: str) -> list[str]:
         (((1, 64), (300, 64), True), None),  # GEMV, weights contiguous along k
         (((3, 40), (40, 70), False), None),  # GEMV over columns
         (((1100, 64), (1100, 64), True), (64, 64)),
-        (((128, 576), (576, 576), True), (16, 16)),  # a prefill's projection
+        (((128, 576), (576, 576), True), "direct"),  # a prefill's projection
         (((512, 64), (64, 1024), False), (32, 64)),
         (((32, 130, 20), (20, 130), False), (128, 128)),  # enough 128 x 128 tiles
     ],
@@ -197,18 +197,28 @@ def _workgroup_memory(wgsl: str) -> list[str]:
 def test_a_norm_prologue_changes_no_kernel_choice(op, case, tile):
     """The norm runs in the kernel a plain matmul of the same shapes takes, on the same grid;
     the SIMT tiles lend their staging memory to the statistics (the tiles fill the 16 KiB
-    that WebGPU guarantees), so their workgroup memory stays the same too."""
+    that WebGPU guarantees), so their workgroup memory stays the same too. The direct
+    products stage nothing: a layer norm's statistics take memory of their own there."""
     plain_plan, plain_kernel = _plan(op, None, *case, {})
     plain = generate(plain_plan, plain_kernel)
     program, fused_kernel = _plan(op, 1, *case, {})
     fused = generate(program, fused_kernel)
     assert fused.grid == plain.grid
-    # An RMSNorm on the split tiles scales the outputs (NormPrologue.defer); the others
-    # compute their rows' statistics first.
+    # An RMSNorm on the split tiles and the direct products scales the outputs
+    # (NormPrologue.defer); the others compute their rows' statistics first.
     deferred = op == "rms_norm_matmul" and tile is not None and tile != (128, 128)
     assert ("nm_rstd" in fused.wgsl) != deferred
     assert ("nm_sq0 +=" in fused.wgsl) == deferred
-    if tile is not None:
+    if tile == "direct":
+        (m, _), n = case[0], case[1][0]
+        layout = matmul_direct.layout(case[0][1])
+        assert fused.grid == (-(-n // layout.cols), -(-m // layout.rows), 1)
+        assert "@workgroup_size(64)" in fused.wgsl and "dp_red" in fused.wgsl
+        names = {line.split()[1] for line in _workgroup_memory(fused.wgsl)}
+        assert {line.split()[1] for line in _workgroup_memory(plain.wgsl)} == {"dp_red:"}
+        layer_norm = {"dp_red:", "nm_rstd:", "nm_mean:", "nm_red:"}
+        assert names == ({"dp_red:"} if deferred else layer_norm), names
+    elif tile is not None:
         (*batch, m, _), b_shape = case[0], case[1]
         n = b_shape[-2] if case[2] else b_shape[-1]
         rows, cols = tile

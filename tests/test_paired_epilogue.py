@@ -16,6 +16,7 @@ from meganeura import Graph, build
 from meganeura.backends.wgsl import matmul_simt
 from meganeura.backends.wgsl.matmul_simt import TILE_SHAPES, Tile
 from meganeura.lower.plan import plan as make_plan
+from tests.harness import split_tiles
 
 # lavapipe in CI, and the hardware GPU where there is one (`pytest -m gpu`).
 KERNEL_DEVICES = [
@@ -89,7 +90,7 @@ def test_every_split_tile_pairs_the_halves(device, tile, k):
     """Every split tile under a deferred RMSNorm: rows past a tile, H = 20 columns (not a
     multiple of any tile's half, so the last workgroups' pairs are partly past the output),
     k off the staging depth (37: scalar loads) and over several steps (260: vec4 loads)."""
-    with mock.patch.object(matmul_simt, "choose_tile", lambda *_: tile):
+    with split_tiles(tile):
         labels = run((), 70, k, 20, "rms", device)
     assert any("+swiglu" in label for label in labels), labels
 

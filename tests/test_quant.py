@@ -12,6 +12,7 @@ from meganeura.backends.wgsl.kernels import generate
 from meganeura.io.gguf import QuantizedWeight
 from meganeura.lower.rewrite import QUANTIZED_ROWS
 from meganeura.ops.quant import dequantize, pack_words, quantized_matmul, quantized_parameter
+from tests.harness import direct_products
 
 DEVICES = ["cpu", pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe)]
 QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
@@ -254,6 +255,9 @@ def test_dense_q4_1_products_decode_as_they_stage(device, qtype, rows, out, cols
         assert len(program.dispatches) == (1 if qtype == "Q4_1" else 2)
         decoded = any("mn_decoded" in generate(program.plan, k).wgsl for k in program.plan.kernels)
         assert decoded == (qtype == "Q4_1")
+        # The direct products take the small ones' widened weights, not a Q4_1 weight (their
+        # lanes would each decode every weight vec4 they read).
+        assert direct_products(session) == (rows < 1024 and qtype != "Q4_1")
 
 
 @pytest.mark.gpu

@@ -3,6 +3,8 @@ write of rotated keys and plain values handed to the q/k/v product's kernel on a
 device, against NumPy references; writes whose rows the product's tiles cannot hold
 together keep a write_rows kernel of their own and the same values."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from meganeura import Graph, build
 from meganeura.lower.row_writes import row_write
 from meganeura.ops.rope import rope, rope_frequencies, rope_reference
 from meganeura.ops.views import flip, stack
+from tests.harness import direct_products, split_tiles
 
 B, T, K, HQ, HKV, D, CAP = 2, 24, 40, 3, 2, 16, 64
 ROWS = {
@@ -78,7 +81,15 @@ def row_write_kernels(session):
     # their two halves, or 4 apart, several pairs' blocks to a half.
     [*((kind, D) for kind in ROWS), ("rope", 8)],
 )
-def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, D, device):
+@pytest.mark.parametrize("kernel", ["direct", "split-tiles"])
+def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, D, device, kernel):
+    """On the direct products (what such a q/k/v product takes) and on the split tiles."""
+    with split_tiles() if kernel == "split-tiles" else contextlib.nullcontext():
+        sessions = check_cache_rows(kind, D, device)
+        assert (direct_products(sessions[0]) == 1) == (kernel == "direct")
+
+
+def check_cache_rows(kind, D, device):
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.3, ((HQ + 2 * HKV) * D, K)).astype(np.float32)
     sessions = [build(kv_graph(kind, D), device=d) for d in (device, "cpu")]
@@ -107,6 +118,7 @@ def test_the_product_stores_the_cache_rows_where_its_tiles_hold_them(kind, D, de
         assert stored[0].writes[0].pair == (D // 2 if kind == "rope" else 0)
     else:  # RoPE pairs 1 column apart (not a multiple of 4), a flip: a kernel of its own
         assert not stored and len(kernels) == 1
+    return sessions
 
 
 def analysed(kind):

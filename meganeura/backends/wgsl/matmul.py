@@ -16,6 +16,9 @@ Variants, chosen per kernel:
 - tiled SIMT f32 otherwise: 128 x 128 tiles with 8 x 8 outputs per invocation for large
   products (32 TFLOP/s at 4096^3 on an H200); for the rest, tiles from 64 x 64 down to
   16 x 16 chosen by the number of workgroups they make, k split inside the workgroup.
+- direct products (matmul_direct), for x @ W^T products that would take small split
+  tiles (a prompt's q/k/v, o and down projections): no staging, each group of lanes
+  reading its rows along k straight from storage.
 
 rms_norm_matmul and layer_norm_matmul run through the same variants: each computes the
 statistics of its rows first and normalizes A as it loads it (the norm prologue, see
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from meganeura.backends.wgsl import matmul_direct
 from meganeura.backends.wgsl.kernels import (
     SUBGROUP_BUILTINS,
     SUBGROUPS_ENABLE,
@@ -61,6 +65,8 @@ def matmul(plan: Plan, kernel: Kernel) -> KernelSource:
     if variant == "units":
         budget = plan.options.get("workgroup_storage", WORKGROUP_STORAGE)
         return matrix_unit_kernel(mm, plan.options["matrix_unit"], budget)
+    if splits(mm.M, mm.N, mm.nbatch) and matmul_direct.fits(mm):
+        return matmul_direct.direct(mm)
     return tiled(mm)
 
 

@@ -321,9 +321,10 @@ def _paired_finish(mm: Matmul, M: int, H: int, S: int, P: int, GX: int, deferred
 """
 
 
-def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
+def _row_writes(mm: Matmul, write, R: int, C: int, column, invocations: int = 256) -> str:
     """After a split tile's finish, the row write (Kernel.writes, row_writes.RowWrite) of the
-    R x C elements it stored, element e by invocation e % 256: each element anchored at one
+    R x C elements it stored, element e by invocation e % `invocations` (the workgroup's
+    size; the direct products use it too): each element anchored at one
     of them is evaluated, reading the product back after a storage barrier (this workgroup
     stored the anchor and its RoPE partner), and stored at the write's run-time position, as
     write_rows stores it in place. The position and the table entries are loaded before the
@@ -340,17 +341,17 @@ def _row_writes(mm: Matmul, write, R: int, C: int, column) -> str:
     M, N, T = mm.M, mm.N, write.tokens
     layout = rows_layout(graph, node)
     before, after = first.lines, []
-    for j in range(math.ceil(R * C / 256)):
+    for j in range(math.ceil(R * C / invocations)):
         e, gm, gn, c, v = (f"rw_{x}{j}" for x in ("e", "m", "n", "c", "v"))
         before.append(
-            f"  let {e} = tid + {256 * j}u; let {gm} = m0 + {e} / {C}u;"
+            f"  let {e} = tid + {invocations * j}u; let {gm} = m0 + {e} / {C}u;"
             f" let {gn} = {column(f'{e} % {C}u')};\n"
             f"  let {c} = {table}[min({gn}, {N - 1}u)];"
         )
         em = Emitter(graph, materialized, mm.bind.name_of, "    ")
         value = em.value(rows_id, v)
         at = row_destination(layout, v, "rw_p")
-        guard = f"{e} < {R * C}u && " if (j + 1) * 256 > R * C else ""
+        guard = f"{e} < {R * C}u && " if (j + 1) * invocations > R * C else ""
         after.append(
             f"  if ({guard}{gm} < {M}u && {gn} < {N}u && {c} >= 0i) {{\n"
             f"    let rw_r{j} = bz * {M}u + {gm};\n"

@@ -1,0 +1,341 @@
+"""Direct products: small x @ W^T products read straight from storage, k split over lanes.
+
+The split SIMT tiles (matmul_simt) stage both operands through workgroup memory: fetch a
+step into registers, store it, wait at a barrier, read it back, multiply. For the products
+of a short prompt (128 rows times 576 to 3072 columns) every step of that chain waits on the
+one before it, and a workgroup's few steps never fill the GPU's memory pipeline.
+
+Here nothing is staged. A workgroup of WG = 64 invocations holds groups of `lanes`
+consecutive invocations; each group owns RM x RN = 4 x 8 outputs (4 rows of A, 8 weight
+rows) and splits k among its lanes, lane s taking the vec4s s, s + lanes, ... of every row.
+A lane loads its 4 A vec4s and 8 weight vec4s for UNROLL k-quads at once (12 16-byte loads
+per k-quad, all independent, read by the lanes of a group as contiguous runs), and keeps
+its 32 partial sums as vec4 accumulators. At the end the group's lanes add up their
+partial sums in a reduce-scatter of subgroup shuffles (each exchange halves what a lane
+holds: 31 shuffles for 32 outputs over 8 lanes), which leaves lane s the totals of outputs
+s * 32 / lanes onwards, and the lanes store them through the epilogue. Without subgroup
+operations (or with subgroups smaller than a group) the partial sums meet in workgroup
+memory instead, after one barrier.
+
+On an H200 (device time per product, 30 weight copies rotated; the split tiles as chosen
+against the best direct layout): SmolLM2-135M's 128-token q/k/v 13.6 -> 10.7 us, o 12.4 ->
+10.6-11.3, gate/up 27.2 -> 26.0, down 26.3 -> 17.7. Workgroups of 64 invocations beat 128
+and 256; 4 x 8 outputs per group beat 4 x 4 and 8 x 8; two k-quads per loop iteration
+beat one and four; 8 lanes per group suit k = 576 and 16 k = 1536 (LONG_K).
+
+What the split tiles do besides, this kernel does too:
+- a deferred RMSNorm (rms_norm_matmul, NormPrologue.defer): A's loads apply the norm's
+  weight, each lane sums the squares of the A elements it loads, the group adds them up
+  and each output row is scaled by its 1 / rms at the end;
+- a paired epilogue (Kernel.pair, SwiGLU of a gate/up product): a group's first 4 columns
+  are product columns of the first half, its last 4 the same columns of the second half,
+  and the reduce-scatter's order leaves each lane whole pairs;
+- row writes (Kernel.writes, a KV-cache write of RoPE-ed rows): the workgroup's columns hold
+  whole RoPE pairs, as the split tiles' do, and after a storage barrier it stores the rows
+  elements anchored at the outputs it stored (matmul_simt._row_writes).
+A quantized weight (Q4_1) is decoded four weights at a time where it is loaded.
+
+A layer norm (layer_norm_matmul), which cannot wait for the end, computes its rows'
+statistics first (NormPrologue.statistics, in workgroup memory of its own: there is no
+staging memory to lend it) and normalizes A as it is loaded.
+
+`fits` says which products it takes: both operands contiguous along k (x @ W^T), A a buffer
+read as vec4s and k a multiple of 4; matmul.py sends those of the products that would go to
+the split tiles here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from meganeura.backends.wgsl.kernels import SUBGROUP_BUILTINS, SUBGROUPS_ENABLE, KernelSource
+from meganeura.backends.wgsl.matmul_operands import Matmul, kernel_source
+from meganeura.backends.wgsl.matmul_simt import (
+    _pair_columns,
+    _pair_origin,
+    _paired_rows,
+    _row_writes,
+    choose_tile,
+)
+
+WG = 64  # invocations per workgroup
+TILE_ROWS = 16  # rows of A a workgroup covers
+UNROLL = 2  # k-quads a lane loads per loop iteration
+LONG_K = 1024  # from this k on, 16 lanes per group (else 8)
+MAX_TILE = 16 * 32  # the largest split tile (outputs) whose products the direct kernel takes
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A workgroup's `rows` x `cols` outputs: groups of `lanes` invocations, each group
+    `rm` x `rn` outputs, TILE_ROWS / rm groups along the rows."""
+
+    lanes: int
+    rm: int
+    rn: int
+
+    @property
+    def row_groups(self) -> int:
+        return TILE_ROWS // self.rm
+
+    @property
+    def col_groups(self) -> int:
+        return WG // self.lanes // self.row_groups
+
+    @property
+    def rows(self) -> int:
+        return TILE_ROWS
+
+    @property
+    def cols(self) -> int:
+        return self.col_groups * self.rn
+
+
+def layout(K: int) -> Layout:
+    return Layout(16 if K >= LONG_K else 8, 4, 8)
+
+
+def fits(mm: Matmul) -> bool:
+    """Whether the direct kernel can run product `mm` (see the module docstring), and pays:
+    where the split tiles would take tiles of at most MAX_TILE outputs. Larger split tiles
+    read each operand fewer times over than the direct kernel's 16-row tiles; on an H200,
+    a 128-token prompt's gate/up product (128 x 3072 over k = 576, 32 x 32 split tiles)
+    stayed faster on them (a prefill's device time 2.548 ms against 2.570 with it direct)."""
+    a, b, K = mm.a, mm.b, mm.K
+    if a.s_col != 1 or b.s_row != 1 or K % 4 or K == 0 or a.computed:
+        return False
+    tile = choose_tile(mm.M, mm.N, mm.nbatch)
+    if tile.rows * tile.cols > MAX_TILE:
+        return False
+    return mm.use_vec4(a, True) and mm.use_vec4(b, False)
+
+
+def direct(mm: Matmul) -> KernelSource:
+    """The direct kernel for product `mm` (which `fits`)."""
+    M, K, N = mm.M, mm.K, mm.N
+    a, b = mm.a, mm.b
+    L = layout(K)
+    S, TM, TN, RM, RN = L.lanes, L.rows, L.cols, L.rm, L.rn
+    V, VS = RM * RN, RM * RN // L.lanes  # outputs of a group, of a lane after the reduce
+    K4 = K // 4
+    sums = bool(mm.plan.options.get("subgroup_sums"))
+    H = N // 2 if mm.kernel.pair else 0
+    write = mm.kernel.writes[0] if mm.kernel.writes else None
+    Pd = write.pair if write is not None else 0
+    paired = bool(H or Pd)
+    # Tile column of a group's column j: plain, gn RN + j; paired (SwiGLU halves or RoPE
+    # pairs), the group's first RN / 2 columns from the tile's first half, its last RN / 2
+    # the same columns of the second half.
+    half = TN // 2
+    if paired:
+
+        def tile_col(j: str) -> str:
+            return (
+                f"(gn * {RN // 2}u + ({j}) % {RN // 2}u + select(0u, {half}u, ({j}) >= {RN // 2}u))"
+            )
+    else:
+
+        def tile_col(j: str) -> str:
+            return f"(gn * {RN}u + {j})"
+
+    # The product column of a tile column, which is also the weight row it reads.
+    if Pd:
+        column = _pair_columns(Pd, half)
+    elif H:
+        column = _paired_rows(H, half)
+    else:
+
+        def column(tc: str) -> str:
+            return f"n0 + {tc}"
+
+    deferred = mm.prologue is not None and mm.prologue.can_defer()
+    if deferred:
+        mm.prologue.defer()
+    mm.bind.vector.add(mm.plan.buffer_of[a.base])
+    mm.bind.vector.add(mm.plan.buffer_of[b.base])
+    bt = dataclasses.replace(b, s_row=b.s_col, s_col=b.s_row)  # n rows along k
+
+    lines = [
+        f"  let bz = wid.z; let s = tid % {S}u; let g = tid / {S}u;",
+        f"  let gm = g / {L.col_groups}u; let gn = g % {L.col_groups}u;",
+        f"  let a0 = {a.origin(mm.batch)}; let b0 = {bt.origin(mm.batch)};",
+        f"  let m0 = wid.y * {TM}u; let n0 = wid.x * {half if paired else TN}u;",
+    ]
+    lines.append(_pair_origin(Pd, half).rstrip("\n"))
+    # A layer norm's statistics of the tile's rows, in workgroup memory of their own.
+    lines.append("" if deferred else mm.row_statistics(TM, "m0", WG, "tid").rstrip("\n"))
+    for i in range(RM):
+        lines.append(
+            f"  let ar{i} = (a0 + min(m0 + gm * {RM}u + {i}u, {M - 1}u) * {a.s_row}u) / 4u;"
+        )
+    for j in range(RN):
+        row = f"min({column(tile_col(f'{j}u'))}, {N - 1}u)"
+        lines.append(f"  let br{j} = (b0 + {row} * {bt.s_row}u) / 4u;")
+    for i in range(RM):
+        lines.append("  " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(RN)))
+    if deferred:
+        lines.append("  " + " ".join(f"var nm_sq{i} = 0.0f;" for i in range(RM)))
+    step = S * UNROLL
+    iterations = math.ceil(K4 / step)
+    exact = K4 % step == 0
+    loop = [f"  for (var kv = s; kv < {iterations * step}u; kv += {step}u) {{"]
+    for u in range(UNROLL):
+        k = f"kv + {u * S}u" if u else "kv"
+        if not exact:
+            loop.append(f"    let ok{u} = {k} < {K4}u; let kq{u} = min({k}, {K4 - 1}u);")
+            k = f"kq{u}"
+        for i in range(RM):
+            # Past k (the last iteration's lanes beyond K4 read a clamped vec4) A is 0,
+            # after any normalization (a layer norm's shift would make it nonzero).
+            raw = f"vec4<f32>({a.buf}[ar{i} + {k}])"
+            if deferred:
+                if not exact:
+                    raw = f"select(vec4<f32>(0.0), {raw}, ok{u})"
+                loop.append(f"    let x{u}_{i} = {raw};")
+                loop.append(f"    nm_sq{i} += {mm.prologue.square_sum(f'x{u}_{i}')};")
+                raw = mm.load_a(f"x{u}_{i}", "0u", f"4u * ({k})", True)
+            else:
+                raw = mm.load_a(raw, f"gm * {RM}u + {i}u", f"4u * ({k})", True)
+                if not exact:
+                    raw = f"select(vec4<f32>(0.0), {raw}, ok{u})"
+            loop.append(f"    let a{u}_{i} = {raw};")
+        for j in range(RN):
+            loop.append(f"    let w{u}_{j} = vec4<f32>({b.buf}[br{j} + {k}]);")
+    for u in range(UNROLL):
+        for i in range(RM):
+            loop.append(
+                "    "
+                + " ".join(f"c{i}_{j} = fma(a{u}_{i}, w{u}_{j}, c{i}_{j});" for j in range(RN))
+            )
+    loop.append("  }")
+    lines += loop
+
+    # Slot order of the reduce-scatter: lane s keeps slots s VS .. s VS + VS - 1. Row-major,
+    # or, under a paired epilogue, each column next to its partner.
+    order = []
+    for i in range(RM):
+        if H:
+            for j in range(RN // 2):
+                order += [(i, j), (i, j + RN // 2)]
+        else:
+            order += [(i, j) for j in range(RN)]
+    lines.append(
+        "  "
+        + " ".join(f"var out{t} = 0.0f;" for t in range(VS))
+        + (" " + " ".join(f"var tot{i} = 0.0f;" for i in range(RM)) if deferred else "")
+    )
+    shuffle = _shuffle_reduce(order, S, VS, RM, deferred)
+    shared = _shared_reduce(order, S, VS, RM, deferred)
+    if sums:
+        lines.append(f"  if (sg_size >= {S}u) {{\n{shuffle}  }} else {{\n{shared}  }}")
+    else:
+        lines.append(shared.rstrip("\n"))
+    lines += _finish(mm, L, VS, M, N, H, tile_col, column, deferred)
+    if write is not None:
+        lines.append(_row_writes(mm, write, TM, TN, column, WG).rstrip("\n"))
+    builtins = SUBGROUP_BUILTINS if sums else ""
+    body = (
+        f"@compute @workgroup_size({WG})\n"
+        "fn main(@builtin(workgroup_id) wid: vec3<u32>,"
+        f" @builtin(local_invocation_index) tid: u32{builtins}) {{\n"
+        + "\n".join(line for line in lines if line)
+        + "\n}\n"
+    )
+    memory = f"var<workgroup> dp_red: array<f32, {WG * (V + (RM if deferred else 0))}>;\n"
+    grid = (math.ceil(N / TN), math.ceil(M / TM), mm.nbatch)
+    return kernel_source(mm, body, grid, memory, SUBGROUPS_ENABLE if sums else "")
+
+
+def _shuffle_reduce(order, S: int, VS: int, RM: int, deferred: bool) -> str:
+    """The reduce-scatter through subgroup shuffles: at each exchange with the lane `m`
+    apart, a lane keeps one half of its values (the upper where its bit m is set), adds its
+    partner's copy of that half and sends the other; after log2(S) exchanges lane s holds the
+    totals of slots s VS .. s VS + VS - 1. The squares of a deferred norm are summed whole."""
+    names = [f"dot(c{i}_{j}, vec4<f32>(1.0))" for i, j in order]
+    lines, m, n = [], S // 2, 0
+    for e, value in enumerate(names):
+        lines.append(f"    let r0_{e} = {value};")
+    names = [f"r0_{e}" for e in range(len(names))]
+    while m >= 1:
+        n += 1
+        half = len(names) // 2
+        lo, hi = names[:half], names[half:]
+        lines.append(f"    let up{n} = (s & {m}u) != 0u;")
+        for x in range(half):
+            lines.append(
+                f"    let r{n}_{x} = select({lo[x]}, {hi[x]}, up{n})"
+                f" + subgroupShuffleXor(select({hi[x]}, {lo[x]}, up{n}), {m}u);"
+            )
+        names = [f"r{n}_{x}" for x in range(half)]
+        m //= 2
+    assert len(names) == VS
+    lines += [f"    out{t} = {name};" for t, name in enumerate(names)]
+    if deferred:
+        for i in range(RM):
+            lines.append(f"    tot{i} = nm_sq{i};")
+            m = S // 2
+            while m >= 1:
+                lines.append(f"    tot{i} += subgroupShuffleXor(tot{i}, {m}u);")
+                m //= 2
+    return "\n".join(lines) + "\n"
+
+
+def _shared_reduce(order, S: int, VS: int, RM: int, deferred: bool) -> str:
+    """The same totals through workgroup memory: every lane stores its values, then lane s
+    of a group adds the group's copies of slots s VS .. s VS + VS - 1 (and of the squares)."""
+    V = len(order)
+    lines = [
+        f"    dp_red[tid * {V}u + {e}u] = dot(c{i}_{j}, vec4<f32>(1.0));"
+        for e, (i, j) in enumerate(order)
+    ]
+    if deferred:
+        lines += [f"    dp_red[{WG * V}u + tid * {RM}u + {i}u] = nm_sq{i};" for i in range(RM)]
+    lines.append("    workgroupBarrier();")
+    lines.append(f"    for (var l = 0u; l < {S}u; l++) {{")
+    lines.append(f"      let at = (g * {S}u + l) * {V}u + s * {VS}u;")
+    lines += [f"      out{t} += dp_red[at + {t}u];" for t in range(VS)]
+    if deferred:
+        lines += [
+            f"      tot{i} += dp_red[{WG * V}u + (g * {S}u + l) * {RM}u + {i}u];" for i in range(RM)
+        ]
+    lines.append("    }")
+    return "\n".join(lines) + "\n"
+
+
+def _finish(mm, L: Layout, VS, M, N, H, tile_col, column, deferred) -> list[str]:
+    """Lane s stores its VS totals: all of one row of its group (VS divides RN), through the
+    epilogue, scaled by the row's 1 / rms under a deferred RMSNorm."""
+    RM, RN = L.rm, L.rn
+    lines = [
+        f"  let e0 = s * {VS}u;",
+        f"  let gm_row = m0 + gm * {RM}u + e0 / {RN}u;",
+    ]
+    scale = ""
+    if deferred:
+        rows = " + ".join(f"select(0.0, tot{i}, e0 / {RN}u == {i}u)" for i in range(RM))
+        lines.append(f"  let dp_rs = {mm.prologue.rstd(f'({rows})')};")
+        scale = " * dp_rs"
+    if H:
+        store = mm.store_pair("lo_v", "hi_v", "idx", "    ")
+        for p in range(VS // 2):
+            lines += [
+                f"  {{ let jj = (e0 % {RN}u) / 2u + {p}u; let gn_col = n0 + gn * {RN // 2}u + jj;",
+                f"    if (gm_row < {M}u && gn_col < {H}u) {{",
+                f"    let lo_v = out{2 * p}{scale}; let hi_v = out{2 * p + 1}{scale};",
+                f"    let idx = bz * {M * H}u + gm_row * {H}u + gn_col;",
+                store.rstrip("\n"),
+                "  } }",
+            ]
+        return lines
+    store = mm.store("acc_v", "idx", "    ")
+    for t in range(VS):
+        lines += [
+            f"  {{ let gn_col = {column(tile_col(f'e0 % {RN}u + {t}u'))};",
+            f"    if (gm_row < {M}u && gn_col < {N}u) {{",
+            f"    let acc_v = out{t}{scale};",
+            f"    let idx = bz * {M * N}u + gm_row * {N}u + gn_col;",
+            store.rstrip("\n"),
+            "  } }",
+        ]
+    return lines
