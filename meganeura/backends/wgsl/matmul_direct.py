@@ -10,7 +10,8 @@ consecutive invocations; each group owns RM x RN = 4 x 8 outputs (4 rows of A, 8
 rows) and splits k among its lanes, lane s taking the vec4s s, s + lanes, ... of every row.
 A lane loads its 4 A vec4s and 8 weight vec4s for UNROLL k-quads at once (12 16-byte loads
 per k-quad, all independent, read by the lanes of a group as contiguous runs), and keeps
-its 32 partial sums as vec4 accumulators. At the end the group's lanes add up their
+its 32 partial sums in registers (vec4 accumulators, or f32 ones for long k: Layout). At the
+end the group's lanes add up their
 partial sums in a reduce-scatter of subgroup shuffles (each exchange halves what a lane
 holds: 31 shuffles for 32 outputs over 8 lanes), which leaves lane s the totals of outputs
 s * 32 / lanes onwards, and the lanes store them through the epilogue. Without subgroup
@@ -21,7 +22,11 @@ On an H200 (device time per product, 30 weight copies rotated; the split tiles a
 against the best direct layout): SmolLM2-135M's 128-token q/k/v 13.6 -> 10.7 us, o 12.4 ->
 10.6-11.3, gate/up 27.2 -> 26.0, down 26.3 -> 17.7. Workgroups of 64 invocations beat 128
 and 256; 4 x 8 outputs per group beat 4 x 4 and 8 x 8; two k-quads per loop iteration
-beat one and four; 8 lanes per group suit k = 576 and 16 k = 1536 (LONG_K).
+beat one and four (one: a prefill 3.12 ms against 2.57); 8 lanes per group suit k = 576
+and 16 k = 1536 (LONG_K; 16 everywhere: 2.75 ms). Inside that prefill the q/k/v, o and down
+products direct took its device time from 2.763 to 2.548 ms, then 2.379 with the down
+product's partial sums in f32 accumulators; its gate/up product stays on split tiles
+(`fits`).
 
 What the split tiles do besides, this kernel does too:
 - a deferred RMSNorm (rms_norm_matmul, NormPrologue.defer): A's loads apply the norm's
@@ -62,18 +67,24 @@ from meganeura.backends.wgsl.matmul_simt import (
 WG = 64  # invocations per workgroup
 TILE_ROWS = 16  # rows of A a workgroup covers
 UNROLL = 2  # k-quads a lane loads per loop iteration
-LONG_K = 1024  # from this k on, 16 lanes per group (else 8)
+LONG_K = 1024  # from this k on, 16 lanes per group (else 8) and scalar partial sums
 MAX_TILE = 16 * 32  # the largest split tile (outputs) whose products the direct kernel takes
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A workgroup's `rows` x `cols` outputs: groups of `lanes` invocations, each group
-    `rm` x `rn` outputs, TILE_ROWS / rm groups along the rows."""
+    `rm` x `rn` outputs, TILE_ROWS / rm groups along the rows. A lane keeps its partial sum
+    of each output as a vec4 (four independent fma chains), or with `scalar` as an f32 (a
+    dot of each pair of vec4s): on an H200, SmolLM2-135M's down product of a 128-token
+    prompt (k = 1536, 16 lanes) took 21.5 us scalar against 27.5 in vec4s (a prefill's device
+    time 2.543 -> 2.379 ms), while its q/k/v product (k = 576, 8 lanes) took 23.4 against
+    20.9 (2.438 ms with every product scalar)."""
 
     lanes: int
     rm: int
     rn: int
+    scalar: bool
 
     @property
     def row_groups(self) -> int:
@@ -93,7 +104,8 @@ class Layout:
 
 
 def layout(K: int) -> Layout:
-    return Layout(16 if K >= LONG_K else 8, 4, 8)
+    long = K >= LONG_K
+    return Layout(16 if long else 8, 4, 8, scalar=long)
 
 
 def fits(mm: Matmul) -> bool:
@@ -173,7 +185,8 @@ def direct(mm: Matmul) -> KernelSource:
         row = f"min({column(tile_col(f'{j}u'))}, {N - 1}u)"
         lines.append(f"  let br{j} = (b0 + {row} * {bt.s_row}u) / 4u;")
     for i in range(RM):
-        lines.append("  " + " ".join(f"var c{i}_{j} = vec4<f32>(0.0);" for j in range(RN)))
+        zero = "0.0f" if L.scalar else "vec4<f32>(0.0)"
+        lines.append("  " + " ".join(f"var c{i}_{j} = {zero};" for j in range(RN)))
     if deferred:
         lines.append("  " + " ".join(f"var nm_sq{i} = 0.0f;" for i in range(RM)))
     step = S * UNROLL
@@ -206,7 +219,12 @@ def direct(mm: Matmul) -> KernelSource:
         for i in range(RM):
             loop.append(
                 "    "
-                + " ".join(f"c{i}_{j} = fma(a{u}_{i}, w{u}_{j}, c{i}_{j});" for j in range(RN))
+                + " ".join(
+                    f"c{i}_{j} += dot(a{u}_{i}, w{u}_{j});"
+                    if L.scalar
+                    else f"c{i}_{j} = fma(a{u}_{i}, w{u}_{j}, c{i}_{j});"
+                    for j in range(RN)
+                )
             )
     loop.append("  }")
     lines += loop
@@ -225,8 +243,10 @@ def direct(mm: Matmul) -> KernelSource:
         + " ".join(f"var out{t} = 0.0f;" for t in range(VS))
         + (" " + " ".join(f"var tot{i} = 0.0f;" for i in range(RM)) if deferred else "")
     )
-    shuffle = _shuffle_reduce(order, S, VS, RM, deferred)
-    shared = _shared_reduce(order, S, VS, RM, deferred)
+    # A lane's partial sum of each output, in slot order.
+    partials = [f"c{i}_{j}" if L.scalar else f"dot(c{i}_{j}, vec4<f32>(1.0))" for i, j in order]
+    shuffle = _shuffle_reduce(partials, S, VS, RM, deferred)
+    shared = _shared_reduce(partials, S, VS, RM, deferred)
     if sums:
         lines.append(f"  if (sg_size >= {S}u) {{\n{shuffle}  }} else {{\n{shared}  }}")
     else:
@@ -247,16 +267,15 @@ def direct(mm: Matmul) -> KernelSource:
     return kernel_source(mm, body, grid, memory, SUBGROUPS_ENABLE if sums else "")
 
 
-def _shuffle_reduce(order, S: int, VS: int, RM: int, deferred: bool) -> str:
+def _shuffle_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: bool) -> str:
     """The reduce-scatter through subgroup shuffles: at each exchange with the lane `m`
     apart, a lane keeps one half of its values (the upper where its bit m is set), adds its
     partner's copy of that half and sends the other; after log2(S) exchanges lane s holds the
     totals of slots s VS .. s VS + VS - 1. The squares of a deferred norm are summed whole."""
-    names = [f"dot(c{i}_{j}, vec4<f32>(1.0))" for i, j in order]
     lines, m, n = [], S // 2, 0
-    for e, value in enumerate(names):
+    for e, value in enumerate(partials):
         lines.append(f"    let r0_{e} = {value};")
-    names = [f"r0_{e}" for e in range(len(names))]
+    names = [f"r0_{e}" for e in range(len(partials))]
     while m >= 1:
         n += 1
         half = len(names) // 2
@@ -281,14 +300,11 @@ def _shuffle_reduce(order, S: int, VS: int, RM: int, deferred: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shared_reduce(order, S: int, VS: int, RM: int, deferred: bool) -> str:
+def _shared_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: bool) -> str:
     """The same totals through workgroup memory: every lane stores its values, then lane s
     of a group adds the group's copies of slots s VS .. s VS + VS - 1 (and of the squares)."""
-    V = len(order)
-    lines = [
-        f"    dp_red[tid * {V}u + {e}u] = dot(c{i}_{j}, vec4<f32>(1.0));"
-        for e, (i, j) in enumerate(order)
-    ]
+    V = len(partials)
+    lines = [f"    dp_red[tid * {V}u + {e}u] = {value};" for e, value in enumerate(partials)]
     if deferred:
         lines += [f"    dp_red[{WG * V}u + tid * {RM}u + {i}u] = nm_sq{i};" for i in range(RM)]
     lines.append("    workgroupBarrier();")
