@@ -2,7 +2,8 @@
 
 Kernels that sum over 32 neighbouring invocations or a whole workgroup (the GEMVs, f32 and
 quantized: their lanes' dot products, and a row's sum of squares under an RMSNorm) may do it
-with subgroup operations, one barrier instead of one per halving of a tree. That assumes more
+with subgroup operations, one barrier instead of one per halving of a tree; the direct
+products add their lanes' partial sums by subgroup shuffles. That assumes more
 than WGSL promises: subgroups of consecutive invocations whose size divides 32. The check
 runs those kernels on random data against NumPy, and the executor uses subgroup sums only
 where they come out right.
@@ -22,8 +23,8 @@ DEBUG = int(os.environ.get("MEGANEURA_DEBUG", "0") or 0)
 
 def probe_subgroup_sums(executor) -> bool:
     """Whether the GEMV kernels sum correctly through subgroup operations here: an RMSNorm-ed
-    and a plain product of Q4_1 weights and an f32 one (workgroups of 2 and 8 teams), against
-    NumPy."""
+    and a plain product of Q4_1 weights and an f32 one (workgroups of 2 and 8 teams), and a
+    direct product, against NumPy."""
     if not executor.gpu.has_subgroups:
         return False
     import gguf
@@ -59,6 +60,16 @@ def probe_subgroup_sums(executor) -> bool:
         feeds[dense_in.id] = w
         outputs.append(xs @ dense_in.T)
         wants.append(x64 @ w.astype(np.float64).T)
+    # A direct product (backends/wgsl/matmul_direct.py), whose lanes' partial sums meet in a
+    # reduce-scatter of subgroup shuffles.
+    xd, wd = (
+        rng.normal(size=(24, 96)).astype(np.float32),
+        rng.normal(size=(40, 96)).astype(np.float32),
+    )
+    xs_d, ws_d = graph.input("xd", xd.shape), graph.input("wd", wd.shape)
+    feeds[xs_d.id], feeds[ws_d.id] = xd, wd
+    outputs.append(xs_d @ ws_d.T)
+    wants.append(xd.astype(np.float64) @ wd.astype(np.float64).T)
     try:
         options = {**executor.codegen_options, "subgroup_sums": True}
         program = WebGPUProgram(executor, graph, [o.id for o in outputs], {}, options)
