@@ -254,43 +254,56 @@ def _visible_keys(
     Blocks stay on lo's grid, and hi moves only down to the end of the last visible key's
     block, so each block walked reads what it read before.
 
-    The workgroup's `threads` invocations share the scan, key by key ([lo, hi) only; rows along which the mask
-    is broadcast are read once), and meet through two workgroup atomics: the min of the visible
-    keys (Tk where none is) and the max of key + 1 (0 where none is). One invocation sets them
-    before a barrier (relying on WGSL's zero-initialized workgroup memory instead gave wrong
-    results through wgpu-native on lavapipe), another barrier follows the scan, one
-    invocation copies them out and `workgroupUniformLoad` hands them to all: the key loop
-    that follows holds barriers, so its bounds must be workgroup-uniform."""
+    The workgroup's `threads` invocations share the scan, key by key ([lo, hi) only; rows
+    along which the mask is broadcast are read once), and meet through two workgroup atomics
+    (`meet_visible_keys`)."""
     mheads = heads if mask.strides[1] else 1
     mqueries = queries if mask.strides[2] else 1
-    neg_inf = "0xff800000u"  # the bits of -inf: no float comparison a compiler could relax
     value = mask.load("b", "vh", "vi", "u32(vkey)")
-    return f"""  if (tid == 0u) {{ atomicStore(&visible_keys[0], {Tk}i); atomicStore(&visible_keys[1], 0i); }}
-  workgroupBarrier();
-  var seen_first = {Tk}i; var seen_end = 0i;
-  for (var vkey = lo + i32(tid); vkey < hi; vkey += {threads}i) {{
+    scan = f"""  for (var vkey = lo + i32(tid); vkey < hi; vkey += {threads}i) {{
     for (var r = 0u; r < {mheads * mqueries}u; r++) {{
       let vh = {head} + r / {mqueries}u; let vi = {q0} + r % {mqueries}u;
-      if (vi < {Tq}u && bitcast<u32>({value}) != {neg_inf}) {{
+      if (vi < {Tq}u && bitcast<u32>({value}) != {NEG_INF_BITS}) {{
         seen_first = min(seen_first, vkey); seen_end = vkey + 1; break;
       }}
     }}
   }}
-  if (seen_end > 0i) {{
-    atomicMin(&visible_keys[0], seen_first); atomicMax(&visible_keys[1], seen_end);
-  }}
-  workgroupBarrier();
-  if (tid == 0u) {{
-    visible_span = vec2<i32>(atomicLoad(&visible_keys[0]), atomicLoad(&visible_keys[1]));
-  }}
-  let span = workgroupUniformLoad(&visible_span);
-  if (span.y == 0i) {{
-    hi = lo;
-  }} else {{
-    lo += (span.x - lo) / {block}i * {block}i;
-    hi = min(hi, lo + (span.y - lo + {block - 1}i) / {block}i * {block}i);
-  }}
 """
+    narrow = (
+        f"    lo += (span.x - lo) / {block}i * {block}i;\n"
+        f"    hi = min(hi, lo + (span.y - lo + {block - 1}i) / {block}i * {block}i);\n"
+    )
+    return meet_visible_keys(Tk, scan, narrow)
+
+
+NEG_INF_BITS = "0xff800000u"  # the bits of -inf: no float comparison a compiler could relax
+
+
+def meet_visible_keys(Tk: int, scan: str, narrow: str) -> str:
+    """WGSL meeting the workgroup's visible keys (`_visible_keys`, and the team kernel's
+    `attention_team._visible_span`): `scan`, each invocation's share of the mask, lowers
+    seen_first to the first key it finds visible and raises seen_end past the last (declared
+    here: Tk and 0 where it finds none); two workgroup atomics take the workgroup's min and
+    max, and `narrow` moves [lo, hi) given their `span` where a key is visible (else the walk
+    is empty). One invocation sets the atomics before a barrier (relying on WGSL's
+    zero-initialized workgroup memory instead gave wrong results through wgpu-native on
+    lavapipe), another barrier follows the scan, one invocation copies them out and
+    `workgroupUniformLoad` hands them to all: the key loop that follows holds barriers, so its
+    bounds must be workgroup-uniform. Needs VISIBLE_KEYS_SHARED."""
+    return (
+        f"  if (tid == 0u) {{ atomicStore(&visible_keys[0], {Tk}i);"
+        " atomicStore(&visible_keys[1], 0i); }\n"
+        "  workgroupBarrier();\n"
+        f"  var seen_first = {Tk}i; var seen_end = 0i;\n" + scan + "  if (seen_end > 0i) {\n"
+        "    atomicMin(&visible_keys[0], seen_first); atomicMax(&visible_keys[1], seen_end);\n"
+        "  }\n"
+        "  workgroupBarrier();\n"
+        "  if (tid == 0u) {\n"
+        "    visible_span = vec2<i32>(atomicLoad(&visible_keys[0]), atomicLoad(&visible_keys[1]));\n"
+        "  }\n"
+        "  let span = workgroupUniformLoad(&visible_span);\n"
+        f"  if (span.y == 0i) {{\n    hi = lo;\n  }} else {{\n{narrow}  }}\n"
+    )
 
 
 def _query_range(attrs, Tq: int, Tk: int) -> str:

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 from meganeura.backends.wgsl.attention import (
     NEG_INF,
+    NEG_INF_BITS,
     NEG_MAX,
     POS_INF,
     VISIBLE_KEYS_SHARED,
@@ -74,6 +75,7 @@ from meganeura.backends.wgsl.attention import (
     _Operand,
     _output_row,
     forward_operands,
+    meet_visible_keys,
 )
 from meganeura.backends.wgsl.kernels import (
     SUBGROUP_BUILTINS,
@@ -226,8 +228,8 @@ def _visible_span(s: _Shape, mask: _Operand) -> str:
     """WGSL narrowing [lo, hi) to the keys from the first that the mask leaves visible to one
     of the workgroup's rows to the last (lo = hi where none is). The (key, row) pairs are
     spread over the invocations, key fastest, SCAN_LOADS loads issued at once; rows along
-    which the mask is broadcast are read once. The two workgroup atomics meet as in
-    `attention._visible_keys`, whose notes (initialization, uniform bounds) hold here."""
+    which the mask is broadcast are read once. The invocations meet as in
+    `attention._visible_keys` (`attention.meet_visible_keys`)."""
     L, Tq, Tk = s.layout, s.Tq, s.Tk
     mqueries = L.queries if mask.strides[2] else 1
     mrows = (L.heads if mask.strides[1] else 1) * mqueries
@@ -242,30 +244,19 @@ def _visible_span(s: _Shape, mask: _Operand) -> str:
             f"{mask.load('b', f'vh{u}', f'min(vi{u}, {Tq - 1}u)', f'u32(key{u})')});\n"
         )
         checks.append(
-            f"      if (e + {u * n}i < pairs && vi{u} < {Tq}u && bits{u} != 0xff800000u) {{\n"
+            f"      if (e + {u * n}i < pairs && vi{u} < {Tq}u && bits{u} != {NEG_INF_BITS}) {{\n"
             f"        seen_first = min(seen_first, key{u}); seen_end = max(seen_end, key{u} + 1i);\n"
             "      }\n"
         )
-    return (
-        f"  if (tid == 0u) {{ atomicStore(&visible_keys[0], {Tk}i); atomicStore(&visible_keys[1], 0i); }}\n"
-        "  workgroupBarrier();\n"
+    scan = (
         "  {\n"
         f"    let keys = max(hi - lo, 0i); let pairs = keys * {mrows}i;\n"
-        f"    var seen_first = {Tk}i; var seen_end = 0i;\n"
         f"    for (var e = i32(tid); e < pairs; e += {n * SCAN_LOADS}i) {{\n"
         + "".join(loads)
         + "".join(checks)
-        + "    }\n"
-        "    if (seen_end > 0i) {\n"
-        "      atomicMin(&visible_keys[0], seen_first); atomicMax(&visible_keys[1], seen_end);\n"
-        "    }\n  }\n"
-        "  workgroupBarrier();\n"
-        "  if (tid == 0u) {\n"
-        "    visible_span = vec2<i32>(atomicLoad(&visible_keys[0]), atomicLoad(&visible_keys[1]));\n"
-        "  }\n"
-        "  let span = workgroupUniformLoad(&visible_span);\n"
-        "  if (span.y == 0i) { hi = lo; } else { lo = span.x; hi = span.y; }\n"
+        + "    }\n  }\n"
     )
+    return meet_visible_keys(Tk, scan, "    lo = span.x; hi = span.y;\n")
 
 
 def _team_sums(s: _Shape, sums: bool) -> str:
