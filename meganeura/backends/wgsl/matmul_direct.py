@@ -67,7 +67,8 @@ from meganeura.backends.wgsl.matmul_simt import (
 )
 
 WG = 64  # invocations per workgroup
-TILE_ROWS = 16  # rows of A a workgroup covers
+RM, RN = 4, 8  # outputs of a group of lanes: rows of A x weight rows
+TILE_ROWS = 16  # rows of A a workgroup covers: TILE_ROWS / RM groups along the rows
 UNROLL = 2  # k-quads a lane loads per loop iteration
 LONG_K = 1024  # from this k on, 16 lanes per group (else 8) and scalar partial sums
 MAX_TILE = 16 * 32  # the largest split tile (outputs) whose products the direct kernel takes
@@ -76,25 +77,18 @@ MAX_TILE = 16 * 32  # the largest split tile (outputs) whose products the direct
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A workgroup's `rows` x `cols` outputs: groups of `lanes` invocations, each group
-    `rm` x `rn` outputs, TILE_ROWS / rm groups along the rows. A lane keeps its partial sum
-    of each output as a vec4 (four independent fma chains), or with `scalar` as an f32 (a
-    dot of each pair of vec4s): on an H200, SmolLM2-135M's down product of a 128-token
+    RM x RN outputs. A lane keeps its partial sum of each output as a vec4 (four independent
+    fma chains), or with `scalar` as an f32 (a dot of each pair of vec4s): on an H200, SmolLM2-135M's down product of a 128-token
     prompt (k = 1536, 16 lanes) took 21.5 us scalar against 27.5 in vec4s (a prefill's device
     time 2.543 -> 2.379 ms), while its q/k/v product (k = 576, 8 lanes) took 23.4 against
     20.9 (2.438 ms with every product scalar)."""
 
     lanes: int
-    rm: int
-    rn: int
     scalar: bool
 
     @property
-    def row_groups(self) -> int:
-        return TILE_ROWS // self.rm
-
-    @property
     def col_groups(self) -> int:
-        return WG // self.lanes // self.row_groups
+        return WG // self.lanes // (TILE_ROWS // RM)
 
     @property
     def rows(self) -> int:
@@ -102,12 +96,12 @@ class Layout:
 
     @property
     def cols(self) -> int:
-        return self.col_groups * self.rn
+        return self.col_groups * RN
 
 
 def layout(K: int) -> Layout:
     long = K >= LONG_K
-    return Layout(16 if long else 8, 4, 8, scalar=long)
+    return Layout(16 if long else 8, scalar=long)
 
 
 def fits(mm: Matmul) -> bool:
@@ -130,7 +124,7 @@ def direct(mm: Matmul) -> KernelSource:
     M, K, N = mm.M, mm.K, mm.N
     a, b = mm.a, mm.b
     L = layout(K)
-    S, TM, TN, RM, RN = L.lanes, L.rows, L.cols, L.rm, L.rn
+    S, TM, TN = L.lanes, L.rows, L.cols
     V, VS = RM * RN, RM * RN // L.lanes  # outputs of a group, of a lane after the reduce
     K4 = K // 4
     sums = bool(mm.plan.options.get("subgroup_sums"))
@@ -247,13 +241,13 @@ def direct(mm: Matmul) -> KernelSource:
     )
     # A lane's partial sum of each output, in slot order.
     partials = [f"c{i}_{j}" if L.scalar else f"dot(c{i}_{j}, vec4<f32>(1.0))" for i, j in order]
-    shuffle = _shuffle_reduce(partials, S, VS, RM, deferred)
-    shared = _shared_reduce(partials, S, VS, RM, deferred)
+    shuffle = _shuffle_reduce(partials, S, VS, deferred)
+    shared = _shared_reduce(partials, S, VS, deferred)
     if sums:
         lines.append(f"  if (sg_size >= {S}u) {{\n{shuffle}  }} else {{\n{shared}  }}")
     else:
         lines.append(shared.rstrip("\n"))
-    lines += _finish(mm, L, VS, M, N, H, tile_col, column, deferred)
+    lines += _finish(mm, VS, M, N, H, tile_col, column, deferred)
     if write is not None:
         lines.append(_row_writes(mm, write, TM, TN, column, WG).rstrip("\n"))
     builtins = SUBGROUP_BUILTINS if sums else ""
@@ -269,7 +263,7 @@ def direct(mm: Matmul) -> KernelSource:
     return kernel_source(mm, body, grid, memory, SUBGROUPS_ENABLE if sums else "")
 
 
-def _shuffle_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: bool) -> str:
+def _shuffle_reduce(partials: list[str], S: int, VS: int, deferred: bool) -> str:
     """The reduce-scatter through subgroup shuffles: at each exchange with the lane `m`
     apart, a lane keeps one half of its values (the upper where its bit m is set), adds its
     partner's copy of that half and sends the other; after log2(S) exchanges lane s holds the
@@ -302,7 +296,7 @@ def _shuffle_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: boo
     return "\n".join(lines) + "\n"
 
 
-def _shared_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: bool) -> str:
+def _shared_reduce(partials: list[str], S: int, VS: int, deferred: bool) -> str:
     """The same totals through workgroup memory: every lane stores its values, then lane s
     of a group adds the group's copies of slots s VS .. s VS + VS - 1 (and of the squares)."""
     V = len(partials)
@@ -321,10 +315,9 @@ def _shared_reduce(partials: list[str], S: int, VS: int, RM: int, deferred: bool
     return "\n".join(lines) + "\n"
 
 
-def _finish(mm, L: Layout, VS, M, N, H, tile_col, column, deferred) -> list[str]:
+def _finish(mm, VS, M, N, H, tile_col, column, deferred) -> list[str]:
     """Lane s stores its VS totals: all of one row of its group (VS divides RN), through the
     epilogue, scaled by the row's 1 / rms under a deferred RMSNorm."""
-    RM, RN = L.rm, L.rn
     lines = [
         f"  let e0 = s * {VS}u;",
         f"  let gm_row = m0 + gm * {RM}u + e0 / {RN}u;",
