@@ -15,9 +15,10 @@ from meganeura import Graph, build
 from meganeura.backends.wgsl import matmul_direct
 from meganeura.backends.wgsl.kernels import generate
 from meganeura.lower.plan import plan as make_plan
+from tests.harness import direct_products
 from tests.test_matmul import check_matmul
 from tests.test_norm_matmul import check_case
-from tests.test_paired_epilogue import run as run_swiglu
+from tests.test_paired_epilogue import run_session as run_swiglu_session
 
 DEVICES = [
     pytest.param("vulkan-cpu", marks=pytest.mark.lavapipe),
@@ -36,7 +37,7 @@ def lane_sums(monkeypatch, device: str, sums: bool) -> None:
     monkeypatch.setitem(gpu.checks, "subgroup_sums", sums)
 
 
-def forward_kernel(batch_a, batch_b, m, k, n, residual=False):
+def forward_kernel(batch_a, batch_b, m, k, n):
     """The WGSL and grid of the kernel computing x[*batch_a, m, k] @ w[*batch_b, n, k]^T."""
     g = Graph()
     y = g.apply(
@@ -44,8 +45,6 @@ def forward_kernel(batch_a, batch_b, m, k, n, residual=False):
         [g.input("x", (*batch_a, m, k)), g.input("w", (*batch_b, n, k))],
         trans_b=True,
     )
-    if residual:
-        y = y + g.input("r", y.shape)
     out = g.output("y", y)
     program = make_plan(g, [out.id], {})
     return generate(program, next(kr for kr in program.kernels if kr.node == out.id))
@@ -114,5 +113,7 @@ def test_direct_products_pair_the_halves(monkeypatch, norm, k, device, sums):
     """SwiGLU of a product's two halves stored by the direct kernel: H = 20 columns (the last
     workgroup's pairs partly past the output), rows past a tile."""
     lane_sums(monkeypatch, device, sums)
-    session_labels = run_swiglu((), 70, k, 20, norm, device)
-    assert any("+swiglu" in label for label in session_labels), session_labels
+    session = run_swiglu_session((), 70, k, 20, norm, device)
+    labels = session._last.labels
+    assert any("+swiglu" in label for label in labels), labels
+    assert direct_products(session) == 1

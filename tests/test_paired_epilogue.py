@@ -73,13 +73,19 @@ def feeds_for(batch, m, k, h, norm, seed=0, trans_b=True) -> dict:
     return feeds
 
 
-def run(batch, m, k, h, norm, device="vulkan-cpu", trans_b=True):
-    """The output and the kernel labels of the program that computed it."""
+def run_session(batch, m, k, h, norm, device="vulkan-cpu", trans_b=True):
+    """The session that ran the SwiGLU graph, its output checked against NumPy."""
     session = build(swiglu_graph(batch, m, k, h, norm, trans_b=trans_b), device=device)
     feeds = feeds_for(batch, m, k, h, norm, trans_b=trans_b)
     got = session.run(feeds)["out"]
     want = reference(feeds, h, norm, trans_b)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+    return session
+
+
+def run(batch, m, k, h, norm, device="vulkan-cpu", trans_b=True):
+    """The kernel labels of the program that computed the checked output."""
+    session = run_session(batch, m, k, h, norm, device, trans_b)
     return getattr(session._last, "labels", [])  # the NumPy executor runs no kernels
 
 

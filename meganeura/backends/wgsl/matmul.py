@@ -107,15 +107,15 @@ def product_variant(graph: Graph, nid: int, options: dict) -> str | None:
 
 def pairable(graph: Graph, nid: int, options: dict) -> bool:
     """Whether the kernel of product `nid` (a matmul or a norm-matmul) can run a paired
-    epilogue (Kernel.pair): the SIMT tiles can; GEMVs and matrix units cannot, and their
-    product is stored for a kernel of its own to read."""
+    epilogue (Kernel.pair): the SIMT tiles and the direct products can; GEMVs and matrix
+    units cannot, and their product is stored for a kernel of its own to read."""
     return product_variant(graph, nid, options) == "tiled"
 
 
 def row_writable(graph: Graph, nid: int, options: dict) -> bool:
     """Whether the kernel of product `nid` can store row writes after its output
-    (Kernel.writes): the split SIMT tiles can (each tile's columns of one RoPE pair are
-    together in one workgroup); the others cannot."""
+    (Kernel.writes): the split SIMT tiles and the direct products that take some of their
+    products can (each workgroup holds both columns of its RoPE pairs); the others cannot."""
     if product_variant(graph, nid, options) != "tiled":
         return False
     M, N, nbatch, _ = _product_dims(graph, nid)
